@@ -1,0 +1,80 @@
+"""Argument checks for the tree API: a bad call raises ``ValueError`` naming the argument and shapes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _shape(x) -> str:
+    return "x".join(map(str, x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_finite(**tensors: Tensor) -> None:
+    for name, x in tensors.items():
+        _require(bool(torch.isfinite(x).all()), f"{name} contains NaN or inf (shape {_shape(x)})")
+
+
+def check_features(u: Tensor, delta: Tensor, B: Tensor) -> tuple[int, int, int, int]:
+    """u, delta (batch, D, L) and B (batch, N, L); returns (batch, D, N, L)."""
+    for name, x in (("u", u), ("delta", delta), ("B", B)):
+        _require(isinstance(x, Tensor) and x.dim() == 3, f"{name} must be a 3-D tensor, got shape {_shape(x)}")
+        _require(x.is_floating_point(), f"{name} must be a floating tensor, got {x.dtype}")
+    _require(u.shape == delta.shape, f"u and delta must have the same shape (batch, D, L); got u {_shape(u)}, delta {_shape(delta)}")
+    batch, d, length = u.shape
+    _require(
+        B.shape[0] == batch and B.shape[2] == length,
+        f"B must be (batch, N, L) = ({batch}, N, {length}) to match u {_shape(u)}; got {_shape(B)}",
+    )
+    _require(length >= 1, f"sequences must have at least one position; got u {_shape(u)}")
+    return batch, d, B.shape[1], length
+
+
+def _check_lengths(name: str, x, batch: int, length: int, device) -> Tensor:
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a (batch,) tensor of ints; got {x!r}") from err
+    _require(
+        x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8),
+        f"{name} must hold integers; got dtype {x.dtype}",
+    )
+    _require(x.shape == (batch,), f"{name} must have shape ({batch},) (one per row); got {_shape(x)}")
+    x = x.to(device=device, dtype=torch.long)
+    if batch:
+        lo, hi = int(x.min()), int(x.max())
+        _require(lo >= 0 and hi <= length, f"{name} must lie in [0, L={length}]; got values from {lo} to {hi}")
+    return x
+
+
+def check_tree_inputs(u, delta, B, context_lens, k, distance, start) -> tuple[Tensor, Tensor | None]:
+    from grootl.tree.graph import DISTANCES
+
+    batch, _, _, length = check_features(u, delta, B)
+    _require(isinstance(k, int) and k >= 1, f"k must be a positive int; got {k!r}")
+    _require(distance in DISTANCES, f"distance must be one of {DISTANCES}; got {distance!r}")
+    _check_finite(u=u, delta=delta, B=B)
+    context_lens = _check_lengths("context_lens", context_lens, batch, length, u.device)
+    if start is not None:
+        start = _check_lengths("start", start, batch, length, u.device)
+    return context_lens, start
+
+
+def check_scan_inputs(u, delta, A, B, C, tree) -> None:
+    from grootl.tree.graph import Tree
+
+    batch, d, n, length = check_features(u, delta, B)
+    _require(isinstance(A, Tensor) and A.shape == (d, n), f"A must be (D, N) = ({d}, {n}); got {_shape(A)}")
+    _require(isinstance(C, Tensor) and C.shape == B.shape, f"C must have B's shape {_shape(B)}; got {_shape(C)}")
+    _require(isinstance(tree, Tree), f"tree must be a grootl.tree.Tree; got {type(tree).__name__}")
+    _require(
+        tree.parent.shape == (batch, length) and tree.order.shape == (batch, length),
+        f"tree must be for (batch, L) = ({batch}, {length}); got parent {_shape(tree.parent)}, order {_shape(tree.order)}",
+    )
+    _check_finite(u=u, delta=delta, A=A, B=B, C=C)

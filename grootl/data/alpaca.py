@@ -1,0 +1,142 @@
+"""Alpaca-format records: load (hub id, JSON / JSONL / Parquet file, ``save_to_disk`` folder), check,
+and tokenise into prompt + response with per-row context lengths."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+
+from grootl.data.templates import get_template
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+REQUIRED_FIELDS = ("instruction", "output")
+DROP_EMPTY_OUTPUT = "empty output"
+DROP_LONG_PROMPT = "prompt leaves no room for a response within max_length"
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the source, record and field."""
+
+
+def load_records(source: str | Path, split: str = "train") -> datasets.Dataset:
+    """Alpaca-format records from a local file or ``save_to_disk`` folder, else from the hub id
+    ``source`` (e.g. ``tatsu-lab/alpaca``). Checks every record (see :func:`check_records`)."""
+    path = Path(source).expanduser()
+    name = str(source)
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as error:  # datasets raises several types for a folder it cannot read
+            raise DataError(f"{path}: not a datasets save_to_disk folder ({error})") from error
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{path}: no split {split!r}; splits: {sorted(loaded)}")
+            loaded = loaded[split]
+        records = loaded
+    elif path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+        try:
+            records = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:
+            raise DataError(f"{path}: could not read as {builder} ({type(error).__name__}: {error})") from error
+    elif path.suffix.lower() in FILE_BUILDERS or name.startswith((".", "/", "~")):
+        raise DataError(f"{path}: no such file or folder")
+    else:
+        try:
+            records = datasets.load_dataset(name, split=split)
+        except Exception as error:
+            raise DataError(f"{name!r} is not a local file or folder and could not be loaded from the hub "
+                            f"({type(error).__name__}: {error})") from error
+    check_records(records, name)
+    return records
+
+
+def check_records(records: datasets.Dataset, name: str) -> None:
+    """Raise :class:`DataError` naming ``name`` and the 1-based record number for a record whose
+    ``instruction`` or ``output`` is missing or not text, or whose ``input`` is not text."""
+    missing = [key for key in REQUIRED_FIELDS if key not in records.column_names]
+    if missing:
+        raise DataError(f"{name}: records have no {missing} field(s); found fields {records.column_names}; "
+                        f"Alpaca format needs instruction, output and optionally input")
+    for key in (*REQUIRED_FIELDS, "input"):
+        if key not in records.column_names:
+            continue
+        for number, value in enumerate(records[key], start=1):
+            if value is None and key != "input":
+                raise DataError(f"{name}: record {number} is missing {key!r}")
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{name}: record {number} field {key!r} must be text, got {type(value).__name__}")
+
+
+@dataclass
+class DataReport:
+    """What tokenisation did to the records: kept (some trimmed to ``max_length``) and dropped by reason."""
+
+    total: int
+    kept: int
+    trimmed: int
+    max_length: int
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = f"{self.total} records: {self.kept} kept ({self.trimmed} trimmed to max_length {self.max_length})"
+        dropped = sum(self.dropped.values())
+        if dropped:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.dropped.items()))
+            text += f", {dropped} dropped ({reasons})"
+        return text
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "trimmed": self.trimmed,
+                "max_length": self.max_length, "dropped": dict(self.dropped)}
+
+
+def tokenize_records(
+    records: datasets.Dataset, tokenizer, template: str = "grootl", max_length: int = 2048, num_proc: int | None = None
+) -> tuple[datasets.Dataset, DataReport]:
+    """Tokenise prompt and response separately (so the context boundary is exact) into rows with
+    ``input_ids`` (prompt + output + EOS, cut to ``max_length``), ``context_len`` (prompt tokens: the
+    positions that get label -100) and ``length``. Records with an empty output, or whose prompt alone
+    fills ``max_length``, are dropped and counted in the report."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2; got {max_length}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; the response must end with one")
+    prompt_format = get_template(template)
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        inputs = batch["input"] if "input" in batch else [""] * len(batch["instruction"])
+        prompts = [prompt_format.format(instruction, input or "") for instruction, input in zip(batch["instruction"], inputs)]
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        output_ids = tokenizer(batch["output"], add_special_tokens=False)["input_ids"]
+        rows = {"input_ids": [], "context_len": [], "length": [], "status": []}
+        for output, prompt, response in zip(batch["output"], prompt_ids, output_ids):
+            ids = prompt + response + [eos]
+            if not output.strip():
+                status = DROP_EMPTY_OUTPUT
+            elif len(prompt) >= max_length:
+                status = DROP_LONG_PROMPT
+            else:
+                status = "trimmed" if len(ids) > max_length else "kept"
+            ids = ids[:max_length]
+            rows["input_ids"].append(ids)
+            rows["context_len"].append(len(prompt))
+            rows["length"].append(len(ids))
+            rows["status"].append(status)
+        return rows
+
+    encoded = records.map(encode, batched=True, remove_columns=records.column_names, num_proc=num_proc,
+                          desc="Tokenizing")
+    counts = Counter(encoded["status"])
+    kept = encoded.filter(lambda status: status in ("kept", "trimmed"), input_columns="status").remove_columns("status")
+    report = DataReport(
+        total=len(records), kept=len(kept), trimmed=counts["trimmed"], max_length=max_length,
+        dropped={reason: n for reason, n in counts.items() if reason not in ("kept", "trimmed")},
+    )
+    return kept, report

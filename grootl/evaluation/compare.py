@@ -1,0 +1,205 @@
+"""``grootl compare``: side-by-side markdown table and bar chart of saved lm-eval results.
+
+One row per results file (e.g. base, +LoRA, +GrootL), one column per task with its headline metric
+± stderr (acc in %, LAMBADA perplexity), and the average acc over the acc tasks as in the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from grootl.evaluation.tasks import PAPER_SUITE
+
+TASK_LABELS = {
+    "piqa": "PIQA",
+    "arc_easy": "ARC-E",
+    "sst2": "SST-2",
+    "winogrande": "WinoGrande",
+    "lambada_openai": "LAMBADA",
+    "race": "RACE",
+    "openbookqa": "OBQA",
+}
+PERPLEXITY_TASKS = {"lambada_openai"}
+
+
+class CompareError(Exception):
+    """A results file that cannot be compared, reported as one line."""
+
+
+@dataclass(frozen=True)
+class Score:
+    metric: str
+    value: float
+    stderr: float | None
+
+    @property
+    def is_acc(self) -> bool:
+        return self.metric != "perplexity"
+
+    def scaled(self) -> tuple[float, float | None]:
+        """acc in percent (as the paper reports it), perplexity as is."""
+        factor = 100.0 if self.is_acc else 1.0
+        return self.value * factor, None if self.stderr is None else self.stderr * factor
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def headline_score(task: str, metrics: dict) -> Score | None:
+    """The metric a task is reported by: perplexity for LAMBADA, else acc, else its first metric."""
+    values = {key.split(",")[0]: value for key, value in metrics.items() if "," in key}
+    preferred = ["perplexity"] if task in PERPLEXITY_TASKS else []
+    candidates = preferred + ["acc"] + [m for m in values if not m.endswith("_stderr")]
+    for metric in candidates:
+        value = _number(values.get(metric))
+        if value is not None:
+            return Score(metric, value, _number(values.get(f"{metric}_stderr")))
+    return None
+
+
+def load_scores(path: Path) -> dict[str, Score]:
+    """Task → headline score of an lm-eval results JSON (as written by ``grootl eval`` / ``lm_eval``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CompareError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CompareError(f"{path}: not a JSON file ({error})") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict) or not results or not all(isinstance(m, dict) for m in results.values()):
+        raise CompareError(f"{path}: not an lm-eval results file (expected a 'results' mapping of task -> metrics)")
+    scores = {task: score for task, metrics in results.items() if (score := headline_score(task, metrics))}
+    if not scores:
+        raise CompareError(f"{path}: its 'results' hold no numeric 'metric,filter' entries, as lm-eval writes them")
+    return scores
+
+
+def _label(path: Path) -> str:
+    name = path.name
+    for suffix in (".json", ".results"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _ordered_tasks(runs: dict[str, dict[str, Score]]) -> list[str]:
+    seen = {task for scores in runs.values() for task in scores}
+    return [t for t in PAPER_SUITE if t in seen] + sorted(seen - set(PAPER_SUITE))
+
+
+def _average_tasks(runs: dict[str, dict[str, Score]], tasks: list[str]) -> list[str]:
+    """Acc tasks every run has: the average is only comparable over the same tasks."""
+    return [t for t in tasks if all(t in s and s[t].is_acc for s in runs.values())]
+
+
+def _metric_header(task: str, runs: dict[str, dict[str, Score]]) -> str:
+    metric = next(s[task].metric for s in runs.values() if task in s)
+    name = "ppl↓" if metric == "perplexity" else metric
+    return f"{TASK_LABELS.get(task, task)} {name}"
+
+
+def _cell(score: Score | None) -> str:
+    if score is None:
+        return "—"
+    value, stderr = score.scaled()
+    return f"{value:.1f}" if stderr is None else f"{value:.1f} ± {stderr:.1f}"
+
+
+def average_acc(scores: dict[str, Score], tasks: list[str]) -> float | None:
+    return sum(scores[t].scaled()[0] for t in tasks) / len(tasks) if tasks else None
+
+
+def markdown_table(runs: dict[str, dict[str, Score]]) -> str:
+    """Runs as rows, tasks as columns (metric ± stderr), then the average acc."""
+    tasks = _ordered_tasks(runs)
+    averaged = _average_tasks(runs, tasks)
+    header = ["run", *(_metric_header(t, runs) for t in tasks), "avg acc"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, scores in runs.items():
+        average = average_acc(scores, averaged)
+        cells = [label, *(_cell(scores.get(t)) for t in tasks), "—" if average is None else f"{average:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if averaged != [t for t in tasks if t not in PERPLEXITY_TASKS]:
+        lines.append("")
+        lines.append(f"avg acc over the acc tasks all runs share: {', '.join(averaged) or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(runs: dict[str, dict[str, Score]], path: Path) -> None:
+    """Grouped bars (stderr as error bars): acc tasks and their average, and perplexity on its own axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = _ordered_tasks(runs)
+    averaged = _average_tasks(runs, tasks)
+    panels = [
+        ("accuracy (%)", [t for t in tasks if any(t in s and s[t].is_acc for s in runs.values())], True),
+        ("perplexity ↓", [t for t in tasks if any(t in s and not s[t].is_acc for s in runs.values())], False),
+    ]
+    panels = [p for p in panels if p[1]]
+    widths = [len(p[1]) + (1 if p[2] else 0) for p in panels]
+    figure, axes = plt.subplots(1, len(panels), figsize=(2 + 1.2 * sum(widths), 4), width_ratios=widths, squeeze=False)
+    bar = 0.8 / len(runs)
+    for axis, (title, panel_tasks, with_average) in zip(axes[0], panels):
+        names = [TASK_LABELS.get(t, t) for t in panel_tasks] + (["avg"] if with_average else [])
+        for i, (label, scores) in enumerate(runs.items()):
+            values, errors = [], []
+            for task in panel_tasks:
+                value, stderr = scores[task].scaled() if task in scores else (math.nan, None)
+                values.append(value)
+                errors.append(stderr or 0.0)
+            if with_average:
+                average = average_acc(scores, averaged)
+                values.append(math.nan if average is None else average)
+                errors.append(0.0)
+            positions = [x + (i - (len(runs) - 1) / 2) * bar for x in range(len(names))]
+            axis.bar(positions, values, bar, yerr=errors, capsize=2, label=label)
+        axis.set_xticks(range(len(names)), names)
+        axis.set_title(title)
+    axes[0][0].legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grootl compare", description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="lm-eval results JSON files, one per run")
+    parser.add_argument("--labels", help="comma-separated run names (default: the file names)")
+    parser.add_argument("--output", type=Path, help="also write the markdown table here")
+    parser.add_argument("--chart", type=Path, default=Path("comparison.png"), help="bar chart PNG path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        labels = args.labels.split(",") if args.labels else [_label(p) for p in args.results]
+        if len(labels) != len(args.results):
+            raise CompareError(f"--labels names {len(labels)} runs for {len(args.results)} results files")
+        if len(set(labels)) != len(labels):
+            raise CompareError(f"run labels repeat ({', '.join(labels)}); name them with --labels")
+        runs = {label: load_scores(path) for label, path in zip(labels, args.results)}
+    except CompareError as error:
+        print(f"grootl compare: error: {error}", file=sys.stderr)
+        return 2
+    table = markdown_table(runs)
+    print(table, end="")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(table)
+    bar_chart(runs, args.chart)
+    print(f"chart written to {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

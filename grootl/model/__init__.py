@@ -1,0 +1,27 @@
+"""GrootL Mamba models on top of transformers' Mamba classes.
+
+Importing this package registers the ``grootl_mamba`` model type with transformers' Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from grootl.model.config import GrootLConfig, GrootLMambaConfig, tiny_config
+from grootl.model.loading import load_model, tiny_model
+from grootl.model.mixer import GrootLMixer
+from grootl.model.modeling import GrootLMambaForCausalLM, GrootLMambaModel, context_lens_from_labels
+
+AutoConfig.register(GrootLMambaConfig.model_type, GrootLMambaConfig, exist_ok=True)
+AutoModel.register(GrootLMambaConfig, GrootLMambaModel, exist_ok=True)
+AutoModelForCausalLM.register(GrootLMambaConfig, GrootLMambaForCausalLM, exist_ok=True)
+
+__all__ = [
+    "GrootLConfig",
+    "GrootLMambaConfig",
+    "GrootLMambaForCausalLM",
+    "GrootLMambaModel",
+    "GrootLMixer",
+    "context_lens_from_labels",
+    "load_model",
+    "tiny_config",
+    "tiny_model",
+]

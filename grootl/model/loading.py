@@ -1,0 +1,46 @@
+"""Load a stock or GrootL Mamba checkpoint as a :class:`GrootLMambaForCausalLM`."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, MambaConfig
+
+from grootl.model.config import GrootLConfig, GrootLMambaConfig, tiny_config
+from grootl.model.modeling import GrootLMambaForCausalLM
+
+
+def load_model(
+    name_or_path: str,
+    grootl: GrootLConfig | dict | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    **kwargs,
+) -> GrootLMambaForCausalLM:
+    """A GrootL model from a hub id or local directory holding a stock ``mamba`` or a saved
+    ``grootl_mamba`` checkpoint. The weights load as they are: no new parameters.
+
+    grootl: the settings to use. An explicit value wins; with None the checkpoint's stored settings
+    (``"grootl"`` in its config.json) are used, and a stock checkpoint gets ``GrootLConfig()``.
+    dtype: passed to ``from_pretrained`` (e.g. ``torch.bfloat16`` or ``"auto"``); device: where the
+    model is moved. Other keyword arguments go to ``from_pretrained`` (``revision``, ``cache_dir``,
+    config overrides, ...). Raises ValueError when the path holds no Mamba checkpoint.
+    """
+    try:
+        config, model_kwargs = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load a Mamba checkpoint from {name_or_path!r}: {err}") from err
+    if not isinstance(config, MambaConfig):
+        raise ValueError(
+            f"{name_or_path!r} is not a Mamba checkpoint: its config has model_type={config.model_type!r}, "
+            f"expected 'mamba' or {GrootLMambaConfig.model_type!r}"
+        )
+    config = GrootLMambaConfig.from_mamba(config, grootl)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    model = GrootLMambaForCausalLM.from_pretrained(name_or_path, config=config, **model_kwargs)
+    return model if device is None else model.to(device)
+
+
+def tiny_model(grootl: GrootLConfig | dict | None = None, **overrides) -> GrootLMambaForCausalLM:
+    """A randomly initialised GrootL model on :func:`tiny_config` (keyword arguments override it)."""
+    return GrootLMambaForCausalLM(GrootLMambaConfig.from_mamba(tiny_config(**overrides), grootl))

@@ -1,0 +1,140 @@
+"""The GrootL Mamba mixer: the stock ``MambaMixer`` parameters, a forward that adds the tree scan.
+
+Per block (``../shared/README.md``): ``y = y_chain + Dskip*u + modulation * y_tree``, then
+``y * SiLU(z)`` and ``out_proj``. After a prefill the cache holds ``S = h_last + modulation*H_root``
+and each decoded token updates ``S = Ā*S + (1 + modulation)*X`` (response positions lie on the chain).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.integrations.accelerate import force_accelerate_hooks
+from transformers.models.mamba.modeling_mamba import MambaMixer, apply_mask_to_padding_states
+
+from grootl.model.config import GrootLConfig
+from grootl.tree import build_tree, chain_scan, tree_scan
+
+
+@cache
+def _cuda_kernels() -> tuple:
+    """``(selective_scan_fn, causal_conv1d_fn)`` from mamba_ssm / causal_conv1d; None where not importable."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError):
+        selective_scan_fn = None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except (ImportError, OSError):
+        causal_conv1d_fn = None
+    return selective_scan_fn, causal_conv1d_fn
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scan arithmetic precision: float64 stays float64, anything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class GrootLMixer(MambaMixer):
+    """``MambaMixer`` (same parameters and names, so state dicts match) whose forward merges the
+    chain scan with the GrootL tree scan. ``grootl`` holds the :class:`GrootLConfig` in use."""
+
+    def __init__(self, config, layer_idx: int, initialize_mixer_weights: bool = True):
+        super().__init__(config, layer_idx, initialize_mixer_weights=initialize_mixer_weights)
+        self.grootl = GrootLConfig.coerce(getattr(config, "grootl", None))
+
+    @force_accelerate_hooks(["conv1d"])
+    def forward(
+        self,
+        hidden_states: Tensor,
+        cache=None,
+        attention_mask: Tensor | None = None,
+        context_lens: Tensor | None = None,
+        start: Tensor | None = None,
+        **kwargs,
+    ) -> Tensor:
+        """hidden_states (batch, L, hidden). context_lens (batch,): prompt length per row (default L);
+        start (batch,): left-padding count per row. Both only matter where the tree runs, i.e. on a
+        sequence without a previous recurrent state in ``cache``."""
+        dtype = hidden_states.dtype
+        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+
+        hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
+        x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        u = apply_mask_to_padding_states(self._conv(x, cache).transpose(1, 2), attention_mask)
+        time_step, B, C = torch.split(
+            self.x_proj(u), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+        )
+        u, B, C = u.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)  # (batch, D|N, L)
+        ct = compute_dtype(dtype)
+        dt = self.dt_proj.weight @ time_step.transpose(1, 2)  # (batch, D, L), before bias and softplus
+        dt_bias = self.dt_proj.bias.float()
+        delta = F.softplus(dt.to(ct) + dt_bias.to(ct)[:, None])
+        A = -torch.exp(self.A_log.float())
+
+        if state is not None:
+            y = self._recurrent_scan(state, u, delta, A, B, C, cache)
+        else:
+            y = self._full_scan(u, dt, dt_bias, delta, A, B, C, cache, context_lens, start)
+        y = y * F.silu(gate)
+        return self.out_proj(y.transpose(1, 2).to(dtype))
+
+    def _conv(self, x: Tensor, cache) -> Tensor:
+        """Causal depthwise conv1d + activation over the new positions (the cache supplies the past)."""
+        length = x.shape[-1]
+        if cache is not None:
+            x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        _, causal_conv1d_fn = _cuda_kernels() if x.is_cuda else (None, None)
+        if causal_conv1d_fn is not None and self.activation in ("silu", "swish"):
+            weight = self.conv1d.weight.squeeze(1)
+            return causal_conv1d_fn(x.contiguous(), weight, self.conv1d.bias, activation=self.activation)[..., -length:]
+        out = self.conv1d(x.to(self.conv1d.weight.dtype))[..., : x.shape[-1]]
+        return self.act(out[..., -length:]).to(x.dtype)
+
+    def _full_scan(self, u, dt, dt_bias, delta, A, B, C, cache, context_lens, start) -> Tensor:
+        """Chain scan (+ D skip) plus modulation * tree scan over a whole sequence; fills the cache."""
+        keep_state = cache is not None
+        selective_scan_fn, _ = _cuda_kernels() if u.is_cuda else (None, None)
+        if selective_scan_fn is not None:
+            chain = selective_scan_fn(
+                u, dt, A, B, C, D=self.D.float(), delta_bias=dt_bias, delta_softplus=True, return_last_state=keep_state
+            )
+        else:
+            chain = chain_scan(u, delta, A, B, C, return_last_state=keep_state)
+        y, h_last = chain if keep_state else (chain, None)
+        if selective_scan_fn is None:
+            y = y + u * self.D.float()[:, None]
+
+        if self.grootl.active:
+            lam = self.grootl.modulation
+            if context_lens is None:
+                context_lens = torch.full((u.shape[0],), u.shape[-1], dtype=torch.long, device=u.device)
+            tree = build_tree(
+                u.detach(), delta.detach(), B.detach(), context_lens, self.grootl.k, self.grootl.distance, start
+            )
+            tree_out = tree_scan(u, delta, A, B, C, tree, return_root_state=keep_state)
+            y_tree, h_root = tree_out if keep_state else (tree_out, None)
+            y = y + lam * y_tree
+            if keep_state:
+                h_last = h_last.to(h_root.dtype) + lam * h_root
+        if keep_state:
+            cache.update_recurrent_state(h_last.to(compute_dtype(u.dtype)), self.layer_idx)
+        return y
+
+    def _recurrent_scan(self, state: Tensor, u, delta, A, B, C, cache) -> Tensor:
+        """Continue from the cached state one position at a time: ``S = Ā*S + (1+λ)*X``,
+        ``y = C·S + D*u``; stores the new state in the cache."""
+        scale = 1 + self.grootl.modulation if self.grootl.active else 1.0
+        ct = state.dtype
+        s, D = state, self.D.float()
+        ys = []
+        for t in range(u.shape[-1]):
+            u_t = u[..., t].to(ct)
+            d_t = delta[..., t].to(ct)
+            s = torch.exp(d_t[..., None] * A.to(ct)) * s + (scale * d_t * u_t)[..., None] * B[:, None, :, t].to(ct)
+            ys.append((s @ C[:, :, t, None].to(ct)).squeeze(-1) + D * u_t)
+        cache.update_recurrent_state(s, self.layer_idx)
+        return torch.stack(ys, -1)

@@ -1,0 +1,214 @@
+"""GrootL Mamba models: transformers' Mamba classes with :class:`GrootLMixer` blocks and an explicit
+``context_lens`` argument threaded from ``forward`` down to every mixer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.mamba.modeling_mamba import (
+    MambaBlock,
+    MambaCausalLMOutput,
+    MambaForCausalLM,
+    MambaModel,
+    MambaOutput,
+    MambaPreTrainedModel,
+    MambaRMSNorm,
+)
+
+from grootl.model.config import GrootLConfig, GrootLMambaConfig
+from grootl.model.mixer import GrootLMixer
+
+IGNORE_INDEX = -100
+
+
+def context_lens_from_labels(labels: Tensor) -> Tensor:
+    """Per-row length of the leading run of ``-100`` labels (the prompt): (batch,) int64."""
+    answered = labels != IGNORE_INDEX
+    first = answered.int().argmax(dim=1)
+    return torch.where(answered.any(dim=1), first, labels.shape[1]).long()
+
+
+def left_padding(attention_mask: Tensor | None) -> Tensor | None:
+    """Per-row count of leading zeros in ``attention_mask`` (left padding), or None without a mask."""
+    if attention_mask is None:
+        return None
+    return (attention_mask.cumsum(dim=1) == 0).sum(dim=1)
+
+
+def check_context_lens(context_lens, batch: int, length: int, device) -> Tensor:
+    """``context_lens`` as a (batch,) int64 tensor with values in [0, length]; ValueError otherwise."""
+    try:
+        lens = torch.as_tensor(context_lens, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"context_lens must be a (batch,) sequence of ints; got {context_lens!r}") from err
+    if lens.is_floating_point() or lens.dtype == torch.bool or lens.is_complex():
+        raise ValueError(f"context_lens must hold integers; got dtype {lens.dtype}")
+    if lens.shape != (batch,):
+        raise ValueError(f"context_lens must have shape ({batch},), one per row; got {tuple(lens.shape)}")
+    bad = ((lens < 0) | (lens > length)).nonzero().flatten().tolist()
+    if bad:
+        row = bad[0]
+        raise ValueError(
+            f"context_lens[{row}] = {int(lens[row])} is outside [0, {length}] (the sequence length {length})"
+        )
+    return lens.long()
+
+
+class GrootLMambaBlock(MambaBlock):
+    """``MambaBlock`` with a :class:`GrootLMixer` that receives ``context_lens`` and ``start``."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.mixer = GrootLMixer(config, layer_idx=layer_idx, initialize_mixer_weights=False)
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, context_lens=None, start=None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.to(torch.float32)
+        hidden_states = self.mixer(
+            hidden_states, cache=cache, attention_mask=attention_mask, context_lens=context_lens, start=start
+        )
+        return residual + hidden_states
+
+
+class GrootLMambaPreTrainedModel(MambaPreTrainedModel):
+    config_class = GrootLMambaConfig
+    config: GrootLMambaConfig
+    _no_split_modules = ["GrootLMambaBlock", "GrootLMixer"]
+
+
+class GrootLMambaModel(GrootLMambaPreTrainedModel, MambaModel):
+    """``MambaModel`` built from :class:`GrootLMambaBlock` layers."""
+
+    def __init__(self, config):
+        GrootLMambaPreTrainedModel.__init__(self, config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([GrootLMambaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self._register_load_state_dict_pre_hook(self.load_hook)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        cache=None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        attention_mask: Tensor | None = None,
+        context_lens: Tensor | None = None,
+        **kwargs,
+    ) -> tuple | MambaOutput:
+        """As ``MambaModel.forward``; ``context_lens`` (batch,) is each row's prompt length (default:
+        the whole sequence). Left padding in ``attention_mask`` is kept out of the tree."""
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache if not self.training else False)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        batch, length = inputs_embeds.shape[:2]
+        if context_lens is not None:
+            context_lens = check_context_lens(context_lens, batch, length, inputs_embeds.device)
+        start = left_padding(attention_mask)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            hidden_states = block(
+                hidden_states, cache=cache, attention_mask=attention_mask, context_lens=context_lens, start=start
+            )
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+
+        if not return_dict:
+            return tuple(v for v in [hidden_states, cache, all_hidden_states] if v is not None)
+        return MambaOutput(
+            last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
+        )
+
+
+class GrootLMambaForCausalLM(GrootLMambaPreTrainedModel, MambaForCausalLM):
+    """``MambaForCausalLM`` whose blocks merge the chain and tree scans (:class:`GrootLConfig`).
+
+    ``forward`` takes ``context_lens`` (batch,): positions below it are the prompt. When absent it
+    is the leading ``-100`` run of ``labels`` per row, else the whole sequence. ``generate`` works
+    as usual: the prompt is prefilled with the tree, then tokens are decoded from one state.
+    A plain ``MambaConfig`` is accepted and converted (keeping its ``grootl`` entry, if any).
+    """
+
+    def __init__(self, config):
+        if not isinstance(config, GrootLMambaConfig):
+            config = GrootLMambaConfig.from_mamba(config)
+        GrootLMambaPreTrainedModel.__init__(self, config)
+        self.backbone = GrootLMambaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def grootl(self) -> GrootLConfig:
+        """The GrootL settings every mixer uses."""
+        return self.config.grootl_config
+
+    def set_grootl(self, grootl: GrootLConfig | dict) -> None:
+        """Switch the GrootL settings of every mixer (and of the saved config) in place."""
+        grootl = GrootLConfig.coerce(grootl)
+        self.config.grootl = grootl.to_dict()
+        for module in self.modules():
+            if isinstance(module, GrootLMixer):
+                module.grootl = grootl
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        cache=None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        context_lens: Tensor | None = None,
+        **kwargs,
+    ) -> tuple | MambaCausalLMOutput:
+        """As ``MambaForCausalLM.forward`` plus ``context_lens`` (see the class docstring)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if context_lens is None and labels is not None:
+            context_lens = context_lens_from_labels(labels)
+        outputs = self.backbone(
+            input_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            use_cache=use_cache,
+            attention_mask=attention_mask,
+            context_lens=context_lens,
+        )
+        hidden_states = slice_logits_to_keep(outputs[0], logits_to_keep)
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if not return_dict:
+            output = (logits,) + tuple(outputs[1:])
+            return ((loss,) + output) if loss is not None else output
+        return MambaCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)

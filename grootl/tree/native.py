@@ -1,0 +1,245 @@
+"""Native tree-scan kernels: just-in-time builds of ``kernels/`` and autograd wrappers around them.
+
+The C++ (CPU) and CUDA extensions are compiled on first use with ``torch.utils.cpp_extension.load`` and
+cached (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/grootl/kernels``); ``grootl build-kernels`` builds them
+ahead of time. A build that fails warns once with the compiler's last lines and the pure-PyTorch path is
+used instead; ``GROOTL_NATIVE=0`` turns the native kernels off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from grootl.tree.graph import DISTANCES, Tree, work_dtype
+from grootl.tree.validation import check_scan_inputs, check_tree_inputs
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+CPU_SOURCES = ("cpu.cpp",)
+CUDA_SOURCES = ("cuda_bind.cpp", "cuda.cu")
+_HEADERS = ("tree_scan.h", "tree_build.h")
+_modules: dict[str, ModuleType | None] = {}
+
+
+def enabled() -> bool:
+    """False when ``GROOTL_NATIVE=0`` (or ``false``/``off``/``no``)."""
+    return os.environ.get("GROOTL_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "grootl" / "kernels"
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / tag
+
+
+def _cuda_include_paths() -> list[str]:
+    """CUDA headers shipped in pip wheels (``nvidia/cu*/include``), which a cu13 torch build needs."""
+    site = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
+    return [str(p) for p in sorted(site.glob("cu*/include")) if p.is_dir()]
+
+
+def _compile(kind: str, verbose: bool = False) -> ModuleType:
+    """Build (or load from the cache) the ``cpu`` or ``cuda`` extension; raises on failure."""
+    from torch.utils import cpp_extension
+
+    build = cache_dir() / kind
+    build.mkdir(parents=True, exist_ok=True)
+    if kind == "cpu":
+        sources = [str(KERNELS / s) for s in CPU_SOURCES]
+        return cpp_extension.load(
+            name="grootl_tree_cpu",
+            sources=sources,
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(KERNELS)],
+            build_directory=str(build),
+            verbose=verbose,
+        )
+    return cpp_extension.load(
+        name="grootl_tree_cuda",
+        sources=[str(KERNELS / s) for s in CUDA_SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+        extra_include_paths=[str(KERNELS), *_cuda_include_paths()],
+        build_directory=str(build),
+        with_cuda=True,
+        verbose=verbose,
+    )
+
+
+def _error_tail(err: BaseException, lines: int = 25) -> str:
+    text = str(err)
+    cause = err.__cause__ or err.__context__
+    if cause is not None and getattr(cause, "output", None):
+        out = cause.output
+        text = (out.decode(errors="replace") if isinstance(out, bytes) else str(out)) + "\n" + text
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def load(kind: str) -> ModuleType | None:
+    """The ``cpu`` or ``cuda`` extension, built on first call; None when disabled or the build failed
+    (warned once, with the compiler's error)."""
+    if not enabled():
+        return None
+    if kind not in _modules:
+        try:
+            _modules[kind] = _compile(kind)
+        except Exception as err:  # noqa: BLE001 - any build failure means: fall back, say why
+            _modules[kind] = None
+            warnings.warn(
+                f"grootl: could not build the native {kind} tree-scan kernels, using the PyTorch path "
+                f"instead (set GROOTL_NATIVE=0 to skip the build). Compiler output:\n{_error_tail(err)}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _modules[kind]
+
+
+def _module_for(device: torch.device) -> ModuleType | None:
+    if device.type == "cpu":
+        return load("cpu")
+    if device.type == "cuda":
+        return load("cuda")
+    return None
+
+
+def available(device: torch.device | str = "cpu") -> bool:
+    """Whether a native kernel serves tensors on ``device`` (builds it on first call)."""
+    return _module_for(torch.device(device)) is not None
+
+
+def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every kernel output comes from here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _scan_dtype(u: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> torch.dtype:
+    """One input dtype for the kernel: the shared one, else the accumulation dtype."""
+    return u.dtype if delta.dtype == B.dtype == C.dtype == u.dtype else work_dtype(u)
+
+
+class _Plan:
+    """A tree's row plans (flags by preorder step, checkpoint offsets, stack sizes), built natively."""
+
+    def __init__(self, ext: ModuleType, tree: Tree):
+        batch, length = tree.parent.shape
+        dev = tree.parent.device
+        self.parent = tree.parent.contiguous()
+        self.order = tree.order.contiguous()
+        self.flags = _alloc(batch, length, dtype=torch.uint8, device=dev)
+        self.ckpt_offset = _alloc(batch, -(-length // ext.chunk_size()) + 1, dtype=torch.int32, device=dev)
+        self.sizes = _alloc(batch, 3, dtype=torch.int32, device=dev)
+        try:
+            ext.plan(self.parent, self.order, self.flags, self.ckpt_offset, self.sizes)
+        except RuntimeError as err:
+            raise ValueError(str(err).splitlines()[0]) from None
+
+
+class _NativeTreeScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, ext, plan: _Plan):
+        dt, acc = _scan_dtype(u, delta, B, C), work_dtype(u)
+        ins = [x.to(dt).contiguous() for x in (u, delta, B, C)]
+        Af = A.to(acc).contiguous()
+        batch, dim, length = u.shape
+        y = _alloc(batch, dim, length, dtype=dt, device=u.device)
+        root = _alloc(batch, dim, A.shape[1], dtype=acc, device=u.device)
+        ext.forward(ins[0], ins[1], Af, ins[2], ins[3], plan.parent, plan.order, plan.flags, plan.sizes, y, root)
+        ctx.save_for_backward(*ins, Af)
+        ctx.ext, ctx.plan = ext, plan
+        ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
+        return y.to(u.dtype), root
+
+    @staticmethod
+    def backward(ctx, gy, g_root):
+        u, delta, B, C, Af = ctx.saved_tensors
+        ext, plan = ctx.ext, ctx.plan
+        batch, dim, length = u.shape
+        n, dev, acc = B.shape[1], u.device, Af.dtype
+        groups = -(-dim // ext.channel_group())
+        gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
+        g_root = None if g_root is None else g_root.to(acc).contiguous()
+        du = _alloc(batch, dim, length, dtype=u.dtype, device=dev)
+        d_delta = _alloc(batch, dim, length, dtype=acc, device=dev)
+        dA = _alloc(batch, dim, n, dtype=acc, device=dev)
+        dB = _alloc(batch, groups, n, length, dtype=acc, device=dev)
+        dC = _alloc(batch, groups, n, length, dtype=acc, device=dev)
+        ext.backward(u, delta, Af, B, C, plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes,
+                     gy, g_root, du, d_delta, dA, dB, dC)
+        t_u, t_delta, t_A, t_B, t_C = ctx.dtypes
+        return du.to(t_u), d_delta.to(t_delta), dA.sum(0).to(t_A), dB.sum(1).to(t_B), dC.sum(1).to(t_C), None, None
+
+
+def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False):
+    """:func:`grootl.tree.tree_scan` on the native kernel of the tensors' device; same arguments and results.
+    Raises RuntimeError when no kernel is available there (see :func:`available`)."""
+    check_scan_inputs(u, delta, A, B, C, tree)
+    ext = _module_for(u.device)
+    if ext is None:
+        raise RuntimeError(f"no native tree-scan kernel for {u.device} tensors (GROOTL_NATIVE=0 or build failed)")
+    y, root = _NativeTreeScan.apply(u, delta, A, B, C, ext, _Plan(ext, tree))
+    return (y, root) if return_root_state else y
+
+
+def build_tree(
+    u: Tensor,
+    delta: Tensor,
+    B: Tensor,
+    context_lens: Tensor,
+    k: int = 3,
+    distance: str = "cosine",
+    start: Tensor | None = None,
+) -> Tree:
+    """:func:`grootl.tree.build_tree` on the native kernel of the tensors' device (no host sync on CUDA)."""
+    context_lens, start = check_tree_inputs(u, delta, B, context_lens, k, distance, start)
+    ext = _module_for(u.device)
+    if ext is None:
+        raise RuntimeError(f"no native tree-build kernel for {u.device} tensors (GROOTL_NATIVE=0 or build failed)")
+    dt = _scan_dtype(u, delta, B, B)
+    batch, _, length = u.shape
+    parent = _alloc(batch, length, dtype=torch.long, device=u.device)
+    order = _alloc(batch, length, dtype=torch.long, device=u.device)
+    start = torch.zeros_like(context_lens) if start is None else start
+    with torch.no_grad():
+        ext.build_tree(*(x.detach().to(dt).contiguous() for x in (u, delta, B)), context_lens.contiguous(),
+                       start.contiguous(), k, DISTANCES.index(distance), parent, order)
+    return Tree(parent, order)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``grootl build-kernels``: compile the native kernels now and report where they are cached."""
+    parser = argparse.ArgumentParser(prog="grootl build-kernels", description=main.__doc__)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--cpu-only", action="store_true", help="build only the C++ CPU kernels")
+    which.add_argument("--cuda-only", action="store_true", help="build only the CUDA kernels (needs nvcc)")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    args = parser.parse_args(argv)
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    kinds = ["cpu"] if args.cpu_only else ["cuda"] if args.cuda_only else ["cpu"] + (["cuda"] if CUDA_HOME else [])
+    if not args.cpu_only and not CUDA_HOME:
+        print("no CUDA toolkit found (set CUDA_HOME): skipping the CUDA kernels", file=sys.stderr)
+        if args.cuda_only:
+            return 1
+    failed = False
+    for kind in kinds:
+        print(f"building the {kind} kernels in {cache_dir() / kind} ...", flush=True)
+        try:
+            _modules[kind] = _compile(kind, verbose=args.verbose)
+            print(f"  ok: {_modules[kind].__file__}")
+        except Exception as err:  # noqa: BLE001 - report any build failure and carry on
+            failed = True
+            print(f"  FAILED:\n{_error_tail(err, 60)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

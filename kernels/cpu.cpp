@@ -1,0 +1,178 @@
+// CPU extension: the tree_scan.h / tree_build.h algorithms under at::parallel_for.
+// Outputs are passed in preallocated (grootl/tree/native.py allocates them) and every element is written.
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "tree_build.h"
+#include "tree_scan.h"
+
+namespace {
+
+constexpr int64_t kGroup = 16;  // channels per task; dB/dC partial sums are kept per (row, group)
+
+int64_t channel_group() { return kGroup; }
+int64_t chunk_size() { return grootl::kChunk; }
+
+void plan(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags, at::Tensor ckpt_offset,
+          at::Tensor sizes) {
+  const int64_t batch = parent.size(0), L = parent.size(1);
+  const int64_t* p = parent.data_ptr<int64_t>();
+  const int64_t* o = order.data_ptr<int64_t>();
+  uint8_t* f = flags.data_ptr<uint8_t>();
+  int32_t* ck = ckpt_offset.data_ptr<int32_t>();
+  int32_t* sz = sizes.data_ptr<int32_t>();
+  const int64_t chunks = grootl::num_chunks((int)L);
+  std::vector<int> status(batch);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> work(3 * L);
+    for (int64_t b = begin; b < end; ++b)
+      status[b] = grootl::plan_row(p + b * L, o + b * L, (int)L, f + b * L, ck + b * (chunks + 1), sz + b * 3,
+                                   work.data());
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(status[b] != grootl::kBadParent, "tree.parent row ", b,
+                " is not a tree rooted at L-1: every parent must lie in [0, L) except parent[L-1] == -1");
+    TORCH_CHECK(status[b] != grootl::kBadOrder, "tree.order row ", b,
+                " is not a DFS preorder of tree.parent starting at the root L-1");
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+grootl::Channel<scalar_t, acc_t> channel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                         const at::Tensor& B, const at::Tensor& C, const at::Tensor& parent,
+                                         const at::Tensor& order, const at::Tensor& flags, int64_t b, int64_t d) {
+  const int64_t D = u.size(1), L = u.size(2), N = B.size(1);
+  return {u.data_ptr<scalar_t>() + (b * D + d) * L,
+          delta.data_ptr<scalar_t>() + (b * D + d) * L,
+          A.data_ptr<acc_t>() + d * N,
+          B.data_ptr<scalar_t>() + b * N * L,
+          C.data_ptr<scalar_t>() + b * N * L,
+          parent.data_ptr<int64_t>() + b * L,
+          order.data_ptr<int64_t>() + b * L,
+          flags.data_ptr<uint8_t>() + b * L,
+          (int)L,
+          (int)N};
+}
+
+void forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+             const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
+             const at::Tensor& sizes, at::Tensor y, c10::optional<at::Tensor> root) {
+  const int64_t batch = u.size(0), D = u.size(1), N = B.size(1);
+  const int64_t h_depth = sizes.select(1, 0).max().item<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* y_ptr = y.data_ptr<scalar_t>();
+    acc_t* root_ptr = root.has_value() ? root->data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, batch * D, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch((h_depth + 1) * N);
+      for (int64_t bd = begin; bd < end; ++bd) {
+        const int64_t b = bd / D, d = bd % D;
+        const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags, b, d);
+        grootl::tree_scan_forward(ch, scratch.data() + N, scratch.data(), y_ptr + bd * ch.L,
+                                  root_ptr ? root_ptr + bd * N : nullptr);
+      }
+    });
+  });
+}
+
+template <typename acc_t>
+struct GroupSink {  // sums the group's channels into its (N, L) partials of dB and dC
+  acc_t* dB;
+  acc_t* dC;
+  int64_t L;
+  void add(int n, int64_t v, acc_t b_term, acc_t c_term) {
+    dB[n * L + v] += b_term;
+    dC[n * L + v] += c_term;
+  }
+};
+
+// d_delta is in the accumulation type; dA_part (batch, D, N) per channel; dB_part, dC_part
+// (batch, groups, N, L) per channel group. The caller sums the partials.
+void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+              const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
+              const at::Tensor& ckpt_offset, const at::Tensor& sizes, const at::Tensor& gy,
+              c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta, at::Tensor dA_part,
+              at::Tensor dB_part, at::Tensor dC_part) {
+  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
+  const int64_t groups = (D + kGroup - 1) / kGroup, chunks = grootl::num_chunks((int)L);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int32_t* sz = sizes.data_ptr<int32_t>();
+    const int32_t* ck = ckpt_offset.data_ptr<int32_t>();
+    const scalar_t* gy_ptr = gy.data_ptr<scalar_t>();
+    const acc_t* g_root_ptr = g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / groups, grp = task % groups;
+        const int32_t* row_sizes = sz + b * 3;
+        scratch.resize(grootl::backward_scratch_entries(row_sizes[0], row_sizes[1], row_sizes[2]) * N);
+        GroupSink<acc_t> sink{dB_part.data_ptr<acc_t>() + task * N * L, dC_part.data_ptr<acc_t>() + task * N * L, L};
+        std::fill(sink.dB, sink.dB + N * L, acc_t(0));
+        std::fill(sink.dC, sink.dC + N * L, acc_t(0));
+        for (int64_t d = grp * kGroup; d < std::min(D, (grp + 1) * kGroup); ++d) {
+          const int64_t bd = b * D + d;
+          const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags, b, d);
+          grootl::tree_scan_backward(ch, gy_ptr + bd * L, g_root_ptr ? g_root_ptr + bd * N : nullptr,
+                                     ck + b * (chunks + 1), row_sizes[0], row_sizes[1], scratch.data(),
+                                     du.data_ptr<scalar_t>() + bd * L, d_delta.data_ptr<acc_t>() + bd * L,
+                                     dA_part.data_ptr<acc_t>() + bd * N, sink);
+        }
+      }
+    });
+  });
+}
+
+void build_tree(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B, const at::Tensor& context_lens,
+                const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order) {
+  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
+  const int64_t* ctx = context_lens.data_ptr<int64_t>();
+  const int64_t* st = start.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_build_tree", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> aa(L), bb(L), weight(L * k);
+      std::vector<int32_t> ids, work(3 * L);
+      std::vector<uint8_t> in_tree(L * k);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* u_b = u.data_ptr<scalar_t>() + b * D * L;
+        const scalar_t* delta_b = delta.data_ptr<scalar_t>() + b * D * L;
+        const scalar_t* B_b = B.data_ptr<scalar_t>() + b * N * L;
+        for (int t = 0; t < L; ++t)
+          grootl::position_norms(u_b, delta_b, B_b, (int)D, (int)N, (int)L, t, aa[t], bb[t]);
+        ids.clear();
+        for (int t = 0; t < L; ++t)
+          for (int j = 1; j <= k; ++j)
+            if (grootl::edge_exists(t, j, (int)L, ctx[b], st[b])) {
+              weight[t * k + j - 1] = grootl::edge_weight(u_b, delta_b, B_b, (int)D, (int)N, (int)L, t, j, aa.data(),
+                                                          bb.data(), (int)distance);
+              ids.push_back((int32_t)(t * k + j - 1));
+            }
+        std::stable_sort(ids.begin(), ids.end(), [&](int32_t x, int32_t y) {
+          return grootl::edge_before(weight[x], x, weight[y], y);
+        });
+        grootl::kruskal(ids.data(), (int)ids.size(), (int)L, (int)k, in_tree.data(), work.data());
+        grootl::root_tree(in_tree.data(), (int)L, (int)k, parent.data_ptr<int64_t>() + b * L,
+                          order.data_ptr<int64_t>() + b * L, work.data());
+      }
+    });
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "GrootL tree scan, CPU";
+  m.def("channel_group", &channel_group, "channels per dB/dC partial sum");
+  m.def("chunk_size", &chunk_size, "nodes per backward recompute chunk");
+  m.def("plan", &plan, "row plans of a tree (flags, checkpoint offsets, stack sizes)");
+  m.def("forward", &forward, "tree scan forward");
+  m.def("backward", &backward, "tree scan backward (partial sums for dA, dB, dC)");
+  m.def("build_tree", &build_tree, "minimum spanning tree of the token graph, rooted at L-1");
+}

@@ -1,0 +1,349 @@
+"""The GrootL Mamba model against transformers' stock MambaForCausalLM, its own full forward (for
+decoding), single-row runs (for batching), and PEFT / checkpointing / saving round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers.models.mamba.modeling_mamba as stock_mamba
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
+
+import grootl
+from grootl.model import GrootLConfig, GrootLMambaForCausalLM, load_model, tiny_config, tiny_model
+
+F64 = torch.float64
+LORA_TARGETS = ["x_proj", "embeddings", "in_proj", "out_proj"]
+
+
+def exact_selective_scan(u, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, **_):
+    """transformers' torch selective scan without its float32 casts of B and u (so a float64 model
+    stays float64 throughout): h = exp(Δ A) h + Δ B u, y = (C·h + D u) * SiLU(z)."""
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dt.dtype)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = (torch.stack(ys, -1) + u * D[:, None]) * F.silu(z)
+    return (y, h) if return_last_state else y
+
+
+@pytest.fixture
+def exact_stock(monkeypatch):
+    """Stock MambaForCausalLM with its scan computed in the input precision (everything else untouched)."""
+    monkeypatch.setattr(stock_mamba, "mamba_selective_scan", exact_selective_scan)
+
+
+def stock_twin(model: GrootLMambaForCausalLM) -> MambaForCausalLM:
+    """A stock MambaForCausalLM holding the same weights."""
+    config = MambaConfig(**{k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "grootl")})
+    stock = MambaForCausalLM(config).to(model.dtype).eval()
+    stock.load_state_dict(model.state_dict())
+    return stock
+
+
+def last_hidden(model, ids, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True, **kwargs).hidden_states[-1]
+
+
+def random_ids(batch, length, vocab=512, seed=0):
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- settings and loading -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(modulation=-0.1), "-0.1"),
+        (dict(modulation=float("nan")), "nan"),
+        (dict(distance="hamming"), "hamming"),
+        (dict(k=0), "0"),
+        (dict(enabled="yes"), "yes"),
+    ],
+)
+def test_bad_grootl_config_names_the_value(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        GrootLConfig(**kwargs)
+
+
+def test_unknown_grootl_field_is_an_error():
+    with pytest.raises(ValueError, match="lambda"):
+        GrootLConfig.from_dict({"lambda": 0.3})
+
+
+def test_lazy_exports():
+    assert grootl.GrootLConfig is GrootLConfig and grootl.load_model is load_model
+
+
+def test_save_round_trip_and_stock_transformers_loads_the_weights(tmp_path):
+    settings = GrootLConfig(modulation=0.5, k=2, distance="euclidean")
+    model = tiny_model(grootl=settings)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["grootl"] == settings.to_dict() and saved["model_type"] == "grootl_mamba"
+
+    loaded = load_model(tmp_path)
+    assert isinstance(loaded, GrootLMambaForCausalLM) and loaded.grootl == settings
+    assert all(m.grootl == settings for m in loaded.modules() if hasattr(m, "grootl") and m is not loaded)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(auto) is GrootLMambaForCausalLM and auto.grootl == settings
+    override = load_model(tmp_path, grootl=GrootLConfig(enabled=False))
+    assert override.grootl == GrootLConfig(enabled=False)
+
+    stock = MambaForCausalLM.from_pretrained(tmp_path)
+    assert type(stock) is MambaForCausalLM
+    for name, value in model.state_dict().items():
+        assert torch.equal(stock.state_dict()[name], value), name
+
+
+def test_load_stock_checkpoint_keeps_weights_and_parameter_count(tmp_path):
+    stock = MambaForCausalLM(tiny_config())
+    stock.save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=F64)
+    assert model.grootl == GrootLConfig() and model.dtype == F64
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in stock.parameters())
+    assert model.state_dict().keys() == stock.state_dict().keys()
+    for name, value in stock.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value.to(F64)), name
+    assert load_model(tmp_path, grootl={"modulation": 0.1}).grootl.modulation == 0.1
+
+
+def test_load_model_rejects_what_is_not_a_mamba_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no_such_dir"):
+        load_model(tmp_path / "no_such_dir")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        load_model(tmp_path / "gpt2")
+
+
+# ---- equality with the stock model ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [GrootLConfig(enabled=False), GrootLConfig(modulation=0.0)])
+def test_tree_off_equals_stock_mamba(settings, exact_stock, monkeypatch):
+    model = tiny_model(grootl=settings).to(F64).eval()
+    stock = stock_twin(model)
+    monkeypatch.setattr("grootl.model.mixer.build_tree", None)  # the tree must not even be built
+    ids = random_ids(3, 20)
+    torch.testing.assert_close(last_hidden(model, ids), last_hidden(stock, ids), rtol=0, atol=1e-10)
+
+
+def test_tree_off_matches_untouched_stock_within_its_float32_casts():
+    model = tiny_model(grootl=GrootLConfig(enabled=False)).eval()
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stock_twin(model)(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_short_context_is_the_chain_scaled_by_one_plus_modulation(exact_stock):
+    """With context length <= 2 the tree is the chain, so y = (1+λ)·C·h + D·u: the stock model with
+    the B rows of every x_proj scaled by 1+λ."""
+    lam = 0.3
+    model = tiny_model(grootl=GrootLConfig(modulation=lam)).to(F64).eval()
+    stock = stock_twin(model)
+    rank, n = model.config.time_step_rank, model.config.state_size
+    with torch.no_grad():
+        for layer in stock.backbone.layers:
+            layer.mixer.x_proj.weight[rank : rank + n] *= 1 + lam
+    ids = random_ids(3, 18)
+    ours = last_hidden(model, ids, context_lens=torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(ours, last_hidden(stock, ids), rtol=0, atol=1e-10)
+    assert (last_hidden(model, ids, context_lens=torch.tensor([18, 18, 18])) - ours).abs().max() > 1e-6
+
+
+# ---- context lengths ------------------------------------------------------------------------------
+
+
+def test_rows_with_different_contexts_equal_each_row_alone():
+    model = tiny_model().to(F64).eval()
+    ids, lens = random_ids(3, 20), torch.tensor([4, 11, 20])
+    batched = last_hidden(model, ids, context_lens=lens)
+    for row in range(3):
+        alone = last_hidden(model, ids[row : row + 1], context_lens=lens[row : row + 1])
+        torch.testing.assert_close(batched[row : row + 1], alone, rtol=0, atol=1e-12)
+    assert (batched[0] - last_hidden(model, ids[:1], context_lens=torch.tensor([11]))[0]).abs().max() > 1e-6
+
+
+def test_context_lens_come_from_the_leading_ignored_labels():
+    model = tiny_model().to(F64).eval()
+    ids, lens = random_ids(2, 16), torch.tensor([5, 9])
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1, :9] = -100
+    labels[1, 14:] = -100  # trailing ignored labels (right padding) do not count
+    with torch.no_grad():
+        from_labels = model(ids, labels=labels)
+        explicit = model(ids, context_lens=lens)
+        default = model(ids)
+    torch.testing.assert_close(from_labels.logits, explicit.logits, rtol=0, atol=0)
+    assert (from_labels.logits - default.logits).abs().max() > 1e-6
+    expected = F.cross_entropy(explicit.logits[:, :-1].reshape(-1, 512), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(from_labels.loss, expected)
+
+
+def test_response_positions_only_see_the_past_and_the_prompt():
+    model = tiny_model().to(F64).eval()
+    ids, lens = random_ids(1, 20), torch.tensor([8])
+    changed = ids.clone()
+    changed[0, 13] = (ids[0, 13] + 1) % 512
+    a, b = last_hidden(model, ids, context_lens=lens), last_hidden(model, changed, context_lens=lens)
+    torch.testing.assert_close(a[:, :13], b[:, :13], rtol=0, atol=0)
+    assert (a[:, 13:] - b[:, 13:]).abs().max() > 0
+    # inside the prompt the tree may carry later prompt tokens to earlier positions
+    changed = ids.clone()
+    changed[0, 7] = (ids[0, 7] + 1) % 512
+    assert (last_hidden(model, changed, context_lens=lens)[:, :7] - a[:, :7]).abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "context_lens, message",
+    [([3, 17], "context_lens\\[1\\] = 17 is outside \\[0, 16\\]"), ([-1, 2], "-1"), ([3], "shape \\(2,\\)"), ([1.5, 2.0], "integers")],
+)
+def test_bad_context_lens_names_the_value(context_lens, message):
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match=message):
+        model(random_ids(2, 16), context_lens=torch.tensor(context_lens))
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+
+def test_cached_decoding_equals_a_full_forward_with_the_prompt_as_context():
+    model = tiny_model().to(F64).eval()
+    prompt, steps = random_ids(2, 9), random_ids(2, 5, seed=1)
+    with torch.no_grad():
+        out = model(prompt, use_cache=True, output_hidden_states=True)
+        decoded = [out.hidden_states[-1][:, -1]]
+        for t in range(steps.shape[1]):
+            out = model(steps[:, t : t + 1], cache=out.cache, use_cache=True, output_hidden_states=True)
+            decoded.append(out.hidden_states[-1][:, -1])
+    full_ids = torch.cat([prompt, steps], 1)
+    full = last_hidden(model, full_ids, context_lens=torch.tensor([9, 9]))
+    torch.testing.assert_close(torch.stack(decoded, 1), full[:, 8:], rtol=0, atol=1e-10)
+    # without the context length the tree would also mix the response in: a different function
+    assert (last_hidden(model, full_ids)[:, 9:] - full[:, 9:]).abs().max() > 1e-6
+
+
+def test_generate_logits_equal_full_forward():
+    model = tiny_model().to(F64).eval()
+    prompt = random_ids(1, 10)
+    out = model.generate(
+        prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
+    )
+    with torch.no_grad():
+        full = model(out.sequences, context_lens=torch.tensor([10])).logits
+    torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 9:-1], rtol=1e-6, atol=1e-6)
+
+
+def test_left_padded_batch_generation_equals_one_by_one():
+    model = tiny_model().eval()
+    prompts = [random_ids(1, 9, seed=2), random_ids(1, 4, seed=3), random_ids(1, 6, seed=4)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 9 - p.shape[1] :], mask[row, 9 - p.shape[1] :] = p[0], 1
+    kwargs = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    logits = torch.stack(batched.logits, 1)
+    assert torch.isfinite(logits).all()
+    for row, p in enumerate(prompts):
+        alone = model.generate(p, **kwargs)
+        assert torch.equal(batched.sequences[row, 9:], alone.sequences[0, p.shape[1] :])
+        torch.testing.assert_close(logits[row], torch.stack(alone.logits, 1)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tree_off_generation_equals_stock_generation():
+    model = tiny_model(grootl=GrootLConfig(enabled=False)).eval()
+    prompt = random_ids(2, 7)
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    ours, stock = model.generate(prompt, **kwargs), stock_twin(model).generate(prompt, **kwargs)
+    assert torch.equal(ours.sequences, stock.sequences)
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(stock.logits), rtol=1e-5, atol=1e-5)
+
+
+# ---- training features ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_every_lora_parameter_gets_a_gradient(enabled):
+    model = tiny_model(grootl=GrootLConfig(enabled=enabled))
+    # init_lora_weights=False: both LoRA factors random, so every one of them can receive a gradient
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, config).train()
+    ids = random_ids(2, 14)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    peft_model(input_ids=ids, labels=labels).loss.backward()
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert {t for t in LORA_TARGETS if any(f".{t}." in n for n in trainable)} == set(LORA_TARGETS)
+    assert len(trainable) == 2 * (1 + 3 * model.config.num_hidden_layers)
+    for name, p in trainable.items():
+        assert "lora_" in name and p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_lora_adapter_with_out_proj_saves_and_reloads(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=2, target_modules=LORA_TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_model(tmp_path / "base"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    ids = random_ids(2, 16)
+    labels = ids.clone()
+    labels[:, :7] = -100
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model().to(F64).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=1e-12)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_bf16_autocast_runs_close_to_float32():
+    model = tiny_model().eval()
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        reference = model(ids, context_lens=torch.tensor([6, 10])).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(ids, context_lens=torch.tensor([6, 10])).logits
+    assert torch.isfinite(low).all()
+    assert (low - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+@pytest.mark.slow
+def test_mamba_130m_shape_forward_and_backward():
+    config = MambaConfig(hidden_size=768, num_hidden_layers=24, vocab_size=50280, state_size=16)
+    model = GrootLMambaForCausalLM(config).train()
+    assert sum(p.numel() for p in model.parameters()) == 129_135_360
+    ids = random_ids(1, 128, vocab=50280)
+    labels = ids.clone()
+    labels[:, :64] = -100
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,0 +1,282 @@
+"""Native tree-scan kernels (kernels/, grootl.tree.native) against the plain oracle ``tree_scan_ref`` and the
+PyTorch tree build. Every kernel output is allocated NaN-filled here, so an element a kernel forgets to
+write fails the comparison. GPU tests run the same checks on the CUDA kernels and skip without CUDA."""
+
+from __future__ import annotations
+
+import importlib.resources
+import random
+import warnings
+
+import pytest
+import torch
+
+from grootl.tree import Tree, build_tree, native, tree_scan_ref
+
+F64, F32 = torch.float64, torch.float32
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def poisoned(*shape, dtype, device):
+    """NaN for floats, an out-of-range value for ints: what an unwritten element would hold."""
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, 123 if dtype == torch.uint8 else -7, dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(native, "_alloc", poisoned)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed build is a failure here, not a fallback
+        assert native.available("cpu"), "the C++ kernels did not build"
+
+
+def random_inputs(batch, d, n, length, dtype=F64, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, d, length, generator=g, dtype=F64)
+    delta = torch.nn.functional.softplus(torch.randn(batch, d, length, generator=g, dtype=F64))
+    A = -torch.exp(torch.randn(d, n, generator=g, dtype=F64) * 0.5)
+    B = torch.randn(batch, n, length, generator=g, dtype=F64)
+    C = torch.randn(batch, n, length, generator=g, dtype=F64)
+    return [x.to(device=device, dtype=dtype) for x in (u, delta, A, B, C)]
+
+
+def preorder(parent: list[int], rng: random.Random) -> list[int]:
+    """A DFS preorder from the root L-1, children in random order."""
+    children = [[] for _ in parent]
+    for v, p in enumerate(parent):
+        if p >= 0:
+            children[p].append(v)
+    order, stack = [], [len(parent) - 1]
+    while stack:
+        v = stack.pop()
+        order.append(v)
+        kids = children[v][:]
+        rng.shuffle(kids)
+        stack.extend(reversed(kids))
+    return order
+
+
+def random_tree(batch: int, length: int, seed: int = 0) -> Tree:
+    """Arbitrary trees rooted at L-1 (not only MSTs): long and short jumps, random child order."""
+    rng = random.Random(seed)
+    parents, orders = [], []
+    for _ in range(batch):
+        parent = [rng.randint(v + 1, min(length - 1, v + rng.choice([1, 3, length]))) for v in range(length - 1)]
+        parent.append(-1)
+        parents.append(parent)
+        orders.append(preorder(parent, rng))
+    return Tree(torch.tensor(parents), torch.tensor(orders))
+
+
+def caterpillar(length: int) -> Tree:
+    """A spine L-1, L-3, ... with one leaf per spine node, spine child visited first: in the leaves-to-root
+    sweep about L/2 partial sums are open at once (deeper than a backward chunk)."""
+    parent, order = [-1] * length, []
+    spine = list(range(length - 1, -1, -2))
+    for a, b in zip(spine, spine[1:]):
+        parent[b] = a
+    for s in spine:
+        if s - 1 >= 0 and s - 1 not in spine:
+            parent[s - 1] = s
+    order = spine + [s - 1 for s in reversed(spine) if s - 1 >= 0 and parent[s - 1] == s and s - 1 not in spine]
+    return Tree(torch.tensor([parent]), torch.tensor([order]))
+
+
+def run_both(inputs, tree, device="cpu"):
+    """Native and reference: forward (y, root) and gradients of a random loss through both outputs."""
+    gen = torch.Generator().manual_seed(1)
+    (batch, d, _), n = inputs[0].shape, inputs[2].shape[1]
+    gy, gr = torch.randn(batch, d, inputs[0].shape[2], generator=gen), torch.randn(batch, d, n, generator=gen)
+    outs = []
+    for fn, dev in ((native.tree_scan, device), (tree_scan_ref, "cpu")):
+        xs = [x.detach().to(dev).requires_grad_() for x in inputs]
+        t = Tree(tree.parent.to(dev), tree.order.to(dev))
+        y, root = fn(*xs, t, return_root_state=True)
+        loss = (y * gy.to(dev, y.dtype)).sum() + (root * gr.to(dev, root.dtype)).sum()
+        grads = torch.autograd.grad(loss, xs, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
+        outs.append([t.detach().cpu().double() for t in (y, root, *grads)])
+    return outs
+
+
+NAMES = ("y", "root", "du", "ddelta", "dA", "dB", "dC")
+
+
+def assert_close(native_out, ref_out, rtol, atol):
+    for name, a, b in zip(NAMES, native_out, ref_out):
+        assert torch.isfinite(a).all(), f"{name}: unwritten (NaN) elements"
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()), msg=name)
+
+
+# (batch, D, N, L): odd L, L = 1, L > one backward chunk (32), D not a multiple of the CPU (16) or GPU (32) group
+SHAPES = [(1, 1, 1, 1), (2, 3, 4, 2), (3, 7, 5, 33), (2, 17, 16, 67), (4, 33, 3, 45)]
+TOL = {F64: (1e-10, 1e-10), F32: (2e-4, 2e-4)}
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_scan_matches_reference_on_built_trees(cpu_kernels, shape, dtype):
+    batch, d, n, length = shape
+    inputs = random_inputs(batch, d, n, length, dtype, seed=length)
+    # per-row context lengths covering 0, 1, 2 and L
+    context = torch.tensor([[0, 1, 2, length][i % 4] if i < 4 else length // 2 for i in range(batch)])
+    tree = build_tree(*inputs[:2], inputs[3], context)
+    assert_close(*run_both(inputs, tree), *TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_cpu_scan_matches_reference_on_arbitrary_trees(cpu_kernels, dtype):
+    inputs = random_inputs(3, 5, 4, 71, dtype, seed=3)
+    assert_close(*run_both(inputs, random_tree(3, 71, seed=5)), *TOL[dtype])
+
+
+def test_cpu_scan_deep_stack(cpu_kernels):
+    tree = caterpillar(101)
+    inputs = random_inputs(1, 6, 3, 101, F64, seed=4)
+    assert_close(*run_both(inputs, tree), *TOL[F64])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_cpu_scan_half_precision(cpu_kernels, dtype):
+    inputs = random_inputs(2, 19, 8, 40, F32, seed=7)
+    tree = build_tree(*inputs[:2], inputs[3], torch.tensor([25, 40]))
+    low = run_both([x.to(dtype) for x in inputs], tree)[0]
+    # the reference sees the same rounded inputs, in float32
+    _, ref = run_both([x.to(dtype).float() for x in inputs], tree)
+    for name, a, b in zip(NAMES, low, ref):
+        assert torch.isfinite(a).all(), name
+        assert (a - b).norm() / b.norm() < 1e-2, name
+
+
+def test_cpu_scan_is_deterministic(cpu_kernels):
+    inputs = random_inputs(2, 40, 16, 50, F32, seed=9)
+    tree = random_tree(2, 50, seed=2)
+    first, _ = run_both(inputs, tree)
+    again, _ = run_both(inputs, tree)
+    for name, a, b in zip(NAMES, first, again):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_cpu_tree_equals_torch_tree(cpu_kernels, distance, k):
+    batch, length = 5, 41
+    u, delta, _, B, _ = random_inputs(batch, 9, 4, length, F32, seed=k)
+    context = torch.tensor([0, 1, 2, length, 30])
+    start = torch.tensor([0, 0, 0, 3, 10])  # left padding, kept out of the k-neighbour edges
+    ours = native.build_tree(u, delta, B, context, k=k, distance=distance, start=start)
+    theirs = build_tree(u, delta, B, context, k=k, distance=distance, start=start)
+    assert torch.equal(ours.parent, theirs.parent)
+    assert torch.equal(ours.order, theirs.order)
+
+
+def test_cpu_tree_single_position_and_ties(cpu_kernels):
+    one = native.build_tree(*[torch.ones(2, 3, 1)] * 3, torch.tensor([1, 0]))
+    assert one.parent.tolist() == [[-1], [-1]] and one.order.tolist() == [[0], [0]]
+    # all features equal: every weight ties, the smaller edge id wins, exactly as in the torch build
+    x = torch.ones(1, 4, 12)
+    ours, theirs = native.build_tree(x, x, x[:, :2], torch.tensor([12])), build_tree(x, x, x[:, :2], torch.tensor([12]))
+    assert torch.equal(ours.parent, theirs.parent) and torch.equal(ours.order, theirs.order)
+
+
+def test_cpu_bad_tree_is_a_clear_error(cpu_kernels):
+    inputs = random_inputs(2, 3, 2, 6)
+    chain = Tree.chain(2, 6)
+    shuffled = chain.order.clone()
+    shuffled[1, 1:] = shuffled[1, 1:].flip(0)  # children before parents in row 1
+    with pytest.raises(ValueError, match="tree.order row 1 is not a DFS preorder"):
+        native.tree_scan(*inputs, Tree(chain.parent, shuffled))
+    parent = chain.parent.clone()
+    parent[0, 2] = 9
+    with pytest.raises(ValueError, match="tree.parent row 0"):
+        native.tree_scan(*inputs, Tree(parent, chain.order))
+
+
+def test_native_disabled_by_env(monkeypatch):
+    monkeypatch.setenv("GROOTL_NATIVE", "0")
+    assert not native.available("cpu")
+    with pytest.raises(RuntimeError, match="GROOTL_NATIVE=0"):
+        native.tree_scan(*random_inputs(1, 2, 2, 3), Tree.chain(1, 3))
+
+
+def test_failed_build_warns_once_with_compiler_output(monkeypatch):
+    def broken(kind, verbose=False):
+        raise RuntimeError("Error building extension\ncpu.cpp:12:3: error: expected ';' before '}' token")
+
+    monkeypatch.setattr(native, "_compile", broken)
+    monkeypatch.setattr(native, "_modules", {})
+    with pytest.warns(RuntimeWarning, match=r"(?s)using the PyTorch path.*expected ';'"):
+        assert not native.available("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.available("cpu")  # no second warning
+
+
+def test_kernel_sources_ship_with_the_package():
+    files = importlib.resources.files("grootl.kernels")
+    for name in (*native.CPU_SOURCES, *native.CUDA_SOURCES, "tree_scan.h", "tree_build.h"):
+        assert files.joinpath(name).is_file(), name
+    assert (native.KERNELS / "tree_scan.h").is_file()
+
+
+def test_build_kernels_command(cpu_kernels, capsys):
+    assert native.main(["--cpu-only"]) == 0
+    assert "ok:" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES[2:], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_scan_matches_reference_fp32(shape):
+    batch, d, n, length = shape
+    inputs = random_inputs(batch, d, n, length, F32, seed=length)
+    context = torch.tensor([[0, 1, 2, length][i % 4] for i in range(batch)])
+    for tree in (build_tree(*inputs[:2], inputs[3], context), random_tree(batch, length, seed=1)):
+        assert_close(*run_both(inputs, tree, device="cuda"), *TOL[F32])
+    assert_close(*run_both(random_inputs(1, d, n, 101, F32), caterpillar(101), device="cuda"), *TOL[F32])
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_scan_bf16():
+    inputs = random_inputs(2, 70, 16, 300, F32, seed=3)
+    tree = build_tree(*inputs[:2], inputs[3], torch.tensor([200, 300]))
+    low, _ = run_both([x.to(torch.bfloat16) for x in inputs], tree, device="cuda")
+    _, ref = run_both([x.to(torch.bfloat16).float() for x in inputs], tree)
+    for name, a, b in zip(NAMES, low, ref):
+        assert torch.isfinite(a).all(), name
+        assert (a - b).norm() / b.norm() < 1e-2, name
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_cuda_tree_equals_cpu_tree(distance):
+    batch, length = 6, 300
+    u, delta, _, B, _ = random_inputs(batch, 64, 16, length, F32, seed=11)
+    context = torch.tensor([0, 1, 2, length, 150, 299])
+    start = torch.tensor([0, 0, 0, 0, 20, 5])
+    cpu = native.build_tree(u, delta, B, context, distance=distance, start=start)
+    dev = native.build_tree(u.cuda(), delta.cuda(), B.cuda(), context.cuda(), distance=distance, start=start.cuda())
+    assert torch.equal(cpu.parent, dev.parent.cpu()) and torch.equal(cpu.order, dev.order.cpu())
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_runs_are_identical():
+    inputs = random_inputs(2, 96, 16, 257, F32, seed=5, device="cuda")
+    tree = native.build_tree(inputs[0], inputs[1], inputs[3], torch.tensor([100, 257], device="cuda"))
+    first, _ = run_both(inputs, tree, device="cuda")
+    for _ in range(2):
+        again, _ = run_both(inputs, tree, device="cuda")
+        for name, a, b in zip(NAMES, first, again):
+            assert torch.equal(a, b), name

@@ -110,6 +110,8 @@ def build_tree(
     k-neighbour edges. Not differentiable.
     """
     context_lens, start = check_tree_inputs(u, delta, B, context_lens, k, distance, start)
+    # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves u.device
+    # <<< native dispatch hook
     with torch.no_grad():
         weights = edge_weights(u, delta, B, k, distance)
         mask = edge_mask(context_lens, u.shape[-1], k, start)

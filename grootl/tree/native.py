@@ -76,12 +76,8 @@ def _compile(kind: str, verbose: bool = False) -> ModuleType:
 
 
 def _error_tail(err: BaseException, lines: int = 25) -> str:
-    text = str(err)
-    cause = err.__cause__ or err.__context__
-    if cause is not None and getattr(cause, "output", None):
-        out = cause.output
-        text = (out.decode(errors="replace") if isinstance(out, bytes) else str(out)) + "\n" + text
-    return "\n".join(text.strip().splitlines()[-lines:])
+    """The last lines of a build error (torch puts the compiler's output in the message)."""
+    return "\n".join(str(err).strip().splitlines()[-lines:])
 
 
 def load(kind: str) -> ModuleType | None:

@@ -17,6 +17,8 @@ from torch import Tensor
 from grootl.tree.graph import Tree, work_dtype
 from grootl.tree.validation import check_scan_inputs
 
+_CHUNK = 128  # positions per vectorised block in the backward pass
+
 
 class _Plan:
     """Index tensors that put a tree in processing order (leaves first) so each step reads slices."""
@@ -82,18 +84,20 @@ class _TreeScan(torch.autograd.Function):
         batch, length, d = us.shape
         G = torch.zeros_like(H)
         G_flat = G.view(-1, d, A.shape[1])
-        d_dn = torch.zeros_like(dn)  # gradient w.r.t. delta at each edge's transition position
-        dA = torch.zeros_like(Af)
         for i in range(length - 1, -1, -1):  # root first: G[v] = gy[v] C[v] + a_edge(v) * G[parent(v)]
-            a = torch.exp(dn[:, i, :, None] * Af)
-            g_up = G_flat.index_select(0, plan.flat_parent[i])
-            t = g_up * H[:, i] * a  # d loss / d log a on the edge v -> parent
-            d_dn[:, i] = (t * Af).sum(-1)
-            dA += (t * dn[:, i, :, None]).sum(0)
             g = G[:, i]
-            g.copy_(a * g_up).addcmul_(gys[:, i, :, None], Cs[:, i, None, :])
+            torch.mul(torch.exp(dn[:, i, :, None] * Af), G_flat.index_select(0, plan.flat_parent[i]), out=g)
+            g.addcmul_(gys[:, i, :, None], Cs[:, i, None, :])
             if i == length - 1 and g_root is not None:
                 g.add_(g_root.to(f))
+        # d loss / d log(a) on each edge v -> parent is G[parent] * a * H[v]; chunked to bound memory
+        d_dn = torch.empty_like(dn)  # gradient w.r.t. delta at each edge's transition position
+        dA = torch.zeros_like(Af)
+        for s in range(0, length, _CHUNK):
+            e = min(s + _CHUNK, length)
+            t = G_flat[plan.flat_parent[s:e].T] * H[:, s:e] * torch.exp(dn[:, s:e, :, None] * Af)
+            d_dn[:, s:e] = (t * Af).sum(-1)
+            dA += torch.einsum("bldn,bld->dn", t, dn[:, s:e])
         Gs, Hs = G[:, :-1], H[:, :-1]
         gX_B = torch.einsum("bldn,bln->bld", Gs, Bs)  # d loss / d (delta*u)
         dC = torch.einsum("bldn,bld->bln", Hs, gys)
@@ -117,6 +121,8 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
     float32 (float64 for float64 inputs). Differentiable in u, delta, A, B, C.
     """
     check_scan_inputs(u, delta, A, B, C, tree)
+    # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves u.device
+    # <<< native dispatch hook
     y, root = _TreeScan.apply(u, delta, A, B, C, _Plan(tree))
     return (y, root) if return_root_state else y
 

@@ -1,0 +1,273 @@
+"""The fine-tuning loop on Accelerate: one code path for the GrootL, LoRA and full arms."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_scheduler
+
+from grootl.data import DataError, DataReport, load_records, make_dataloader, tokenize_records
+from grootl.train import rundir
+from grootl.train.modeling import BASE_DIR, build_base, build_model, export_final
+from grootl.train.recipe import Recipe
+
+SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: a non-finite loss, or an interrupt. The message says where and what is kept."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt so a killed run unwinds like Ctrl-C (no half-published
+    checkpoint; the previous one stays the newest complete one)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def prepare_data(recipe: Recipe, tokenizer, log) -> tuple:
+    """Tokenised train rows, eval rows (or None) and the data report."""
+    records = load_records(recipe.data.path, recipe.data.split)
+    if recipe.data.limit:
+        records = records.select(range(min(recipe.data.limit, len(records))))
+    rows, report = tokenize_records(records, tokenizer, recipe.data.template, recipe.data.max_length, recipe.data.num_proc)
+    log(f"data {recipe.data.path}: {report}")
+    eval_rows = None
+    if recipe.data.eval_path:
+        eval_rows, eval_report = tokenize_records(load_records(recipe.data.eval_path, recipe.data.split), tokenizer,
+                                                  recipe.data.template, recipe.data.max_length, recipe.data.num_proc)
+        log(f"eval data {recipe.data.eval_path}: {eval_report}")
+    elif recipe.data.eval_size and len(rows) > recipe.data.eval_size:
+        split = rows.train_test_split(test_size=recipe.data.eval_size, seed=recipe.seed, shuffle=True)
+        rows, eval_rows = split["train"], split["test"]
+    if len(rows) == 0:
+        raise DataError(f"{recipe.data.path}: no training records left after filtering ({report}); "
+                        f"check data.max_length and the records' output fields")
+    return rows, eval_rows, report
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model, eval_rows, batch_size: int, pad_token_id: int) -> float:
+    """Mean loss per response token over ``eval_rows`` (each process scores its own share)."""
+    share = eval_rows.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+    loader = make_dataloader(share, batch_size, pad_token_id, shuffle=False)
+    model.eval()
+    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for batch in loader:
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        with accelerator.autocast():
+            loss = model(**batch).loss
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        totals += torch.stack([loss.double() * tokens, tokens.double()])
+    model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def _tracker_config(recipe: Recipe) -> dict:
+    flat = rundir._flatten(recipe.to_dict())
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in flat.items()}
+
+
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run ``recipe``; returns ``<output_dir>/final``. See :mod:`grootl.train.rundir` for the files."""
+    out = Path(recipe.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        mixed_precision=recipe.train.mixed_precision,
+        log_with=list(recipe.log.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    log = (lambda message: print(f"[grootl train] {message}", flush=True)) if accelerator.is_main_process else (lambda m: None)
+    action = rundir.check_output_dir(out, recipe.to_dict(), resume, overwrite)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        rundir.claim_output_dir(out, recipe.to_dict(), action)
+    accelerator.wait_for_everyone()
+    resuming = rundir.checkpoint_dirs(out) if action == "resume" else []
+    set_seed(recipe.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.name_or_path)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with accelerator.main_process_first():
+        rows, eval_rows, report = prepare_data(recipe, tokenizer, log)
+
+    base = build_base(recipe)
+    base_dir = out / BASE_DIR
+    if recipe.model.init == "random" and recipe.method != "full" and accelerator.is_main_process and not base_dir.is_dir():
+        base.save_pretrained(base_dir)  # the random base that the exported adapter applies to
+        tokenizer.save_pretrained(base_dir)
+    model = build_model(recipe, out, base)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    log(f"method {recipe.method}: {n_trainable:,} of {n_total:,} parameters trainable "
+        f"(tree scan {'on' if recipe.method == 'grootl' else 'off'})")
+
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    train_loader = make_dataloader(rows, recipe.train.batch_size, pad_token_id, recipe.seed,
+                                   group_by_length=recipe.train.group_by_length, num_workers=recipe.train.num_workers)
+    sampler = train_loader.sampler
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / recipe.train.grad_accum)
+    total_steps = recipe.train.max_steps or recipe.train.epochs * steps_per_epoch
+    # Stepped once per optimizer step by hand (Accelerate's wrapper steps it num_processes times).
+    scheduler = get_scheduler(SCHEDULER_NAMES[recipe.train.schedule], optimizer,
+                              num_warmup_steps=recipe.train.warmup_steps, num_training_steps=total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0}
+    if resuming:
+        checkpoint = resuming[-1]
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / rundir.STATE_FILE).read_text())
+        if accelerator.is_main_process:
+            rundir.truncate_metrics(out, state["step"])
+        log(f"resumed from {checkpoint} (step {state['step']}, epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+    elif resume:
+        log(f"no checkpoint in {out} yet; starting from step 0")
+    log(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch; {recipe.train.batch_size} x "
+        f"{recipe.train.grad_accum} accumulation x {accelerator.num_processes} processes)")
+    if recipe.log.trackers:
+        accelerator.init_trackers("grootl", config=_tracker_config(recipe))
+
+    last_checkpoint = rundir.checkpoint_dirs(out)[-1] if resuming else None
+    progress = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
+                    disable=not (accelerator.is_main_process and recipe.log.progress))
+    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "steps": 0, "tokens": 0, "start": time.time()}
+    step_loss = torch.zeros((), device=accelerator.device)
+    step_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    eval_batch = recipe.eval.batch_size or recipe.train.batch_size
+
+    def save_checkpoint() -> Path:
+        staging = rundir.staging_dir(out, state["step"])
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(staging))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                rundir.publish_checkpoint(staging, dict(state), recipe.checkpoint.keep)
+        except BaseException:
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        accelerator.wait_for_everyone()
+        return out / rundir.CHECKPOINTS / f"step-{state['step']}"
+
+    model.train()
+    with sigterm_as_interrupt():
+        try:
+            while state["step"] < total_steps:
+                train_loader.set_epoch(state["epoch"])
+                sampler.set_epoch(state["epoch"])
+                loader = accelerator.skip_first_batches(train_loader, state["batch_in_epoch"]) if state["batch_in_epoch"] else train_loader
+                if loader is not train_loader:
+                    loader.set_epoch(state["epoch"])
+                for batch in loader:
+                    with accelerator.accumulate(model):
+                        loss = model(**batch).loss
+                        accelerator.backward(loss)
+                        step_loss += loss.detach()
+                        step_tokens += batch["attention_mask"].sum()
+                        window["micro"] += 1
+                        state["batch_in_epoch"] += 1
+                        grad_norm = None
+                        if accelerator.sync_gradients:
+                            mean_loss = accelerator.reduce(step_loss / window["micro"], reduction="mean")
+                            if not torch.isfinite(mean_loss):
+                                kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+                                raise TrainingError(f"loss is {mean_loss.item()} at optimizer step {state['step'] + 1}; "
+                                                    f"stopped before updating the weights ({kept})")
+                            if recipe.train.max_grad_norm:
+                                grad_norm = accelerator.clip_grad_norm_(trainable, recipe.train.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if not accelerator.sync_gradients:
+                        continue
+                    scheduler.step()
+                    tokens = int(accelerator.reduce(step_tokens, reduction="sum"))
+                    state["step"] += 1
+                    state["tokens"] += tokens
+                    window["loss"] += mean_loss
+                    window["steps"] += 1
+                    window["tokens"] += tokens
+                    window["micro"] = 0
+                    step_loss.zero_()
+                    step_tokens.zero_()
+                    progress.update(1)
+
+                    if state["step"] % recipe.log.every == 0 or state["step"] == total_steps:
+                        elapsed = time.time() - window["start"]
+                        record = {
+                            "step": state["step"], "epoch": state["epoch"],
+                            "loss": float(window["loss"] / window["steps"]), "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": None if grad_norm is None else float(grad_norm),
+                            "tokens": state["tokens"], "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                        }
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                             tok_s=f"{record['tokens_per_s']:.0f}")
+                        if accelerator.is_main_process:
+                            rundir.append_metrics(out, record)
+                        accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=state["step"])
+                        window.update(loss=torch.zeros((), device=accelerator.device), steps=0, tokens=0, start=time.time())
+                    if eval_rows is not None and recipe.eval.every and state["step"] % recipe.eval.every == 0 and state["step"] < total_steps:
+                        eval_loss = evaluate(accelerator, model, eval_rows, eval_batch, pad_token_id)
+                        if accelerator.is_main_process:
+                            rundir.append_metrics(out, {"step": state["step"], "eval_loss": eval_loss})
+                        accelerator.log({"eval_loss": eval_loss}, step=state["step"])
+                        log(f"step {state['step']}: eval loss {eval_loss:.4f}")
+                    if recipe.checkpoint.every and state["step"] % recipe.checkpoint.every == 0:
+                        last_checkpoint = save_checkpoint()
+                    if state["step"] >= total_steps:
+                        break
+                else:
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+        except KeyboardInterrupt as interrupt:
+            kept = f"newest complete checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+            raise TrainingError(f"interrupted ({interrupt or 'Ctrl-C'}) at optimizer step {state['step']}; {kept}; "
+                                f"continue with --resume") from None
+        finally:
+            progress.close()
+
+    if eval_rows is not None:
+        eval_loss = evaluate(accelerator, model, eval_rows, eval_batch, pad_token_id)
+        if accelerator.is_main_process:
+            rundir.append_metrics(out, {"step": state["step"], "eval_loss": eval_loss})
+        accelerator.log({"eval_loss": eval_loss}, step=state["step"])
+        log(f"final eval loss {eval_loss:.4f}")
+    full_state = accelerator.get_state_dict(model)
+    final = out / "final"
+    if accelerator.is_main_process:
+        export_model = build_model(recipe, out)
+        export_model.load_state_dict(full_state)
+        final = export_final(export_model, tokenizer, out)
+        log(f"exported {final} ({report.kept} training records)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final

@@ -1,0 +1,81 @@
+"""Build the model an arm trains (GrootL / LoRA / full) and export the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import MambaConfig
+
+from grootl.model import GrootLConfig, GrootLMambaConfig, GrootLMambaForCausalLM, load_model
+from grootl.train.recipe import Recipe
+
+BASE_DIR = "base"
+FINAL_DIR = "final"
+ADAPTER_DIR = "adapter"
+
+
+def grootl_settings(recipe: Recipe) -> GrootLConfig:
+    """The tree scan is on for ``method: grootl`` only; ``lora`` and ``full`` use the plain scan."""
+    return GrootLConfig(**dataclasses.asdict(recipe.grootl), enabled=recipe.method == "grootl")
+
+
+def build_base(recipe: Recipe) -> GrootLMambaForCausalLM:
+    """The base model: pretrained weights, or a random init from ``model.config`` (seed it first)."""
+    dtype = getattr(torch, recipe.model.dtype)
+    if recipe.model.init == "random":
+        try:
+            config = GrootLMambaConfig.from_mamba(MambaConfig(**recipe.model.config), grootl_settings(recipe))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"recipe key model.config is not a valid MambaConfig: {error}") from error
+        return GrootLMambaForCausalLM(config).to(dtype)
+    return load_model(recipe.model.name_or_path, grootl=grootl_settings(recipe), dtype=dtype)
+
+
+def add_lora(model: GrootLMambaForCausalLM, recipe: Recipe) -> PeftModel:
+    """The paper's LoRA (both arms): r, alpha, dropout on ``lora.target_modules``; base frozen."""
+    config = LoraConfig(
+        r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+        target_modules=list(recipe.lora.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def build_model(recipe: Recipe, out: Path, base: GrootLMambaForCausalLM | None = None) -> torch.nn.Module:
+    """The trainable model for ``recipe.method`` (from ``base``, default a new :func:`build_base`):
+    LoRA-wrapped for grootl/lora, the base itself for full. A random-init base is named
+    ``out/base`` (where the run saves it), so an exported adapter points there."""
+    base = build_base(recipe) if base is None else base
+    base.config.use_cache = False
+    if recipe.model.init == "random":
+        base.name_or_path = base.config._name_or_path = str(out / BASE_DIR)
+    return base if recipe.method == "full" else add_lora(base, recipe)
+
+
+def untie_output_embeddings(model: GrootLMambaForCausalLM) -> None:
+    """Give ``lm_head`` its own copy of a tied embedding matrix, so merging a LoRA on the input
+    embeddings changes the inputs only (as in training) and not the output layer too."""
+    if model.lm_head.weight is model.get_input_embeddings().weight:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+def export_final(model: torch.nn.Module, tokenizer, out: Path) -> Path:
+    """Write ``out/final``: the merged model (GrootL settings in config.json) and tokenizer, plus
+    ``final/adapter`` (the PEFT adapter) for the LoRA arms. ``model`` is a full (unsharded) copy
+    on the main process; it is modified (merged). Written to a temporary folder, then renamed."""
+    final, staging = out / FINAL_DIR, out / f".tmp-{FINAL_DIR}"
+    shutil.rmtree(staging, ignore_errors=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(staging / ADAPTER_DIR)
+        untie_output_embeddings(model.get_base_model())
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    return final

@@ -1,0 +1,282 @@
+"""Training recipes: YAML files checked against typed sections, with ``key=value`` overrides.
+
+Paths: relative paths *inside a recipe file* (``model.name_or_path``, ``model.tokenizer``, ``data.path``,
+``data.eval_path``) resolve against the recipe file's folder; paths given as command-line overrides
+and ``output_dir`` resolve against the current directory. A value that is not a local path (no
+leading ``.``/``/``/``~``, no data-file suffix, nothing there) is kept as a hub id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grootl.data.alpaca import FILE_BUILDERS
+
+METHODS = ("grootl", "lora", "full")
+SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+PATH_KEYS = ("model.name_or_path", "model.tokenizer", "data.path", "data.eval_path")
+
+
+class RecipeError(ValueError):
+    """A recipe that does not fit the schema; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str | None = None  # hub id or local folder of a pretrained Mamba (init: pretrained)
+    init: str = "pretrained"  # pretrained | random (tiny models for demos and tests)
+    config: dict = field(default_factory=dict)  # MambaConfig fields for init: random
+    tokenizer: str | None = None  # hub id or folder; default: name_or_path
+    dtype: str = "float32"  # weight (master) dtype; mixed precision is train.mixed_precision
+
+
+@dataclass
+class GrootLSection:
+    modulation: float = 0.3
+    k: int = 3
+    distance: str = "cosine"
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["x_proj", "embeddings", "in_proj", "out_proj"])
+
+
+@dataclass
+class DataSection:
+    path: str = "tatsu-lab/alpaca"  # hub id, JSON / JSONL / Parquet file or save_to_disk folder
+    split: str = "train"
+    template: str = "grootl"  # see grootl.data.templates
+    max_length: int = 2048
+    limit: int | None = None  # use only the first N records
+    eval_path: str | None = None  # separate eval records, else eval_size held out from path
+    eval_size: int = 0
+    num_proc: int | None = None
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; default: epochs over the data
+    batch_size: int = 4  # per device, per micro-step
+    grad_accum: int = 4
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # after warm-up: constant | cosine | linear
+    warmup_steps: int = 20
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; master weights stay model.dtype)
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class EvalSection:
+    every: int | None = None  # optimizer steps between evals (and once at the end when eval data exists)
+    batch_size: int | None = None  # default: train.batch_size
+
+
+@dataclass
+class CheckpointSection:
+    every: int | None = 500  # optimizer steps; None: no checkpoints
+    keep: int = 2
+
+
+@dataclass
+class LogSection:
+    every: int = 10  # optimizer steps between metric lines
+    trackers: list = field(default_factory=lambda: ["tensorboard"])  # any Accelerate trackers
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    output_dir: str
+    method: str = "grootl"  # grootl (LoRA + tree scan) | lora (same LoRA, plain scan) | full
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    grootl: GrootLSection = field(default_factory=GrootLSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def valid_keys(cls=Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key a recipe may set."""
+    keys = []
+    for name, hint in _hints(cls).items():
+        keys += valid_keys(hint, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else [prefix + name]
+    return keys
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise RecipeError(f"recipe key {key} must not be empty (null)")
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if origin is int and isinstance(value, bool):
+            continue
+        if origin is not type(None) and isinstance(value, origin):
+            return value
+    names = " or ".join("null" if o is type(None) else (typing.get_origin(o) or o).__name__ for o in options)
+    raise RecipeError(f"recipe key {key} must be {names}; got {value!r}")
+
+
+def _build(cls, values: Any, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise RecipeError(f"recipe section {prefix.rstrip('.') or '(top level)'} must be a mapping; got {values!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {[prefix + k for k in unknown]}; valid keys: {', '.join(valid_keys())}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(prefix + name, value, hint)
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required key is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise RecipeError(f"recipe is missing required key(s) {[prefix + m for m in missing]}") from None
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).suffix.lower() in FILE_BUILDERS
+
+
+def _resolve_paths(values: dict, base: Path) -> None:
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = values.get(section, {}).get(name) if isinstance(values.get(section), dict) else None
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            candidate = base / value
+            if _looks_like_path(value) or candidate.exists():
+                values[section][name] = str(candidate.resolve())
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` with the value read as YAML (``lr=1e-4`` is a number, ``[a, b]`` a list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {text!r} must look like key=value (dotted keys for nested fields)")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.strip(), value
+
+
+FREE_SECTIONS = ("model.config.",)  # dicts passed on as they are (MambaConfig fields)
+
+
+def apply_override(values: dict, key: str, value: Any) -> None:
+    if key not in valid_keys() and not key.startswith(FREE_SECTIONS):
+        raise RecipeError(f"unknown recipe key {key!r}; valid keys: {', '.join(valid_keys())}")
+    *sections, name = key.split(".")
+    node = values
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"recipe section {section} must be a mapping")
+    node[name] = value
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = (), values: dict | None = None) -> Recipe:
+    """A checked :class:`Recipe` from a YAML file (or a dict) plus ``key=value`` overrides."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{path}: not valid YAML ({error})") from error
+        if not isinstance(values, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(values).__name__}")
+        _resolve_paths(values, path.resolve().parent)
+    values = dict(values or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(values, key, value)
+        if key in PATH_KEYS and isinstance(value, str):
+            _resolve_paths(values, Path.cwd())
+    if isinstance(values.get("output_dir"), str):
+        values["output_dir"] = str(Path(values["output_dir"]).expanduser().resolve())
+    recipe = _build(Recipe, values)
+    check_recipe(recipe)
+    return recipe
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise RecipeError(f"recipe key {key} must be one of {list(allowed)}; got {value!r}")
+
+
+def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise RecipeError(f"recipe key {key} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Value checks beyond types: choices, ranges, and what each model init needs."""
+    from grootl.data.templates import TEMPLATES
+    from grootl.model.config import GrootLConfig
+
+    _choice("method", recipe.method, METHODS)
+    _choice("model.init", recipe.model.init, ("pretrained", "random"))
+    _choice("model.dtype", recipe.model.dtype, DTYPES)
+    _choice("train.schedule", recipe.train.schedule, SCHEDULES)
+    _choice("train.mixed_precision", recipe.train.mixed_precision, PRECISIONS)
+    _choice("data.template", recipe.data.template, tuple(TEMPLATES))
+    if recipe.model.init == "pretrained" and not recipe.model.name_or_path:
+        raise RecipeError("recipe key model.name_or_path is required when model.init is pretrained")
+    if recipe.model.init == "random" and not recipe.model.tokenizer:
+        raise RecipeError("recipe key model.tokenizer is required when model.init is random")
+    for key in ("train.epochs", "train.batch_size", "train.grad_accum", "train.lr", "train.max_steps",
+                "data.max_length", "data.limit", "eval.every", "eval.batch_size", "checkpoint.every",
+                "checkpoint.keep", "log.every", "lora.r", "lora.alpha"):
+        section, name = key.split(".")
+        _positive(key, getattr(getattr(recipe, section), name))
+    for key in ("train.weight_decay", "train.warmup_steps", "train.num_workers", "train.max_grad_norm",
+                "data.eval_size", "lora.dropout"):
+        section, name = key.split(".")
+        _positive(key, getattr(getattr(recipe, section), name), allow_zero=True)
+    try:
+        GrootLConfig(**dataclasses.asdict(recipe.grootl))
+    except ValueError as error:
+        raise RecipeError(f"recipe section grootl: {error}") from None

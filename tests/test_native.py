@@ -218,6 +218,17 @@ def test_failed_build_warns_once_with_compiler_output(monkeypatch):
         assert not native.available("cpu")  # no second warning
 
 
+def test_real_compiler_error_is_reported(monkeypatch, tmp_path):
+    broken = tmp_path / "kernels"
+    broken.mkdir()
+    (broken / "cpu.cpp").write_text('#include "no_such_header.h"\n' + (native.KERNELS / "cpu.cpp").read_text())
+    monkeypatch.setattr(native, "KERNELS", broken)
+    monkeypatch.setattr(native, "_modules", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match=r"(?s)could not build the native cpu.*no_such_header.h"):
+        assert native.load("cpu") is None
+
+
 def test_kernel_sources_ship_with_the_package():
     files = importlib.resources.files("grootl.kernels")
     for name in (*native.CPU_SOURCES, *native.CUDA_SOURCES, "tree_scan.h", "tree_build.h"):

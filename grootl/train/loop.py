@@ -132,7 +132,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
                                    group_by_length=recipe.train.group_by_length, num_workers=recipe.train.num_workers)
     sampler = train_loader.sampler
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / recipe.train.grad_accum)
+    grad_accum = accelerator.gradient_accumulation_steps  # a DeepSpeed config may set it
+    steps_per_epoch = math.ceil(len(train_loader) / grad_accum)
     total_steps = recipe.train.max_steps or recipe.train.epochs * steps_per_epoch
     # Stepped once per optimizer step by hand (Accelerate's wrapper steps it num_processes times).
     scheduler = get_scheduler(SCHEDULER_NAMES[recipe.train.schedule], optimizer,
@@ -150,7 +151,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
     elif resume:
         log(f"no checkpoint in {out} yet; starting from step 0")
     log(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch; {recipe.train.batch_size} x "
-        f"{recipe.train.grad_accum} accumulation x {accelerator.num_processes} processes)")
+        f"{grad_accum} accumulation x {accelerator.num_processes} processes)")
     if recipe.log.trackers:
         accelerator.init_trackers("grootl", config=_tracker_config(recipe))
 
@@ -180,6 +181,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
         return out / rundir.CHECKPOINTS / f"step-{state['step']}"
 
     model.train()
+    window["start"] = time.time()
     with sigterm_as_interrupt():
         try:
             while state["step"] < total_steps:

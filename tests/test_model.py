@@ -21,7 +21,7 @@ LORA_TARGETS = ["x_proj", "embeddings", "in_proj", "out_proj"]
 
 def exact_selective_scan(u, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, **_):
     """transformers' torch selective scan without its float32 casts of B and u (so a float64 model
-    stays float64 throughout): h = exp(Δ A) h + Δ B u, y = (C·h + D u) * SiLU(z)."""
+    stays float64 throughout): h = exp(Δ A) h + Δ B u, y = (C·h + D u) * SiLU(z) (z optional)."""
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)[:, None]
     if delta_softplus:
@@ -31,7 +31,8 @@ def exact_selective_scan(u, dt, A, B, C, D=None, z=None, delta_bias=None, delta_
     for t in range(u.shape[-1]):
         h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
         ys.append((h * C[:, None, :, t]).sum(-1))
-    y = (torch.stack(ys, -1) + u * D[:, None]) * F.silu(z)
+    y = torch.stack(ys, -1) + u * D[:, None]
+    y = y if z is None else y * F.silu(z)
     return (y, h) if return_last_state else y
 
 
@@ -159,6 +160,31 @@ def test_short_context_is_the_chain_scaled_by_one_plus_modulation(exact_stock):
     ours = last_hidden(model, ids, context_lens=torch.tensor([0, 1, 2]))
     torch.testing.assert_close(ours, last_hidden(stock, ids), rtol=0, atol=1e-10)
     assert (last_hidden(model, ids, context_lens=torch.tensor([18, 18, 18])) - ours).abs().max() > 1e-6
+
+
+def test_mixer_follows_the_published_semantics():
+    """One mixer against ../shared/README.md written out: y = chain + D·u + λ·tree scan (plain
+    oracle) over the MST of the prompt graph, then ·SiLU(z) and out_proj."""
+    from grootl.tree import build_tree, tree_scan_ref
+
+    lam = 0.7
+    mixer = tiny_model(grootl=GrootLConfig(modulation=lam)).to(F64).backbone.layers[1].mixer
+    seen = {}
+    mixer.in_proj.register_forward_hook(lambda m, i, o: seen.update(z=o.transpose(1, 2).chunk(2, dim=1)[1]))
+    mixer.x_proj.register_forward_hook(lambda m, i, o: seen.update(u=i[0].transpose(1, 2), proj=o))
+    hidden = torch.randn(2, 15, 32, dtype=F64, generator=torch.Generator().manual_seed(5))
+    lens = torch.tensor([9, 15])
+    with torch.no_grad():
+        out = mixer(hidden, context_lens=lens)
+        u, z = seen["u"], seen["z"]
+        rank, n = mixer.time_step_rank, mixer.ssm_state_size
+        dt, B, C = (p.transpose(1, 2) for p in seen["proj"].split([rank, n, n], dim=-1))
+        delta = F.softplus(mixer.dt_proj(dt.transpose(1, 2)).transpose(1, 2))
+        A = -torch.exp(mixer.A_log)
+        chain = exact_selective_scan(u, delta, A, B, C, D=mixer.D)
+        tree = tree_scan_ref(u, delta, A, B, C, build_tree(u, delta, B, lens))
+        expected = mixer.out_proj(((chain + lam * tree) * F.silu(z)).transpose(1, 2))
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-9)
 
 
 # ---- context lengths ------------------------------------------------------------------------------
@@ -322,6 +348,15 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=1e-12)
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_torch_compile_traces_the_model():
+    model = tiny_model(num_hidden_layers=1).eval()
+    ids, lens = random_ids(2, 12), torch.tensor([4, 12])
+    with torch.no_grad():
+        expected = model(ids, context_lens=lens).logits
+        compiled = torch.compile(model, backend="aot_eager")(ids, context_lens=lens).logits
+    torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_bf16_autocast_runs_close_to_float32():

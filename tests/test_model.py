@@ -260,14 +260,24 @@ def test_cached_decoding_equals_a_full_forward_with_the_prompt_as_context():
     assert (last_hidden(model, full_ids)[:, 9:] - full[:, 9:]).abs().max() > 1e-6
 
 
-def test_generate_logits_equal_full_forward():
+@pytest.mark.parametrize("context_lens", [None, torch.tensor([3, 10])])
+def test_generate_logits_equal_full_forward(context_lens):
+    """generate() prefills with the tree (context: the whole prompt unless given), then decodes."""
     model = tiny_model().to(F64).eval()
-    prompt = random_ids(1, 10)
+    prompt = random_ids(2, 10)
+    extra = {} if context_lens is None else {"context_lens": context_lens}
     out = model.generate(
-        prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=6,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **extra,
     )
     with torch.no_grad():
-        full = model(out.sequences, context_lens=torch.tensor([10])).logits
+        full = model(out.sequences, context_lens=torch.tensor([10, 10]) if context_lens is None else context_lens).logits
     torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 9:-1], rtol=1e-6, atol=1e-6)
 
 

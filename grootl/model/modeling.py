@@ -37,6 +37,11 @@ def left_padding(attention_mask: Tensor | None) -> Tensor | None:
     return (attention_mask.cumsum(dim=1) == 0).sum(dim=1)
 
 
+def continues_from_cache(cache) -> bool:
+    """Whether ``cache`` already holds a recurrent state (so this forward decodes past a prefill)."""
+    return cache is not None and len(cache.layers) > 0 and cache.get_recurrent_state(0) is not None
+
+
 def check_context_lens(context_lens, batch: int, length: int, device) -> Tensor:
     """``context_lens`` as a (batch,) int64 tensor with values in [0, length]; ValueError otherwise."""
     try:
@@ -105,7 +110,8 @@ class GrootLMambaModel(GrootLMambaPreTrainedModel, MambaModel):
         **kwargs,
     ) -> tuple | MambaOutput:
         """As ``MambaModel.forward``; ``context_lens`` (batch,) is each row's prompt length (default:
-        the whole sequence). Left padding in ``attention_mask`` is kept out of the tree."""
+        the whole sequence), ignored when ``cache`` already holds a state (decoding). Left padding in
+        ``attention_mask`` is kept out of the tree."""
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -121,7 +127,9 @@ class GrootLMambaModel(GrootLMambaPreTrainedModel, MambaModel):
             cache = DynamicCache(config=self.config)
 
         batch, length = inputs_embeds.shape[:2]
-        if context_lens is not None:
+        if continues_from_cache(cache):
+            context_lens = None  # decoding: every new position is on the chain
+        elif context_lens is not None:
             context_lens = check_context_lens(context_lens, batch, length, inputs_embeds.device)
         start = left_padding(attention_mask)
 

@@ -122,6 +122,13 @@ def test_load_stock_checkpoint_keeps_weights_and_parameter_count(tmp_path):
 def test_load_model_rejects_what_is_not_a_mamba_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="no_such_dir"):
         load_model(tmp_path / "no_such_dir")
+    tiny_model().save_pretrained(tmp_path / "edited")
+    config = json.loads((tmp_path / "edited" / "config.json").read_text())
+    config["grootl"]["modulation"] = -2
+    (tmp_path / "edited" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="edited.*modulation.*-2"):
+        load_model(tmp_path / "edited")
+    assert load_model(tmp_path / "edited", grootl=GrootLConfig()).grootl == GrootLConfig()
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="model_type='gpt2'"):
         load_model(tmp_path / "gpt2")

@@ -34,7 +34,11 @@ def load_model(
             f"{name_or_path!r} is not a Mamba checkpoint: its config has model_type={config.model_type!r}, "
             f"expected 'mamba' or {GrootLMambaConfig.model_type!r}"
         )
-    config = GrootLMambaConfig.from_mamba(config, grootl)
+    grootl = None if grootl is None else GrootLConfig.coerce(grootl)
+    try:
+        config = GrootLMambaConfig.from_mamba(config, grootl)
+    except ValueError as err:
+        raise ValueError(f"{name_or_path!r}: bad 'grootl' settings in its config.json: {err}") from err
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     model = GrootLMambaForCausalLM.from_pretrained(name_or_path, config=config, **model_kwargs)

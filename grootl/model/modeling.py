@@ -164,6 +164,7 @@ class GrootLMambaForCausalLM(GrootLMambaPreTrainedModel, MambaForCausalLM):
     def __init__(self, config):
         if not isinstance(config, GrootLMambaConfig):
             config = GrootLMambaConfig.from_mamba(config)
+        config.grootl = config.grootl_config.to_dict()  # validated, and never None in a saved config
         GrootLMambaPreTrainedModel.__init__(self, config)
         self.backbone = GrootLMambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

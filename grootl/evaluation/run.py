@@ -1,0 +1,135 @@
+"""``grootl eval``: zero-shot lm-eval tasks on a GrootL model, a stock model or a PEFT adapter.
+
+Online: standard lm-eval tasks from the hub. Offline (``--data-dir DIR``): the task YAMLs of ``eval/``
+read ``DIR/<task>_<split>.jsonl`` under the same task names. Writes lm-eval's results JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from grootl.evaluation.tasks import PAPER_SUITE, missing_data_files, render_offline_tasks
+
+
+class EvalError(Exception):
+    """Bad input to ``grootl eval``, reported as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grootl eval", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="GrootL model dir, stock Mamba checkpoint (dir or hub id), or PEFT adapter dir")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. piqa,arc_easy")
+    which.add_argument("--suite", choices=["paper"], help=f"paper: {', '.join(PAPER_SUITE)}")
+    parser.add_argument("--peft", help="PEFT adapter dir to apply on MODEL")
+    parser.add_argument("--tokenizer", help="tokenizer dir (default: the model's)")
+    parser.add_argument("--modulation", type=float, help="λ of y_chain + λ·y_tree (default: the model's own, else 0.3)")
+    parser.add_argument("--no-tree", action="store_true", help="plain Mamba scan (the LoRA / base arms)")
+    parser.add_argument("--limit", type=float, help="examples per task (a fraction if < 1); for quick checks only")
+    parser.add_argument("--batch-size", default="1", help="int or 'auto'")
+    parser.add_argument("--device", help="cpu, cuda, cuda:0 ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the checkpoint's)")
+    parser.add_argument("--output", type=Path, help="results JSON (default: <model name>.results.json)")
+    parser.add_argument("--data-dir", type=Path, help="offline: folder of <task>_<split>.jsonl files for eval/ YAMLs")
+    parser.add_argument("--include-path", type=Path, action="append", default=[], help="extra task YAML folder")
+    return parser
+
+
+def _task_names(args: argparse.Namespace) -> list[str]:
+    if args.suite == "paper":
+        return list(PAPER_SUITE)
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    if not names:
+        raise EvalError("--tasks lists no task")
+    return names
+
+
+def _check_model(model: str) -> None:
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise EvalError(f"model path {model} is not a directory")
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    local_looking = model.startswith((".", "/", "~")) or model.count("/") != 1
+    if local_looking or offline:
+        raise EvalError(f"model path {model} does not exist" + (" (and HF_HUB_OFFLINE is set)" if offline else ""))
+
+
+def evaluate(args: argparse.Namespace, include_paths: list[Path]) -> dict:
+    """Run lm-eval with the ``grootl`` model; returns lm-eval's results dict."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import grootl.evaluation.lm  # noqa: F401  (registers the "grootl" model)
+
+    tasks = _task_names(args)
+    # Offline runs index only the local YAMLs: hub tasks could not load anyway, and indexing lm-eval's
+    # thousands of task files takes seconds.
+    manager = TaskManager(include_path=[str(p) for p in include_paths] or None, include_defaults=not args.data_dir)
+    unknown = [name for name in tasks if name not in manager.all_tasks]
+    if unknown:
+        known = f"offline tasks: {', '.join(manager.all_tasks)}" if args.data_dir else "see `lm_eval ls tasks`"
+        raise EvalError(f"unknown task(s): {', '.join(unknown)} ({known})")
+    missing = missing_data_files(manager, tasks)
+    if missing:
+        raise EvalError("missing data file(s) for " + "; ".join(missing))
+    model_args = {"pretrained": args.model, "dtype": args.dtype}
+    if args.peft:
+        model_args["peft"] = args.peft
+    if args.tokenizer:
+        model_args["tokenizer"] = args.tokenizer
+    if args.modulation is not None:
+        model_args["modulation"] = args.modulation
+    if args.no_tree:
+        model_args["grootl_enabled"] = False
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = lm_eval.simple_evaluate(
+        model="grootl",
+        model_args=model_args,
+        tasks=tasks,
+        batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size),
+        device=args.device,
+        limit=limit,
+        task_manager=manager,
+    )
+    results.pop("samples", None)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.data_dir:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        _check_model(args.model)
+        for path in args.include_path:
+            if not path.is_dir():
+                raise EvalError(f"--include-path {path} is not a directory")
+        with tempfile.TemporaryDirectory(prefix="grootl-tasks-") as rendered:
+            include_paths = list(args.include_path)
+            if args.data_dir:
+                include_paths.insert(0, render_offline_tasks(args.data_dir, rendered))
+            results = evaluate(args, include_paths)
+    except (EvalError, FileNotFoundError) as error:
+        print(f"grootl eval: error: {error}", file=sys.stderr)
+        return 2
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    output = args.output or Path(f"{Path(args.model).name or 'model'}.results.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    print(make_table(results))
+    print(f"results written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

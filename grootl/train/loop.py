@@ -93,6 +93,16 @@ def _tracker_config(recipe: Recipe) -> dict:
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Run ``recipe``; returns ``<output_dir>/final``. See :mod:`grootl.train.rundir` for the files."""
+    threads = torch.get_num_threads()
+    if recipe.train.cpu_threads:
+        torch.set_num_threads(recipe.train.cpu_threads)
+    try:
+        return _train(recipe, resume, overwrite)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
     out = Path(recipe.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.train.grad_accum,

@@ -81,6 +81,7 @@ class TrainSection:
     gradient_checkpointing: bool = False
     group_by_length: bool = True
     num_workers: int = 0
+    cpu_threads: int | None = None  # torch CPU threads (None: torch's default); 1 is fastest for tiny models
 
 
 @dataclass
@@ -268,7 +269,7 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.model.init == "random" and not recipe.model.tokenizer:
         raise RecipeError("recipe key model.tokenizer is required when model.init is random")
     for key in ("train.epochs", "train.batch_size", "train.grad_accum", "train.lr", "train.max_steps",
-                "data.max_length", "data.limit", "eval.every", "eval.batch_size", "checkpoint.every",
+                "data.max_length", "data.limit", "train.cpu_threads", "eval.every", "eval.batch_size", "checkpoint.every",
                 "checkpoint.keep", "log.every", "lora.r", "lora.alpha"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(recipe, section), name))

@@ -24,7 +24,7 @@ STATE_FILE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"
 # Recipe keys a resumed run may change: they affect logging and saving, not the trained weights.
-RESUMABLE_CHANGES = ("output_dir", "log.", "checkpoint.", "eval.", "train.num_workers", "data.num_proc")
+RESUMABLE_CHANGES = ("output_dir", "log.", "checkpoint.", "eval.", "train.num_workers", "train.cpu_threads", "data.num_proc")
 
 
 class RunDirError(RuntimeError):

@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import lm_eval
@@ -255,24 +256,25 @@ def test_offline_yaml_builds_the_standard_requests_on_shared_slices(task, shared
 # --- grootl eval ----------------------------------------------------------------------------------------
 
 
-def test_cli_paper_suite_offline_then_compare(models, tmp_path, capsys):
-    outputs = []
-    for name, extra in [("base", ["--no-tree"]), ("grootl", ["--modulation", "0.3"])]:
-        output = tmp_path / f"{name}.results.json"
-        argv = [models["stock"], "--suite", "paper", "--data-dir", str(FIXTURES), "--limit", "1",
-                "--batch-size", "3", "--device", "cpu", "--output", str(output), *extra]
+def test_cli_paper_suite_offline_then_compare(models, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "grootl-run"  # `grootl train` layout: the merged model in final/
+    shutil.copytree(models["grootl"], run_dir / "final")
+    monkeypatch.chdir(tmp_path)
+    arms = [("base", [models["stock"], "--no-tree", "--output", "base.results.json"]), ("grootl-run", [str(run_dir)])]
+    for name, argv in arms:
+        argv += ["--suite", "paper", "--data-dir", str(FIXTURES), "--limit", "1", "--batch-size", "3", "--device", "cpu"]
         assert run.main(argv) == 0
-        results = json.loads(output.read_text())
+        results = json.loads((tmp_path / f"{name}.results.json").read_text())
         assert set(results["results"]) == set(PAPER_SUITE)
         assert results["config"]["model"] == "grootl"
         assert all(n["effective"] == 1 for n in results["n-samples"].values())
         assert math.isfinite(results["results"]["lambada_openai"]["perplexity,none"])
-        outputs.append(str(output))
+    assert str(run_dir / "final") in str(results["config"]["model_args"])
     capsys.readouterr()
-    assert compare.main([*outputs, "--chart", str(tmp_path / "chart.png")]) == 0
+    assert compare.main(["base.results.json", "grootl-run.results.json", "--chart", "chart.png"]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].startswith("| run | PIQA acc | ARC-E acc | SST-2 acc |")
-    assert "| base |" in table and "| grootl |" in table
+    assert "| base |" in table and "| grootl-run |" in table
     assert (tmp_path / "chart.png").stat().st_size > 0
 
 

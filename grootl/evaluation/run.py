@@ -21,8 +21,12 @@ class EvalError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grootl eval", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="GrootL model dir, stock Mamba checkpoint (dir or hub id), or PEFT adapter dir")
+    parser = argparse.ArgumentParser(
+        prog="grootl eval", description="Zero-shot lm-eval tasks on a GrootL model, a stock model or a PEFT adapter."
+    )
+    parser.add_argument(
+        "model", help="GrootL model dir, `grootl train` run dir (its final/), stock Mamba checkpoint (dir or hub id), or PEFT adapter dir"
+    )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. piqa,arc_easy")
     which.add_argument("--suite", choices=["paper"], help=f"paper: {', '.join(PAPER_SUITE)}")
@@ -49,16 +53,26 @@ def _task_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def _check_model(model: str) -> None:
+def _resolve_model(model: str) -> str:
+    """The model directory or hub id to load; a ``grootl train`` run directory means its ``final/``."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise EvalError(f"model path {model} is not a directory")
-        return
+        if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+            return str(path / "final")
+        return model
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     local_looking = model.startswith((".", "/", "~")) or model.count("/") != 1
     if local_looking or offline:
         raise EvalError(f"model path {model} does not exist" + (" (and HF_HUB_OFFLINE is set)" if offline else ""))
+    return model
+
+
+def _default_output(model: str) -> Path:
+    """``<name>.results.json`` in the working directory, named after the run for ``.../final[/adapter]``."""
+    parts = [p for p in Path(model).expanduser().parts if p not in ("final", "adapter", "/")]
+    return Path(f"{parts[-1] if parts else 'model'}.results.json")
 
 
 def evaluate(args: argparse.Namespace, include_paths: list[Path]) -> dict:
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        _check_model(args.model)
+        args.model = _resolve_model(args.model)
         for path in args.include_path:
             if not path.is_dir():
                 raise EvalError(f"--include-path {path} is not a directory")
@@ -123,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lm_eval.utils import handle_non_serializable, make_table
 
-    output = args.output or Path(f"{Path(args.model).name or 'model'}.results.json")
+    output = args.output or _default_output(args.model)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
     print(make_table(results))

@@ -95,7 +95,7 @@ def test_save_round_trip_and_stock_transformers_loads_the_weights(tmp_path):
 
     loaded = load_model(tmp_path)
     assert isinstance(loaded, GrootLMambaForCausalLM) and loaded.grootl == settings
-    assert all(m.grootl == settings for m in loaded.modules() if hasattr(m, "grootl") and m is not loaded)
+    assert all(layer.mixer.grootl == settings for layer in loaded.backbone.layers)
     auto = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(auto) is GrootLMambaForCausalLM and auto.grootl == settings
     override = load_model(tmp_path, grootl=GrootLConfig(enabled=False))

@@ -91,8 +91,8 @@ class GrootLMixer(MambaMixer):
         if causal_conv1d_fn is not None and self.activation in ("silu", "swish"):
             weight = self.conv1d.weight.squeeze(1)
             return causal_conv1d_fn(x.contiguous(), weight, self.conv1d.bias, activation=self.activation)[..., -length:]
-        out = self.conv1d(x.to(self.conv1d.weight.dtype))[..., : x.shape[-1]]
-        return self.act(out[..., -length:]).to(x.dtype)
+        out = self.conv1d(x.to(self.conv1d.weight.dtype))[..., x.shape[-1] - length : x.shape[-1]]
+        return self.act(out).to(x.dtype)
 
     def _full_scan(self, u, dt, dt_bias, delta, A, B, C, cache, context_lens, start) -> Tensor:
         """Chain scan (+ D skip) plus modulation * tree scan over a whole sequence; fills the cache."""

@@ -376,15 +376,20 @@ def test_torch_compile_traces_the_model():
     torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_bf16_autocast_runs_close_to_float32():
-    model = tiny_model().eval()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_trains_close_to_float32(dtype):
+    model = tiny_model()
     ids = random_ids(2, 16)
+    labels = ids.clone()
+    labels[0, :6], labels[1, :10] = -100, -100
     with torch.no_grad():
-        reference = model(ids, context_lens=torch.tensor([6, 10])).logits
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(ids, context_lens=torch.tensor([6, 10])).logits
-    assert torch.isfinite(low).all()
-    assert (low - reference).abs().max() < 0.05 * reference.abs().max()
+        reference = model(ids, labels=labels).logits
+    with torch.autocast("cpu", dtype=dtype):
+        low = model(ids, labels=labels)
+    low.loss.backward()
+    assert torch.isfinite(low.logits).all()
+    assert (low.logits - reference).abs().max() < 0.05 * reference.abs().max()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.slow

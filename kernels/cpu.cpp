@@ -70,11 +70,11 @@ void forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, 
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     acc_t* root_ptr = root.has_value() ? root->data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, batch * D, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch((h_depth + 1) * N);
+      std::vector<acc_t> scratch(grootl::forward_scratch_entries(h_depth) * N);
       for (int64_t bd = begin; bd < end; ++bd) {
         const int64_t b = bd / D, d = bd % D;
         const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags, b, d);
-        grootl::tree_scan_forward(ch, scratch.data() + N, scratch.data(), y_ptr + bd * ch.L,
+        grootl::tree_scan_forward(ch, scratch.data(), y_ptr + bd * ch.L,
                                   root_ptr ? root_ptr + bd * N : nullptr);
       }
     });

@@ -53,7 +53,7 @@ __global__ void forward_kernel(const scalar_t* u, const scalar_t* delta, const a
   const int64_t bd = (int64_t)b * D + d;
   const auto ch = channel(u, delta, A, B, C, parent, order, flags, b, d, D, N, L);
   acc_t* mine = scratch + bd * scratch_stride;
-  grootl::tree_scan_forward(ch, mine + N, mine, y + bd * L, root ? root + bd * N : nullptr);
+  grootl::tree_scan_forward(ch, mine, y + bd * L, root ? root + bd * N : nullptr);
 }
 
 template <typename acc_t>
@@ -189,7 +189,7 @@ void forward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   const c10::cuda::CUDAGuard guard(u.device());
   const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
   const int64_t h_depth = sizes.select(1, 0).max().item<int32_t>();
-  const int64_t stride = (h_depth + 1) * N;
+  const int64_t stride = grootl::forward_scratch_entries(h_depth) * N;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

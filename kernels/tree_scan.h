@@ -110,7 +110,7 @@ GROOTL_HD int plan_row(const int64_t* parent, const int64_t* order, int L, uint8
 
 // Entries of N accumulators a channel's backward needs as scratch, given the row plan's sizes.
 GROOTL_HD int64_t backward_scratch_entries(int h_depth, int g_depth, int ckpt_total) {
-  return (int64_t)h_depth + g_depth + ckpt_total + kChunk + 2;
+  return (int64_t)h_depth + g_depth + ckpt_total + 2 * kChunk + 2;
 }
 
 // One row and channel of the inputs; every pointer is already offset to that row/channel, L contiguous.
@@ -127,9 +127,10 @@ struct Channel {
   int L, N;
 };
 
-// Reverse-sweep step i: computes H of node order[i] into cur and passes a(v+1) * H[v] to the parent's entry.
+// Reverse-sweep step i: computes H of node order[i] into cur and passes a(v+1) * H[v] to the parent's entry;
+// a_out (N) receives a(v+1).
 template <typename scalar_t, typename acc_t>
-GROOTL_HD int64_t h_step(const Channel<scalar_t, acc_t>& ch, int i, acc_t* stack, int& sp, acc_t* cur) {
+GROOTL_HD int64_t h_step(const Channel<scalar_t, acc_t>& ch, int i, acc_t* stack, int& sp, acc_t* cur, acc_t* a_out) {
   const int L = ch.L, N = ch.N;
   const int64_t v = ch.order[i];
   const uint8_t f = ch.flags[i];
@@ -142,25 +143,32 @@ GROOTL_HD int64_t h_step(const Channel<scalar_t, acc_t>& ch, int i, acc_t* stack
   }
   if (ch.parent[v] >= 0) {
     const acc_t dn = (acc_t)ch.delta[v + 1];
+    for (int n = 0; n < N; ++n) a_out[n] = fast_exp(dn * ch.A[n]);
     if (f & kLastChild) {
       acc_t* top = stack + (int64_t)(sp++) * N;
-      for (int n = 0; n < N; ++n) top[n] = fast_exp(dn * ch.A[n]) * cur[n];
+      for (int n = 0; n < N; ++n) top[n] = a_out[n] * cur[n];
     } else {
       acc_t* top = stack + (int64_t)(sp - 1) * N;
-      for (int n = 0; n < N; ++n) top[n] += fast_exp(dn * ch.A[n]) * cur[n];
+      for (int n = 0; n < N; ++n) top[n] += a_out[n] * cur[n];
     }
   }
   return v;
 }
 
-// Forward: y[v] = C[:, v] . H[v] for every node; root (N, may be null) = H[L-1]. stack: h_depth * N.
+// Entries of N accumulators a channel's forward needs as scratch.
+GROOTL_HD int64_t forward_scratch_entries(int h_depth) { return (int64_t)h_depth + 2; }
+
+// Forward: y[v] = C[:, v] . H[v] for every node; root (N, may be null) = H[L-1].
+// scratch: forward_scratch_entries(h_depth) * N accumulators.
 template <typename scalar_t, typename acc_t>
-GROOTL_HD void tree_scan_forward(const Channel<scalar_t, acc_t>& ch, acc_t* stack, acc_t* cur, scalar_t* y,
-                                 acc_t* root) {
+GROOTL_HD void tree_scan_forward(const Channel<scalar_t, acc_t>& ch, acc_t* scratch, scalar_t* y, acc_t* root) {
   const int L = ch.L, N = ch.N;
+  acc_t* cur = scratch;
+  acc_t* a = cur + N;
+  acc_t* stack = a + N;
   int sp = 0;
   for (int i = L - 1; i >= 0; --i) {
-    const int64_t v = h_step(ch, i, stack, sp, cur);
+    const int64_t v = h_step(ch, i, stack, sp, cur, a);
     acc_t out = 0;
     for (int n = 0; n < N; ++n) out += (acc_t)ch.C[n * L + v] * cur[n];
     y[v] = (scalar_t)out;
@@ -182,7 +190,8 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const scal
   acc_t* g_stack = h_stack + (int64_t)h_depth * N;
   acc_t* ckpt = g_stack + (int64_t)g_depth * N;
   acc_t* hbuf = ckpt + (int64_t)ckpt_offset[chunks] * N;  // H of the current chunk's nodes, by step
-  acc_t* cur = hbuf + (int64_t)kChunk * N;
+  acc_t* abuf = hbuf + (int64_t)kChunk * N;                // and a(v + 1) on their parent edges
+  acc_t* cur = abuf + (int64_t)kChunk * N;
   acc_t* g = cur + N;
   for (int v = 0; v < L; ++v) d_delta[v] = 0;
   for (int n = 0; n < N; ++n) dA[n] = 0;
@@ -194,7 +203,7 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const scal
       acc_t* dst = ckpt + (int64_t)ckpt_offset[i / kChunk] * N;
       for (int e = 0; e < sp * N; ++e) dst[e] = h_stack[e];
     }
-    h_step(ch, i, h_stack, sp, cur);
+    h_step(ch, i, h_stack, sp, cur, g);
   }
 
   // 2. Chunks in preorder: recompute the chunk's H from its checkpoint, then walk it root-to-leaves.
@@ -205,7 +214,7 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const scal
     const acc_t* src = ckpt + (int64_t)ckpt_offset[j] * N;
     for (int q = 0; q < sp * N; ++q) h_stack[q] = src[q];
     for (int i = e; i >= s; --i) {
-      h_step(ch, i, h_stack, sp, cur);
+      h_step(ch, i, h_stack, sp, cur, abuf + (i - s) * N);
       for (int n = 0; n < N; ++n) hbuf[(i - s) * N + n] = cur[n];
     }
     for (int i = s; i <= e; ++i) {
@@ -218,10 +227,11 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const scal
         for (int n = 0; n < N; ++n) g[n] += g_root[n];
       if (ch.parent[v] >= 0) {  // edge v -> parent, transition a(v + 1)
         const acc_t* gp = g_stack + (int64_t)(g_sp - 1) * N;
+        const acc_t* av = abuf + (i - s) * N;
         const acc_t dn = (acc_t)ch.delta[v + 1];
         acc_t dd = 0;
         for (int n = 0; n < N; ++n) {
-          const acc_t a = fast_exp(dn * ch.A[n]);
+          const acc_t a = av[n];
           const acc_t t = gp[n] * H[n] * a;  // d loss / d log a
           dd += t * ch.A[n];
           dA[n] += t * dn;

@@ -27,6 +27,10 @@ CPU_SOURCES = ("cpu.cpp",)
 CUDA_SOURCES = ("cuda_bind.cpp", "cuda.cu")
 _HEADERS = ("tree_scan.h", "tree_build.h")
 _modules: dict[str, ModuleType | None] = {}
+# glibc declares its vectorised exp (libmvec) only under __FAST_MATH__: defining it alone lets the compiler
+# vectorise the scan's exp loops (~1.7x) without -ffast-math's reassociation, so float sums (and the tree
+# build) keep their exact order.
+_VECTOR_EXP = ["-D__FAST_MATH__"] if sys.platform.startswith("linux") else []
 
 
 def enabled() -> bool:
@@ -53,11 +57,10 @@ def _compile(kind: str, verbose: bool = False) -> ModuleType:
     build = cache_dir() / kind
     build.mkdir(parents=True, exist_ok=True)
     if kind == "cpu":
-        sources = [str(KERNELS / s) for s in CPU_SOURCES]
         return cpp_extension.load(
             name="grootl_tree_cpu",
-            sources=sources,
-            extra_cflags=["-O3", "-fopenmp"],
+            sources=[str(KERNELS / s) for s in CPU_SOURCES],
+            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_VECTOR_EXP],
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(KERNELS)],
             build_directory=str(build),

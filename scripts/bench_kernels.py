@@ -1,0 +1,171 @@
+"""Benchmark the native tree-scan kernels; prints a table and writes JSON.
+
+CPU (always): the C++ kernel against the plain oracle ``tree_scan_ref`` and the PyTorch ``tree_scan``,
+forward + backward, plus the tree build (C++ vs PyTorch). GPU (only with CUDA): tree build + tree scan
+forward + backward against mamba_ssm's ``selective_scan_fn`` on the same inputs, time and peak memory.
+
+    python scripts/bench_kernels.py --device cpu --out benchmarks/kernels_cpu.json
+    python scripts/bench_kernels.py --device cuda --out benchmarks/kernels_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from grootl.tree import build_tree, native, tree_scan, tree_scan_ref
+
+SIZES = {"130m": (1536, 16), "370m": (2048, 16)}  # Mamba d_inner, d_state
+
+
+def inputs(batch, d, n, length, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, d, length, generator=g)
+    delta = torch.nn.functional.softplus(torch.randn(batch, d, length, generator=g) - 2)
+    A = -torch.exp(torch.randn(d, n, generator=g) * 0.5)
+    B, C = torch.randn(batch, n, length, generator=g), torch.randn(batch, n, length, generator=g)
+    out = [x.to(device, dtype) for x in (u, delta, B, C)]
+    return out[0], out[1], A.to(device), out[2], out[3]
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    """Median seconds over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fwd_bwd(scan, u, delta, A, B, C, tree):
+    def run():
+        xs = [x.detach().requires_grad_() for x in (u, delta, A, B, C)]
+        y = scan(*xs, tree)
+        y.backward(torch.ones_like(y))
+
+    return run
+
+
+def bench_cpu(args):
+    rows = []
+    for batch in args.batch:
+        for length in args.lengths:
+            d, n = SIZES[args.size]
+            u, delta, A, B, C = inputs(batch, d, n, length, "cpu")
+            context = torch.full((batch,), length // 2)
+            tree = native.build_tree(u, delta, B, context)
+            row = {"batch": batch, "L": length, "D": d, "N": n, "context": length // 2}
+            row["build_native_s"] = timed(lambda: native.build_tree(u, delta, B, context), "cpu", args.repeats)
+            row["build_torch_s"] = timed(lambda: build_tree(u, delta, B, context), "cpu", args.repeats)
+            row["native_s"] = timed(fwd_bwd(native.tree_scan, u, delta, A, B, C, tree), "cpu", args.repeats)
+            row["torch_s"] = timed(fwd_bwd(tree_scan, u, delta, A, B, C, tree), "cpu", args.repeats)
+            if not args.skip_ref:
+                row["ref_s"] = timed(fwd_bwd(tree_scan_ref, u, delta, A, B, C, tree), "cpu", 1)
+                row["speedup_vs_ref"] = row["ref_s"] / row["native_s"]
+            row["speedup_vs_torch"] = row["torch_s"] / row["native_s"]
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def bench_cuda(args):
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:  # without mamba_ssm we still time ours
+        selective_scan_fn = None
+    rows = []
+    for size in args.sizes:
+        d, n = SIZES[size]
+        for batch in args.batch:
+            for length in args.lengths:
+                u, delta, A, B, C = inputs(batch, d, n, length, "cuda", torch.bfloat16)
+                context = torch.full((batch,), length // 2, device="cuda")
+                row = {"size": size, "batch": batch, "L": length, "D": d, "N": n, "dtype": "bf16"}
+
+                def ours():
+                    xs = [x.detach().requires_grad_() for x in (u, delta, A, B, C)]
+                    tree = native.build_tree(xs[0].detach(), xs[1].detach(), xs[3].detach(), context)
+                    y = native.tree_scan(*xs, tree)
+                    y.backward(torch.ones_like(y))
+
+                row["ours_s"], row["ours_peak_mib"] = timed_peak(ours, args.repeats)
+                if selective_scan_fn is not None:
+
+                    def theirs():
+                        xs = [x.detach().requires_grad_() for x in (u, delta, A, B, C)]
+                        y = selective_scan_fn(xs[0], xs[1], xs[2], xs[3], xs[4])
+                        y.backward(torch.ones_like(y))
+
+                    row["selective_scan_s"], row["selective_scan_peak_mib"] = timed_peak(theirs, args.repeats)
+                    row["time_ratio"] = row["ours_s"] / row["selective_scan_s"]
+                    row["memory_ratio"] = row["ours_peak_mib"] / row["selective_scan_peak_mib"]
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+def timed_peak(fn, repeats):
+    """(median seconds, peak MiB allocated above the inputs) on the current CUDA device."""
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(fn, "cuda", repeats)
+    return seconds, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def format_row(row):
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default="130m", help="model size for the CPU run")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["130m", "370m"], help="GPU run")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-ref", action="store_true", help="skip the (slow) tree_scan_ref oracle")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.lengths is None:
+        args.lengths = [512, 1024, 2048] if args.device == "cpu" else [512, 1024, 2048, 4096]
+    if not native.available(args.device):
+        raise SystemExit(f"no native kernels for {args.device} (see the warning above)")
+    rows = bench_cpu(args) if args.device == "cpu" else bench_cuda(args)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "timing": "median of --repeats runs after one warm-up; forward + backward (tree_scan_ref: one run)",
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

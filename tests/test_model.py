@@ -194,6 +194,19 @@ def test_mixer_follows_the_published_semantics():
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-9)
 
 
+def test_each_block_runs_the_chain_scan_once_and_the_tree_once(monkeypatch):
+    import grootl.model.mixer as mixer_module
+
+    calls = []
+    for name in ("chain_scan", "tree_scan"):
+        original = getattr(mixer_module, name)
+        monkeypatch.setattr(mixer_module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    model = tiny_model(num_hidden_layers=3).eval()
+    with torch.no_grad():
+        model(random_ids(2, 10), use_cache=True)
+    assert sorted(calls) == ["chain_scan"] * 3 + ["tree_scan"] * 3
+
+
 # ---- context lengths ------------------------------------------------------------------------------
 
 
@@ -390,6 +403,25 @@ def test_autocast_trains_close_to_float32(dtype):
     assert torch.isfinite(low.logits).all()
     assert (low.logits - reference).abs().max() < 0.05 * reference.abs().max()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_decodes_consistently():
+    """On CUDA the mamba_ssm / causal_conv1d kernels run where installed, the torch path otherwise."""
+    model = tiny_model().eval()
+    ids, lens = random_ids(2, 24), torch.tensor([9, 24])
+    with torch.no_grad():
+        cpu = model(ids, context_lens=lens).logits
+        model.cuda()
+        gpu = model(ids.cuda(), context_lens=lens.cuda()).logits
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
+    out = model.generate(
+        ids.cuda(), max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
+    )
+    with torch.no_grad():
+        full = model(out.sequences, context_lens=torch.tensor([24, 24], device="cuda")).logits
+    torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 23:-1], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.slow

@@ -190,6 +190,10 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
         accelerator.wait_for_everyone()
         return out / rundir.CHECKPOINTS / f"step-{state['step']}"
 
+    def diverged(what: str) -> str:
+        kept = f"checkpoints before it are kept, newest {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+        return f"{what} at optimizer step {state['step'] + 1}; stopped before updating the weights ({kept})"
+
     model.train()
     window["start"] = time.time()
     with sigterm_as_interrupt():
@@ -202,7 +206,12 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                     loader.set_epoch(state["epoch"])
                 for batch in loader:
                     with accelerator.accumulate(model):
-                        loss = model(**batch).loss
+                        try:
+                            loss = model(**batch).loss
+                        except ValueError as error:  # the scan refuses non-finite activations
+                            if "NaN or inf" not in str(error):
+                                raise
+                            raise TrainingError(diverged(f"activations are not finite ({error})")) from None
                         accelerator.backward(loss)
                         step_loss += loss.detach()
                         step_tokens += batch["attention_mask"].sum()
@@ -212,9 +221,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                         if accelerator.sync_gradients:
                             mean_loss = accelerator.reduce(step_loss / window["micro"], reduction="mean")
                             if not torch.isfinite(mean_loss):
-                                kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
-                                raise TrainingError(f"loss is {mean_loss.item()} at optimizer step {state['step'] + 1}; "
-                                                    f"stopped before updating the weights ({kept})")
+                                raise TrainingError(diverged(f"loss is {mean_loss.item()}"))
                             if recipe.train.max_grad_norm:
                                 grad_norm = accelerator.clip_grad_norm_(trainable, recipe.train.max_grad_norm)
                         optimizer.step()
@@ -253,7 +260,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                             rundir.append_metrics(out, {"step": state["step"], "eval_loss": eval_loss})
                         accelerator.log({"eval_loss": eval_loss}, step=state["step"])
                         log(f"step {state['step']}: eval loss {eval_loss:.4f}")
-                    if recipe.checkpoint.every and state["step"] % recipe.checkpoint.every == 0:
+                    if recipe.checkpoint.every and (state["step"] % recipe.checkpoint.every == 0 or state["step"] == total_steps):
                         last_checkpoint = save_checkpoint()
                     if state["step"] >= total_steps:
                         break

@@ -92,7 +92,7 @@ class EvalSection:
 
 @dataclass
 class CheckpointSection:
-    every: int | None = 500  # optimizer steps; None: no checkpoints
+    every: int | None = 500  # optimizer steps (and the last step); None: no checkpoints
     keep: int = 2
 
 

@@ -148,6 +148,12 @@ def _loglikelihood_by_hand(model, context: list[int], continuation: list[int], c
     return sum(float(logits[p, token]) for p, token in zip(positions, continuation))
 
 
+def _split_like_lm_eval(lm, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: the whole string's tokens, the first len(tokens of context) being context."""
+    whole, context_len = lm.tok_encode(context + continuation), len(lm.tok_encode(context))
+    return whole[:context_len], whole[context_len:]
+
+
 def test_each_row_gets_its_own_context_length(models):
     lm = GrootLLM(pretrained=models["stock"], modulation=0.5, device="cpu", batch_size=4)
     seen = []
@@ -157,7 +163,8 @@ def test_each_row_gets_its_own_context_length(models):
     pairs = [("The cat sat on the", " mat"), ("A", " b c d e"), ("A b", " c d e"), ("Numbers: one two three four five", " six")]
     requests = [Instance("loglikelihood", {}, pair, i, ("t", i, 1)) for i, pair in enumerate(pairs)]
     scored = lm.loglikelihood(requests)
-    encoded = [(lm.tok_encode(c), lm.tok_encode(x)) for c, x in pairs]
+    encoded = [_split_like_lm_eval(lm, context, continuation) for context, continuation in pairs]
+    assert encoded[1][0] + encoded[1][1] == encoded[2][0] + encoded[2][1] and encoded[1][0] != encoded[2][0]
     assert sorted(sum(seen, [])) == sorted(len(context) for context, _ in encoded)
     for (context, continuation), (logprob, _) in zip(encoded, scored):
         assert logprob == pytest.approx(_loglikelihood_by_hand(lm.model, context, continuation, len(context)), abs=1e-5)
@@ -172,7 +179,7 @@ def test_truncated_context_length_is_what_the_model_sees(models):
     lm.model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["context_lens"].tolist()), with_kwargs=True)
     context, continuation = "one two three four five six seven eight nine ten", " eleven"
     (logprob, _), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
-    context_ids, continuation_ids = lm.tok_encode(context), lm.tok_encode(continuation)
+    context_ids, continuation_ids = _split_like_lm_eval(lm, context, continuation)
     kept = 12 + 1 - len(continuation_ids)  # lm-eval keeps the last max_length + 1 tokens, then drops one
     assert len(context_ids) > kept and seen == [[kept]]
     assert logprob == pytest.approx(_loglikelihood_by_hand(lm.model, context_ids[-kept:], continuation_ids, kept), abs=1e-5)
@@ -296,11 +303,20 @@ def test_cli_offline_on_shared_data(models, shared_data, tmp_path):
         (["./no/such/model", "--tasks", "piqa"], "model path ./no/such/model does not exist"),
         (["MODEL", "--suite", "paper", "--data-dir", "EMPTY"], "missing data file(s) for piqa: "),
         (["MODEL", "--tasks", "piqa", "--data-dir", "./no/such/dir"], "is not a directory"),
+        (["EMPTY", "--tasks", "piqa"], "holds no model (config.json), adapter (adapter_config.json) or run"),
+        (["MODEL", "--peft", "EMPTY", "--tasks", "piqa"], "holds no adapter_config.json"),
+        (["MODEL", "--peft", "./no/adapter", "--tasks", "piqa"], "--peft ./no/adapter does not exist"),
+        (["MODEL", "--tasks", "piqa", "--batch-size", "many"], "expected a positive int, 'auto' or 'auto:N'"),
+        (["MODEL", "--tasks", "piqa", "--modulation", "-0.5"], "λ must be a number >= 0; got -0.5"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error(models, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
     argv = [models["stock"] if a == "MODEL" else str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
-    assert run.main([*argv, "--device", "cpu", "--output", str(tmp_path / "out.json")]) == 2
+    try:
+        assert run.main([*argv, "--device", "cpu", "--output", str(tmp_path / "out.json")]) == 2
+    except SystemExit as exit_:  # argparse rejects a malformed option value
+        assert exit_.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+

@@ -68,17 +68,19 @@ class GrootLLM(HFLM):
             raise ValueError(f"{adapter_dir / ADAPTER_CONFIG} names no base_model_name_or_path; pass pretrained=BASE,peft=ADAPTER")
         return base
 
-    def _create_model(self, pretrained: str, dtype="auto", peft: str | None = None, **kwargs) -> None:
+    def _create_model(self, pretrained: str, revision: str = "main", dtype="auto", peft: str | None = None, **kwargs) -> None:
+        """The GrootL model (checkpoint settings with the model_args overrides), then the adapter."""
         for option in ("delta", "autogptq", "gptqmodel", "gguf_file", "parallelize", "tp_plan"):
             if kwargs.get(option):
                 raise ValueError(f"the grootl lm-eval model does not support {option}=")
         own = getattr(self._config, "grootl_config", None) or GrootLConfig()
         grootl = dataclasses.replace(own, **self._grootl_overrides)
-        self._model = load_model(pretrained, grootl=grootl, dtype=None if dtype == "auto" else get_dtype(dtype))
+        dtype = None if dtype == "auto" else get_dtype(dtype)
+        self._model = load_model(pretrained, grootl=grootl, dtype=dtype, revision=revision)
         if peft:
             from peft import PeftModel
 
-            self._model = PeftModel.from_pretrained(self._model, peft)
+            self._model = PeftModel.from_pretrained(self._model, peft, revision=revision)
 
     @property
     def grootl_config(self) -> GrootLConfig:

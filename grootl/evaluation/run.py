@@ -20,6 +20,19 @@ class EvalError(Exception):
     """Bad input to ``grootl eval``, reported as one line."""
 
 
+def _modulation(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"λ must be a number >= 0; got {text}")
+    return value
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto" or text.startswith("auto:") or (text.isdigit() and int(text) > 0):
+        return text if text.startswith("auto") else int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive int, 'auto' or 'auto:N'; got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grootl eval", description="Zero-shot lm-eval tasks on a GrootL model, a stock model or a PEFT adapter."
@@ -32,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--suite", choices=["paper"], help=f"paper: {', '.join(PAPER_SUITE)}")
     parser.add_argument("--peft", help="PEFT adapter dir to apply on MODEL")
     parser.add_argument("--tokenizer", help="tokenizer dir (default: the model's)")
-    parser.add_argument("--modulation", type=float, help="λ of y_chain + λ·y_tree (default: the model's own, else 0.3)")
+    parser.add_argument("--modulation", type=_modulation, help="λ of y_chain + λ·y_tree (default: the model's own, else 0.3)")
     parser.add_argument("--no-tree", action="store_true", help="plain Mamba scan (the LoRA / base arms)")
     parser.add_argument("--limit", type=float, help="examples per task (a fraction if < 1); for quick checks only")
-    parser.add_argument("--batch-size", default="1", help="int or 'auto'")
+    parser.add_argument("--batch-size", type=_batch_size, default=1, help="int, 'auto' or 'auto:N'")
     parser.add_argument("--device", help="cpu, cuda, cuda:0 ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the checkpoint's)")
     parser.add_argument("--output", type=Path, help="results JSON (default: <model name>.results.json)")
@@ -53,20 +66,36 @@ def _task_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def _missing_local_path(name: str, what: str) -> EvalError | None:
+    """An error for a path that does not exist, unless it can be a hub id (owner/name, online)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    local_looking = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if local_looking or offline:
+        return EvalError(f"{what} {name} does not exist" + (" (and HF_HUB_OFFLINE is set)" if offline else ""))
+    return None
+
+
 def _resolve_model(model: str) -> str:
     """The model directory or hub id to load; a ``grootl train`` run directory means its ``final/``."""
     path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise EvalError(f"model path {model} is not a directory")
-        if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
-            return str(path / "final")
+    if not path.exists():
+        if error := _missing_local_path(model, "model path"):
+            raise error
         return model
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    local_looking = model.startswith((".", "/", "~")) or model.count("/") != 1
-    if local_looking or offline:
-        raise EvalError(f"model path {model} does not exist" + (" (and HF_HUB_OFFLINE is set)" if offline else ""))
-    return model
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return model
+    if (path / "final" / "config.json").is_file():
+        return str(path / "final")
+    raise EvalError(f"model path {model} holds no model (config.json), adapter (adapter_config.json) or run (final/)")
+
+
+def _check_adapter(adapter: str) -> None:
+    path = Path(adapter).expanduser()
+    if not path.exists():
+        if error := _missing_local_path(adapter, "--peft"):
+            raise error
+    elif not (path / "adapter_config.json").is_file():
+        raise EvalError(f"--peft {adapter} holds no adapter_config.json")
 
 
 def _default_output(model: str) -> Path:
@@ -107,7 +136,7 @@ def evaluate(args: argparse.Namespace, include_paths: list[Path]) -> dict:
         model="grootl",
         model_args=model_args,
         tasks=tasks,
-        batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size),
+        batch_size=args.batch_size,
         device=args.device,
         limit=limit,
         task_manager=manager,
@@ -124,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         args.model = _resolve_model(args.model)
+        if args.peft:
+            _check_adapter(args.peft)
         for path in args.include_path:
             if not path.is_dir():
                 raise EvalError(f"--include-path {path} is not a directory")

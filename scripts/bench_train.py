@@ -1,0 +1,154 @@
+"""Training throughput and peak memory per optimizer step: full fine-tuning, LoRA and GrootL arms on
+the same model and the same batches (prompt = the first ``--context`` fraction of each row).
+
+    python scripts/bench_train.py                                   # tiny random-init model on CPU
+    python scripts/bench_train.py --size 130m --device cuda --lengths 512 2048 --precision bf16 --grad-ckpt
+
+Each arm runs in its own subprocess, so CPU peak memory (peak RSS above the RSS after building the
+model and optimizer) and CUDA peak memory (``max_memory_allocated``) are per arm. Models are random
+init (the Mamba-130M shape for ``--size 130m``): throughput does not depend on the weights. Prints a
+table and writes JSON (default ``benchmarks/train_<size>_<device>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 8, "vocab_size": 512},
+    "130m": {"hidden_size": 768, "num_hidden_layers": 24, "state_size": 16, "vocab_size": 50280},
+}
+ARMS = ("full", "lora", "grootl")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_arm(args) -> dict:
+    """One arm at one length, in this process: warm-up steps, then timed optimizer steps."""
+    from grootl.train.modeling import build_model
+    from grootl.train.recipe import load_recipe
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    recipe = load_recipe(values={
+        "output_dir": str(REPO / "runs" / "bench"), "method": args.arm,
+        "model": {"init": "random", "tokenizer": "unused", "config": SIZES[args.size]},
+    })
+    model = build_model(recipe, Path(recipe.output_dir)).to(device)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    generator = torch.Generator().manual_seed(1)  # the same batches for every arm
+    vocab = SIZES[args.size]["vocab_size"]
+    batches = []
+    for _ in range(args.warmup + args.steps):
+        ids = torch.randint(2, vocab, (args.batch, args.length), generator=generator)
+        context = int(args.length * args.context)
+        labels = ids.clone()
+        labels[:, :context] = -100
+        batches.append({"input_ids": ids.to(device), "labels": labels.to(device),
+                        "context_lens": torch.full((args.batch,), context, device=device)})
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step(batch):
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    baseline = rss_bytes()
+    for batch in batches[: args.warmup]:
+        step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for batch in batches[args.warmup:]:
+        step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {
+        "arm": args.arm, "length": args.length, "batch": args.batch,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "ms_per_step": 1000 * seconds / args.steps,
+        "tokens_per_s": args.batch * args.length * args.steps / seconds,
+        "peak_mb": peak / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--context", type=float, default=0.5, help="prompt fraction of each row")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # worker mode: one arm
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.arm:
+        print(json.dumps(run_arm(args)))
+        return
+
+    rows = []
+    for length in args.lengths:
+        for arm in args.arms:
+            command = [sys.executable, __file__, *sys.argv[1:], "--arm", arm, "--length", str(length)]
+            result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+            if result.returncode != 0:
+                sys.exit(f"{arm} at length {length} failed:\n{result.stderr[-3000:]}")
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    reference = {row["length"]: row for row in rows if row["arm"] == "lora"}
+    for row in rows:
+        ref = reference.get(row["length"])
+        row["tokens_per_s_vs_lora"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        row["peak_vs_lora"] = row["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] > 0 else None
+
+    print(f"{'arm':<8}{'L':>6}{'tokens/s':>12}{'ms/step':>10}{'peak MB':>10}{'tok/s vs LoRA':>15}{'peak vs LoRA':>14}")
+    for row in rows:
+        ratio = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
+        print(f"{row['arm']:<8}{row['length']:>6}{row['tokens_per_s']:>12.0f}{row['ms_per_step']:>10.1f}"
+              f"{row['peak_mb']:>10.1f}{ratio(row['tokens_per_s_vs_lora']):>15}{ratio(row['peak_vs_lora']):>14}")
+    out = args.out or REPO / "benchmarks" / f"train_{args.size}_{torch.device(args.device).type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    setup = {key: value for key, value in vars(args).items() if key not in ("arm", "length", "out")}
+    environment = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+                   "load_average_1min": os.getloadavg()[0],
+                   "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    out.write_text(json.dumps({"setup": setup, "environment": environment, "model": SIZES[args.size], "results": rows},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,16 @@ F64 = torch.float64
 LORA_TARGETS = ["x_proj", "embeddings", "in_proj", "out_proj"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the scans take many small steps, and OpenMP threads stall badly on a
+    shared CPU (measured: the 130M-shape test takes ~13 s on one thread, minutes on two under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def exact_selective_scan(u, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, **_):
     """transformers' torch selective scan without its float32 casts of B and u (so a float64 model
     stays float64 throughout): h = exp(Δ A) h + Δ B u, y = (C·h + D u) * SiLU(z) (z optional)."""
@@ -424,18 +434,8 @@ def test_cuda_matches_cpu_and_decodes_consistently():
     torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 23:-1], rtol=1e-3, atol=1e-3)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the scans take many small steps, and OpenMP threads stall badly on a
-    shared CPU (measured here: ~8 s with one thread vs minutes with two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_mamba_130m_shape_forward_and_backward(one_thread):
+def test_mamba_130m_shape_forward_and_backward():
     config = MambaConfig(hidden_size=768, num_hidden_layers=24, vocab_size=50280, state_size=16)
     model = GrootLMambaForCausalLM(config).train()
     assert sum(p.numel() for p in model.parameters()) == 129_135_360

@@ -283,9 +283,12 @@ def test_cached_decoding_equals_a_full_forward_with_the_prompt_as_context():
         for t in range(steps.shape[1]):
             out = model(steps[:, t : t + 1], cache=out.cache, use_cache=True, output_hidden_states=True)
             decoded.append(out.hidden_states[-1][:, -1])
+        prefill = model(prompt, use_cache=True)
+        chunk = model(steps, cache=prefill.cache, use_cache=True, output_hidden_states=True).hidden_states[-1]
     full_ids = torch.cat([prompt, steps], 1)
     full = last_hidden(model, full_ids, context_lens=torch.tensor([9, 9]))
     torch.testing.assert_close(torch.stack(decoded, 1), full[:, 8:], rtol=0, atol=1e-10)
+    torch.testing.assert_close(chunk, full[:, 9:], rtol=0, atol=1e-10)  # several new tokens in one call
     # without the context length the tree would also mix the response in: a different function
     assert (last_hidden(model, full_ids)[:, 9:] - full[:, 9:]).abs().max() > 1e-6
 

@@ -100,8 +100,16 @@ class GrootLMixer(MambaMixer):
         selective_scan_fn, _ = _cuda_kernels() if u.is_cuda else (None, None)
         if selective_scan_fn is not None:
             chain = selective_scan_fn(
-                u, dt.to(u.dtype), A, B, C, self.D.float(), None, dt_bias, True, keep_state
-            )  # (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+                u,
+                dt.to(u.dtype),
+                A,
+                B,
+                C,
+                D=self.D.float(),
+                delta_bias=dt_bias,
+                delta_softplus=True,
+                return_last_state=keep_state,
+            )
         else:
             chain = chain_scan(u, delta, A, B, C, return_last_state=keep_state)
         y, h_last = chain if keep_state else (chain, None)

@@ -115,6 +115,7 @@ class GrootLLM(HFLM):
         return results
 
     def _detect_batch_size(self, requests=None, pos: int = 0):
+        """lm-eval's batch-size probe feeds made-up rows: score them with the whole row as context."""
         lookup, self._context_lens_by_input = self._context_lens_by_input, None
         try:
             return super()._detect_batch_size(requests, pos)

@@ -9,6 +9,7 @@ used instead; ``GROOTL_NATIVE=0`` turns the native kernels off.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import sysconfig
@@ -50,15 +51,21 @@ def _cuda_include_paths() -> list[str]:
     return [str(p) for p in sorted(site.glob("cu*/include")) if p.is_dir()]
 
 
+def _extension_name(kind: str) -> str:
+    """One name (and cache folder) per kind and source folder, so two installs never share a build."""
+    return f"grootl_tree_{kind}_{hashlib.sha1(str(KERNELS).encode()).hexdigest()[:8]}"
+
+
 def _compile(kind: str, verbose: bool = False) -> ModuleType:
     """Build (or load from the cache) the ``cpu`` or ``cuda`` extension; raises on failure."""
     from torch.utils import cpp_extension
 
-    build = cache_dir() / kind
+    name = _extension_name(kind)
+    build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
     if kind == "cpu":
         return cpp_extension.load(
-            name="grootl_tree_cpu",
+            name=name,
             sources=[str(KERNELS / s) for s in CPU_SOURCES],
             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_VECTOR_EXP],
             extra_ldflags=["-fopenmp"],
@@ -67,7 +74,7 @@ def _compile(kind: str, verbose: bool = False) -> ModuleType:
             verbose=verbose,
         )
     return cpp_extension.load(
-        name="grootl_tree_cuda",
+        name=name,
         sources=[str(KERNELS / s) for s in CUDA_SOURCES],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     failed = False
     for kind in kinds:
-        print(f"building the {kind} kernels in {cache_dir() / kind} ...", flush=True)
+        print(f"building the {kind} kernels in {cache_dir() / _extension_name(kind)} ...", flush=True)
         try:
             _modules[kind] = _compile(kind, verbose=args.verbose)
             print(f"  ok: {_modules[kind].__file__}")

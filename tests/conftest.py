@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tests never touch a hub; lm-eval, datasets and transformers read these at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -53,6 +54,23 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
+def torch_path(fn):
+    """``fn`` with the native dispatch off (GROOTL_NATIVE=0 while it runs)."""
+
+    def run(*args, **kwargs):
+        saved = os.environ.get("GROOTL_NATIVE")
+        os.environ["GROOTL_NATIVE"] = "0"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if saved is None:
+                del os.environ["GROOTL_NATIVE"]
+            else:
+                os.environ["GROOTL_NATIVE"] = saved
+
+    return run
+
+
 def fwd_bwd(scan, u, delta, A, B, C, tree):
     def run():
         xs = [x.detach().requires_grad_() for x in (u, delta, A, B, C)]
@@ -72,9 +90,9 @@ def bench_cpu(args):
             tree = native.build_tree(u, delta, B, context)
             row = {"batch": batch, "L": length, "D": d, "N": n, "context": length // 2}
             row["build_native_s"] = timed(lambda: native.build_tree(u, delta, B, context), "cpu", args.repeats)
-            row["build_torch_s"] = timed(lambda: build_tree(u, delta, B, context), "cpu", args.repeats)
+            row["build_torch_s"] = timed(lambda: torch_path(build_tree)(u, delta, B, context), "cpu", args.repeats)
             row["native_s"] = timed(fwd_bwd(native.tree_scan, u, delta, A, B, C, tree), "cpu", args.repeats)
-            row["torch_s"] = timed(fwd_bwd(tree_scan, u, delta, A, B, C, tree), "cpu", args.repeats)
+            row["torch_s"] = timed(fwd_bwd(torch_path(tree_scan), u, delta, A, B, C, tree), "cpu", args.repeats)
             if not args.skip_ref:
                 row["ref_s"] = timed(fwd_bwd(tree_scan_ref, u, delta, A, B, C, tree), "cpu", 1)
                 row["speedup_vs_ref"] = row["ref_s"] / row["native_s"]

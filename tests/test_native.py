@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from grootl.tree import Tree, build_tree, native, tree_scan_ref
+from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
 
 F64, F32 = torch.float64, torch.float32
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -34,6 +34,13 @@ def cpu_kernels():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed build is a failure here, not a fallback
         assert native.available("cpu"), "the C++ kernels did not build"
+
+
+def torch_path(fn, *args, **kwargs):
+    """Call a grootl.tree function on its PyTorch path (native dispatch off)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GROOTL_NATIVE", "0")
+        return fn(*args, **kwargs)
 
 
 def random_inputs(batch, d, n, length, dtype=F64, seed=0, device="cpu"):
@@ -171,7 +178,7 @@ def test_cpu_tree_equals_torch_tree(cpu_kernels, distance, k):
     context = torch.tensor([0, 1, 2, length, 30])
     start = torch.tensor([0, 0, 0, 3, 10])  # left padding, kept out of the k-neighbour edges
     ours = native.build_tree(u, delta, B, context, k=k, distance=distance, start=start)
-    theirs = build_tree(u, delta, B, context, k=k, distance=distance, start=start)
+    theirs = torch_path(build_tree, u, delta, B, context, k=k, distance=distance, start=start)
     assert torch.equal(ours.parent, theirs.parent)
     assert torch.equal(ours.order, theirs.order)
 
@@ -181,7 +188,8 @@ def test_cpu_tree_single_position_and_ties(cpu_kernels):
     assert one.parent.tolist() == [[-1], [-1]] and one.order.tolist() == [[0], [0]]
     # all features equal: every weight ties, the smaller edge id wins, exactly as in the torch build
     x = torch.ones(1, 4, 12)
-    ours, theirs = native.build_tree(x, x, x[:, :2], torch.tensor([12])), build_tree(x, x, x[:, :2], torch.tensor([12]))
+    ours = native.build_tree(x, x, x[:, :2], torch.tensor([12]))
+    theirs = torch_path(build_tree, x, x, x[:, :2], torch.tensor([12]))
     assert torch.equal(ours.parent, theirs.parent) and torch.equal(ours.order, theirs.order)
 
 
@@ -196,6 +204,19 @@ def test_cpu_bad_tree_is_a_clear_error(cpu_kernels):
     parent[0, 2] = 9
     with pytest.raises(ValueError, match="tree.parent row 0"):
         native.tree_scan(*inputs, Tree(parent, chain.order))
+
+
+def test_public_api_dispatches_to_native(cpu_kernels, monkeypatch):
+    calls = []
+    for name in ("_tree_scan", "_build_tree"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    u, delta, A, B, C = random_inputs(2, 3, 4, 9)
+    tree = build_tree(u, delta, B, torch.tensor([5, 9]))
+    y = tree_scan(u, delta, A, B, C, tree)
+    assert calls == ["_build_tree", "_tree_scan"]
+    torch.testing.assert_close(torch_path(tree_scan, u, delta, A, B, C, tree), y)
+    assert calls == ["_build_tree", "_tree_scan"], "GROOTL_NATIVE=0 must take the PyTorch path"
 
 
 def test_native_disabled_by_env(monkeypatch):

@@ -111,6 +111,10 @@ def build_tree(
     """
     context_lens, start = check_tree_inputs(u, delta, B, context_lens, k, distance, start)
     # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves u.device
+    from grootl.tree import native
+
+    if native.available(u.device):
+        return native._build_tree(u, delta, B, context_lens, k, distance, start)
     # <<< native dispatch hook
     with torch.no_grad():
         weights = edge_weights(u, delta, B, k, distance)

@@ -122,6 +122,12 @@ def available(device: torch.device | str = "cpu") -> bool:
     return _module_for(torch.device(device)) is not None
 
 
+def _same_device(u: Tensor, **others: Tensor) -> None:
+    for name, x in others.items():
+        if x.device != u.device:
+            raise ValueError(f"{name} is on {x.device} but u is on {u.device}; put all inputs on one device")
+
+
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Every kernel output comes from here (the tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -188,9 +194,15 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
     """:func:`grootl.tree.tree_scan` on the native kernel of the tensors' device; same arguments and results.
     Raises RuntimeError when no kernel is available there (see :func:`available`)."""
     check_scan_inputs(u, delta, A, B, C, tree)
+    return _tree_scan(u, delta, A, B, C, tree, return_root_state)
+
+
+def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
+    """:func:`tree_scan` on checked inputs (the dispatch in grootl.tree.scan lands here)."""
     ext = _module_for(u.device)
     if ext is None:
         raise RuntimeError(f"no native tree-scan kernel for {u.device} tensors (GROOTL_NATIVE=0 or build failed)")
+    _same_device(u, delta=delta, A=A, B=B, C=C, **{"tree.parent": tree.parent, "tree.order": tree.order})
     y, root = _NativeTreeScan.apply(u, delta, A, B, C, ext, _Plan(ext, tree))
     return (y, root) if return_root_state else y
 
@@ -206,9 +218,15 @@ def build_tree(
 ) -> Tree:
     """:func:`grootl.tree.build_tree` on the native kernel of the tensors' device (no host sync on CUDA)."""
     context_lens, start = check_tree_inputs(u, delta, B, context_lens, k, distance, start)
+    return _build_tree(u, delta, B, context_lens, k, distance, start)
+
+
+def _build_tree(u, delta, B, context_lens: Tensor, k: int, distance: str, start: Tensor | None) -> Tree:
+    """:func:`build_tree` on checked inputs (the dispatch in grootl.tree.graph lands here)."""
     ext = _module_for(u.device)
     if ext is None:
         raise RuntimeError(f"no native tree-build kernel for {u.device} tensors (GROOTL_NATIVE=0 or build failed)")
+    _same_device(u, delta=delta, B=B)
     dt = _scan_dtype(u, delta, B, B)
     batch, _, length = u.shape
     parent = _alloc(batch, length, dtype=torch.long, device=u.device)

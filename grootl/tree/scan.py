@@ -122,6 +122,10 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
     """
     check_scan_inputs(u, delta, A, B, C, tree)
     # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves u.device
+    from grootl.tree import native
+
+    if native.available(u.device):
+        return native._tree_scan(u, delta, A, B, C, tree, return_root_state)
     # <<< native dispatch hook
     y, root = _TreeScan.apply(u, delta, A, B, C, _Plan(tree))
     return (y, root) if return_root_state else y

@@ -383,7 +383,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         torch.manual_seed(0)
         model = tiny_model().to(F64).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         loss = model(ids, labels=labels).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))

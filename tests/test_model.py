@@ -384,6 +384,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         model = tiny_model().to(F64).train()
         if checkpointing:
             model.activation_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.backbone.layers)
         loss = model(ids, labels=labels).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))

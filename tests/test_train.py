@@ -23,7 +23,7 @@ from grootl.data import DataError
 from grootl.train import load_recipe, main, train
 from grootl.train.loop import TrainingError, prepare_data
 from grootl.train.modeling import build_model
-from grootl.train.rundir import RunDirError, check_output_dir, checkpoint_dirs, read_metrics
+from grootl.train.rundir import RunDirError, check_output_dir, checkpoint_dirs, claim_output_dir, read_metrics
 
 from conftest import ASSETS, REPO
 
@@ -184,6 +184,8 @@ def test_empty_dataset_after_filtering_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"alpaca_tiny.jsonl: no training records left after filtering \(206 records: "
                                         r"0 kept .*206 prompt leaves no room"):
         prepare_data(run, tokenizer, log=lambda message: None)
+    with pytest.raises(DataError, match=r"data.eval_size 500 leaves no training records"):
+        prepare_data(recipe(tmp_path, "data.eval_size=500"), tokenizer, log=lambda message: None)
 
 
 def test_output_dir_rules(tmp_path):
@@ -207,6 +209,18 @@ def test_output_dir_rules(tmp_path):
         check_output_dir(out, recipe_dict, resume=True, overwrite=True)
 
 
+def test_resume_discards_a_half_written_checkpoint(tmp_path):
+    recipe_dict = recipe(tmp_path).to_dict()
+    out = tmp_path / "run"
+    claim_output_dir(out, recipe_dict, "new")
+    (out / "checkpoints/step-2").mkdir(parents=True)
+    (out / "checkpoints/step-2/trainer_state.json").write_text('{"step": 2}')
+    (out / "checkpoints/step-3").mkdir()  # no trainer state: never published
+    (out / "checkpoints/.tmp-step-4").mkdir()  # a save killed with SIGKILL
+    claim_output_dir(out, recipe_dict, check_output_dir(out, recipe_dict, resume=True, overwrite=False))
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-2"] and not (out / "checkpoints/.tmp-step-4").exists()
+
+
 def test_cli_refuses_a_run_dir_and_overwrite_replaces_it(tmp_path, capsys):
     args = [str(DEMO), f"output_dir={tmp_path / 'run'}", *FAST, "train.max_steps=1"]
     assert main(args) == 0
@@ -222,3 +236,22 @@ def test_python_dash_m_entry_point():
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "lr: 0.5" in result.stdout and "method: grootl" in result.stdout
+
+
+def test_two_process_ddp_on_cpu_resumes_exactly(tmp_path):
+    """torchrun with 2 CPU processes (gloo): one metrics writer, summed tokens, exact resume."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "grootl.train", str(DEMO),
+               f"output_dir={out}", *FAST, "train.max_steps=3", "checkpoint.every=2", "data.eval_size=10"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    first = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "x 2 processes" in first.stdout
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3] and any("eval_loss" in m for m in metrics)
+    shutil.rmtree(out / "checkpoints/step-3")
+    shutil.rmtree(out / "final")
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and (out / "final/config.json").is_file()
+    assert losses(out) == {m["step"]: m["loss"] for m in metrics if "loss" in m}

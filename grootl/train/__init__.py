@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
-        final = train(recipe, resume=args.resume, overwrite=args.overwrite)
+        train(recipe, resume=args.resume, overwrite=args.overwrite)
     except (RecipeError, DataError, RunDirError, TrainingError) as error:
         print(f"grootl train: error: {error}", file=sys.stderr)
         return 1
-    print(f"[grootl train] done: {final}")
     return 0

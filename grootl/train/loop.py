@@ -59,7 +59,10 @@ def prepare_data(recipe: Recipe, tokenizer, log) -> tuple:
         eval_rows, eval_report = tokenize_records(load_records(recipe.data.eval_path, recipe.data.split), tokenizer,
                                                   recipe.data.template, recipe.data.max_length, recipe.data.num_proc)
         log(f"eval data {recipe.data.eval_path}: {eval_report}")
-    elif recipe.data.eval_size and len(rows) > recipe.data.eval_size:
+    elif recipe.data.eval_size:
+        if recipe.data.eval_size >= len(rows):
+            raise DataError(f"{recipe.data.path}: data.eval_size {recipe.data.eval_size} leaves no training records "
+                            f"({report})")
         split = rows.train_test_split(test_size=recipe.data.eval_size, seed=recipe.seed, shuffle=True)
         rows, eval_rows = split["train"], split["test"]
     if len(rows) == 0:

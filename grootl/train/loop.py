@@ -168,7 +168,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
     if recipe.log.trackers:
         accelerator.init_trackers("grootl", config=_tracker_config(recipe))
 
-    last_checkpoint = rundir.checkpoint_dirs(out)[-1] if resuming else None
+    last_checkpoint = resuming[-1] if resuming else None
     progress = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                     disable=not (accelerator.is_main_process and recipe.log.progress))
     window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "steps": 0, "tokens": 0, "start": time.time()}

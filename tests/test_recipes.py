@@ -112,6 +112,7 @@ def test_overrides_are_typed_and_dotted():
     assert recipe.lora.target_modules == ["in_proj"] and recipe.model.config == {"hidden_size": 16}
     assert isinstance(load_recipe(PAPER_130M["grootl"]).train.lr, float)  # YAML's 2.0e-5, and 2e-5 (a str in YAML 1.1)
     assert load_recipe(values={"output_dir": "o", "model": {"name_or_path": "a/b"}, "train": {"lr": "2e-5"}}).train.lr == 2e-5
+    assert load_recipe(PAPER_130M["grootl"], ["train.mixed_precision=no"]).train.mixed_precision == "no"  # not False
 
 
 def test_paths_resolve_against_the_recipe_file_and_overrides_against_cwd(tmp_path, monkeypatch):

@@ -255,3 +255,25 @@ def test_two_process_ddp_on_cpu_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and (out / "final/config.json").is_file()
     assert losses(out) == {m["step"]: m["loss"] for m in metrics if "loss" in m}
+
+
+def test_pretrained_init_from_a_local_checkpoint(tmp_path):
+    """The code path of the 130M recipes (model.init: pretrained), on a saved tiny stock-Mamba checkpoint."""
+    from transformers import MambaForCausalLM
+
+    from grootl.model import tiny_config
+
+    stock = tmp_path / "stock-mamba"
+    MambaForCausalLM(tiny_config()).save_pretrained(stock)
+    AutoTokenizer.from_pretrained(ASSETS / "tokenizer").save_pretrained(stock)
+    run = load_recipe(REPO / "recipes/mamba-130m/alpaca-lora.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={stock}", f"data.path={ASSETS / 'alpaca_tiny.jsonl'}",
+        "data.max_length=48", "train.batch_size=4", "train.grad_accum=1", "train.max_steps=2", "train.lr=1e-2",
+        "train.mixed_precision=no", "train.gradient_checkpointing=true", "log.progress=false", "log.trackers=[]",
+        "checkpoint.every=null"])
+    final = train(run)
+    adapter_config = json.loads((final / "adapter/adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(stock) and not (tmp_path / "run/base").exists()
+    assert json.loads((final / "config.json").read_text())["grootl"]["enabled"] is False  # the LoRA arm: plain scan
+    adapted = PeftModel.from_pretrained(load_model(str(stock), grootl={"enabled": False}), final / "adapter").eval()
+    torch.testing.assert_close(logits(adapted), logits(load_model(str(final)).eval()), atol=1e-4, rtol=1e-4)

@@ -134,7 +134,10 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
         tokenizer.save_pretrained(base_dir)
     model = build_model(recipe, out, base)
     if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.24
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     log(f"method {recipe.method}: {n_trainable:,} of {n_total:,} parameters trainable "

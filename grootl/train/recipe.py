@@ -170,6 +170,8 @@ def _build(cls, values: Any, prefix: str = ""):
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
         else:
+            if prefix + name == "train.mixed_precision" and value is False:
+                value = "no"  # YAML 1.1 reads a bare `no` as false
             kwargs[name] = _check_type(prefix + name, value, hint)
     try:
         return cls(**kwargs)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def losses(out):
 
 def checkpoint_model(recipe_, checkpoint):
     """The model a checkpoint holds, rebuilt from the recipe (tied lm_head is stored once)."""
-    model = build_model(recipe_, recipe_.output_dir and __import__("pathlib").Path(recipe_.output_dir))
+    model = build_model(recipe_, Path(recipe_.output_dir))
     missing, unexpected = model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
     assert not unexpected and all(key.endswith("lm_head.weight") for key in missing)
     return model.eval()

@@ -129,6 +129,26 @@ void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
   });
 }
 
+// For one row, aa[t] = |a[t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] with a = delta * u, each summed in order
+// of d like grootl::dot_a (so the same bits), but d outer and positions inner: contiguous reads.
+template <typename scalar_t, typename acc_t>
+void feature_dots(const scalar_t* u, const scalar_t* delta, int64_t D, int64_t L, int64_t k, acc_t* aa, acc_t* dots) {
+  std::fill(aa, aa + L, acc_t(0));
+  std::fill(dots, dots + L * k, acc_t(0));
+  at::parallel_for(0, L, 64, [&](int64_t t0, int64_t t1) {
+    const int64_t lo = std::max<int64_t>(0, t0 - k);
+    std::vector<acc_t> a(t1 - lo);
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t t = lo; t < t1; ++t) a[t - lo] = (acc_t)delta[d * L + t] * (acc_t)u[d * L + t];
+      for (int64_t t = t0; t < t1; ++t) {
+        const acc_t at = a[t - lo];
+        aa[t] += at * at;
+        for (int64_t j = 1; j <= std::min(k, t); ++j) dots[t * k + j - 1] += at * a[t - j - lo];
+      }
+    }
+  });
+}
+
 void build_tree(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B, const at::Tensor& context_lens,
                 const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order) {
   const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
@@ -137,21 +157,21 @@ void build_tree(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_build_tree", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> aa(L), bb(L), weight(L * k);
+      std::vector<acc_t> aa(L), bb(L), dots(L * k), weight(L * k);
       std::vector<int32_t> ids, work(3 * L);
       std::vector<uint8_t> in_tree(L * k);
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* u_b = u.data_ptr<scalar_t>() + b * D * L;
         const scalar_t* delta_b = delta.data_ptr<scalar_t>() + b * D * L;
         const scalar_t* B_b = B.data_ptr<scalar_t>() + b * N * L;
-        for (int t = 0; t < L; ++t)
-          grootl::position_norms(u_b, delta_b, B_b, (int)D, (int)N, (int)L, t, aa[t], bb[t]);
+        feature_dots(u_b, delta_b, D, L, k, aa.data(), dots.data());
+        for (int t = 0; t < L; ++t) bb[t] = grootl::norm_b<scalar_t, acc_t>(B_b, (int)N, (int)L, t);
         ids.clear();
         for (int t = 0; t < L; ++t)
           for (int j = 1; j <= k; ++j)
             if (grootl::edge_exists(t, j, (int)L, ctx[b], st[b])) {
               weight[t * k + j - 1] = grootl::edge_weight(u_b, delta_b, B_b, (int)D, (int)N, (int)L, t, j, aa.data(),
-                                                          bb.data(), (int)distance);
+                                                          bb.data(), dots[t * k + j - 1], (int)distance);
               ids.push_back((int32_t)(t * k + j - 1));
             }
         std::stable_sort(ids.begin(), ids.end(), [&](int32_t x, int32_t y) {

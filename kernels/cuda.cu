@@ -134,12 +134,18 @@ __global__ void build_kernel(const scalar_t* u, const scalar_t* delta, const sca
   acc_t* bb = aa + L;
   acc_t* key = keys + (int64_t)b * n_pad;
   int32_t* id = ids + (int64_t)b * n_pad;
-  for (int t = threadIdx.x; t < L; t += blockDim.x) grootl::position_norms(u_b, delta_b, B_b, D, N, L, t, aa[t], bb[t]);
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    aa[t] = grootl::dot_a<scalar_t, acc_t>(u_b, delta_b, D, L, t, t);
+    bb[t] = grootl::norm_b<scalar_t, acc_t>(B_b, N, L, t);
+  }
   __syncthreads();
   for (int e = threadIdx.x; e < n_pad; e += blockDim.x) {
     const int t = e / k, j = e % k + 1;
     const bool exists = e < L * k && grootl::edge_exists(t, j, L, context_lens[b], start[b]);
-    key[e] = exists ? grootl::edge_weight(u_b, delta_b, B_b, D, N, L, t, j, aa, bb, distance)
+    const acc_t da = exists && distance != grootl::kManhattan
+                         ? grootl::dot_a<scalar_t, acc_t>(u_b, delta_b, D, L, t, t - j)
+                         : acc_t(0);
+    key[e] = exists ? grootl::edge_weight(u_b, delta_b, B_b, D, N, L, t, j, aa, bb, da, distance)
                     : std::numeric_limits<acc_t>::infinity();
     id[e] = exists ? e : L * k + e;  // missing edges sort last
   }

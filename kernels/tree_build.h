@@ -15,55 +15,66 @@ GROOTL_HD bool edge_exists(int t, int j, int L, int64_t context_len, int64_t sta
   return j == 1 || (t < context_len && t - j >= start);
 }
 
-// Squared norms over D of a[t] = delta[:, t] * u[:, t] and over N of B[:, t] (u, delta: (D, L); B: (N, L)).
+GROOTL_HD int64_t feature_index(int d, int L, int t) { return (int64_t)d * L + t; }
+
+// Squared norm over N of B[:, t] (B: (N, L)).
 template <typename scalar_t, typename acc_t>
-GROOTL_HD void position_norms(const scalar_t* u, const scalar_t* delta, const scalar_t* B, int D, int N, int L, int t,
-                              acc_t& aa, acc_t& bb) {
-  aa = 0;
-  bb = 0;
-  for (int d = 0; d < D; ++d) {
-    const acc_t a = (acc_t)delta[(int64_t)d * L + t] * (acc_t)u[(int64_t)d * L + t];
-    aa += a * a;
-  }
+GROOTL_HD acc_t norm_b(const scalar_t* B, int N, int L, int t) {
+  acc_t total = 0;
   for (int n = 0; n < N; ++n) {
-    const acc_t b = (acc_t)B[(int64_t)n * L + t];
-    bb += b * b;
+    const acc_t b = (acc_t)B[feature_index(n, L, t)];
+    total += b * b;
   }
+  return total;
 }
 
-// Weight of edge (s = t - j, t). X[t] = a[t] (outer) B[:, t] is rank one, so cosine and squared euclidean
-// need only the dot products over D and over N; manhattan sums |X[t] - X[s]| over (d, n).
+// sum over D of a[t] * a[s] with a = delta * u (u, delta: (D, L)), in order of d; s == t gives |a[t]|^2.
+template <typename scalar_t, typename acc_t>
+GROOTL_HD acc_t dot_a(const scalar_t* u, const scalar_t* delta, int D, int L, int t, int s) {
+  acc_t total = 0;
+  for (int d = 0; d < D; ++d) {
+    const acc_t at = (acc_t)delta[feature_index(d, L, t)] * (acc_t)u[feature_index(d, L, t)];
+    const acc_t as = (acc_t)delta[feature_index(d, L, s)] * (acc_t)u[feature_index(d, L, s)];
+    total += at * as;
+  }
+  return total;
+}
+
+// Weight of edge (s, t) from the dot products of its rank-one features X = a (outer) B: cosine distance or
+// squared euclidean distance (same edge order as euclidean).
+template <typename acc_t>
+GROOTL_HD acc_t rank_one_weight(acc_t dot_a, acc_t dot_b, acc_t aa_t, acc_t aa_s, acc_t bb_t, acc_t bb_s,
+                                int distance) {
+  const acc_t dot = dot_a * dot_b;
+  if (distance == kCosine) {
+    const acc_t norm = sqrt(aa_t * aa_s * bb_t * bb_s);
+    const acc_t eps = (acc_t)1e-12;
+    return 1 - dot / (norm > eps ? norm : eps);
+  }
+  const acc_t sq = aa_t * bb_t + aa_s * bb_s - 2 * dot;
+  return sq > 0 ? sq : 0;
+}
+
+// Weight of edge (t - j, t): rank-one distances from dot products, manhattan summed over (d, n).
 template <typename scalar_t, typename acc_t>
 GROOTL_HD acc_t edge_weight(const scalar_t* u, const scalar_t* delta, const scalar_t* B, int D, int N, int L, int t,
-                            int j, const acc_t* aa, const acc_t* bb, int distance) {
+                            int j, const acc_t* aa, const acc_t* bb, acc_t da, int distance) {
   const int s = t - j;
   if (distance == kManhattan) {
     acc_t total = 0;
     for (int d = 0; d < D; ++d) {
-      const acc_t at = (acc_t)delta[(int64_t)d * L + t] * (acc_t)u[(int64_t)d * L + t];
-      const acc_t as = (acc_t)delta[(int64_t)d * L + s] * (acc_t)u[(int64_t)d * L + s];
+      const acc_t at = (acc_t)delta[feature_index(d, L, t)] * (acc_t)u[feature_index(d, L, t)];
+      const acc_t as = (acc_t)delta[feature_index(d, L, s)] * (acc_t)u[feature_index(d, L, s)];
       for (int n = 0; n < N; ++n) {
-        const acc_t diff = at * (acc_t)B[(int64_t)n * L + t] - as * (acc_t)B[(int64_t)n * L + s];
+        const acc_t diff = at * (acc_t)B[feature_index(n, L, t)] - as * (acc_t)B[feature_index(n, L, s)];
         total += diff < 0 ? -diff : diff;
       }
     }
     return total;
   }
-  acc_t dot_a = 0, dot_b = 0;
-  for (int d = 0; d < D; ++d) {
-    const acc_t at = (acc_t)delta[(int64_t)d * L + t] * (acc_t)u[(int64_t)d * L + t];
-    const acc_t as = (acc_t)delta[(int64_t)d * L + s] * (acc_t)u[(int64_t)d * L + s];
-    dot_a += at * as;
-  }
-  for (int n = 0; n < N; ++n) dot_b += (acc_t)B[(int64_t)n * L + t] * (acc_t)B[(int64_t)n * L + s];
-  const acc_t dot = dot_a * dot_b;
-  if (distance == kCosine) {
-    acc_t norm = sqrt(aa[t] * aa[s] * bb[t] * bb[s]);
-    const acc_t eps = (acc_t)1e-12;
-    return 1 - dot / (norm > eps ? norm : eps);
-  }
-  const acc_t sq = aa[t] * bb[t] + aa[s] * bb[s] - 2 * dot;
-  return sq > 0 ? sq : 0;
+  acc_t db = 0;
+  for (int n = 0; n < N; ++n) db += (acc_t)B[feature_index(n, L, t)] * (acc_t)B[feature_index(n, L, s)];
+  return rank_one_weight(da, db, aa[t], aa[s], bb[t], bb[s], distance);
 }
 
 // Sort order of edges: by weight, then by id.

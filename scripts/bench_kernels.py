@@ -94,7 +94,7 @@ def bench_cpu(args):
             row["native_s"] = timed(fwd_bwd(native.tree_scan, u, delta, A, B, C, tree), "cpu", args.repeats)
             row["torch_s"] = timed(fwd_bwd(torch_path(tree_scan), u, delta, A, B, C, tree), "cpu", args.repeats)
             if not args.skip_ref:
-                row["ref_s"] = timed(fwd_bwd(tree_scan_ref, u, delta, A, B, C, tree), "cpu", 1)
+                row["ref_s"] = timed(fwd_bwd(tree_scan_ref, u, delta, A, B, C, tree), "cpu", args.repeats)
                 row["speedup_vs_ref"] = row["ref_s"] / row["native_s"]
             row["speedup_vs_torch"] = row["torch_s"] / row["native_s"]
             rows.append(row)
@@ -176,7 +176,8 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "timing": "median of --repeats runs after one warm-up; forward + backward (tree_scan_ref: one run)",
+        "timing": "median of --repeats runs after one warm-up; forward + backward",
+        "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

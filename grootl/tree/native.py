@@ -197,6 +197,7 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
     return _tree_scan(u, delta, A, B, C, tree, return_root_state)
 
 
+@torch.compiler.disable  # an opaque extension call: one clean graph break under torch.compile
 def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
     """:func:`tree_scan` on checked inputs (the dispatch in grootl.tree.scan lands here)."""
     ext = _module_for(u.device)
@@ -221,6 +222,7 @@ def build_tree(
     return _build_tree(u, delta, B, context_lens, k, distance, start)
 
 
+@torch.compiler.disable
 def _build_tree(u, delta, B, context_lens: Tensor, k: int, distance: str, start: Tensor | None) -> Tree:
     """:func:`build_tree` on checked inputs (the dispatch in grootl.tree.graph lands here)."""
     ext = _module_for(u.device)

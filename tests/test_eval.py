@@ -109,12 +109,19 @@ def metrics(results: dict) -> dict:
 # --- the grootl lm-eval model ------------------------------------------------------------------------
 
 
-def test_lambda_zero_equals_hf_exactly(models, fixture_tasks, plain_scores):
+def test_lambda_zero_equals_hf(models, fixture_tasks, plain_scores):
     hf = evaluate(fixture_tasks, "hf", pretrained=models["stock"])
     ours = plain_scores
     assert set(ours["results"]) == set(PAPER_SUITE)
-    assert loglikelihoods(ours) == loglikelihoods(hf)
-    assert metrics(ours) == metrics(hf)
+    # The native CPU scan sums in another order than transformers' torch loop: float32 rounding only.
+    for task, expected in loglikelihoods(hf).items():
+        assert loglikelihoods(ours)[task] == pytest.approx(expected, rel=1e-6, abs=1e-5), task
+    for task, values in metrics(hf).items():
+        for name, value in values.items():
+            if name.startswith("acc") or not isinstance(value, float):  # accuracies: exactly the same
+                assert metrics(ours)[task][name] == value, (task, name)
+            else:  # perplexities follow the log-likelihoods
+                assert metrics(ours)[task][name] == pytest.approx(value, rel=1e-5), (task, name)
 
 
 def test_peft_adapter_equals_hf_with_peft(models, fixture_tasks, plain_scores):
@@ -125,7 +132,7 @@ def test_peft_adapter_equals_hf_with_peft(models, fixture_tasks, plain_scores):
     assert loglikelihoods(adapter_only) == loglikelihoods(ours)  # base found from adapter_config.json
     for task, expected in loglikelihoods(hf).items():
         # The GrootL mixer and transformers' scan round differently at ~1e-7 once LoRA changes the
-        # projections' memory layout; without LoRA they agree exactly (test above).
+        # projections' memory layout (and the native scan sums in its own order).
         assert loglikelihoods(ours)[task] == pytest.approx(expected, rel=1e-6, abs=1e-5), task
         assert loglikelihoods(no_adapter)[task] != pytest.approx(expected, rel=1e-3), task
     assert {t: m.get("acc,none") for t, m in metrics(ours).items()} == {t: m.get("acc,none") for t, m in metrics(hf).items()}

@@ -26,7 +26,6 @@ from grootl.tree.validation import check_scan_inputs, check_tree_inputs
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 CPU_SOURCES = ("cpu.cpp",)
 CUDA_SOURCES = ("cuda_bind.cpp", "cuda.cu")
-_HEADERS = ("tree_scan.h", "tree_build.h")
 _modules: dict[str, ModuleType | None] = {}
 # glibc declares its vectorised exp (libmvec) only under __FAST_MATH__: defining it alone lets the compiler
 # vectorise the scan's exp loops (~1.7x) without -ffast-math's reassociation, so float sums (and the tree
@@ -40,6 +39,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
+    """Where builds are cached: per torch and Python version, under TORCH_EXTENSIONS_DIR or ~/.cache/grootl."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "grootl" / "kernels"
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
     return Path(root) / tag
@@ -67,7 +67,7 @@ def _compile(kind: str, verbose: bool = False) -> ModuleType:
         return cpp_extension.load(
             name=name,
             sources=[str(KERNELS / s) for s in CPU_SOURCES],
-            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_VECTOR_EXP],
+            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", *_VECTOR_EXP],
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(KERNELS)],
             build_directory=str(build),
@@ -77,7 +77,9 @@ def _compile(kind: str, verbose: bool = False) -> ModuleType:
         name=name,
         sources=[str(KERNELS / s) for s in CUDA_SOURCES],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+        # no fused multiply-adds, IEEE sqrt and division: edge weights round as on the CPU, so the device
+        # tree equals the CPU tree (the scan's exp uses __expf explicitly)
+        extra_cuda_cflags=["-O3", "-fmad=false", "-lineinfo"],
         extra_include_paths=[str(KERNELS), *_cuda_include_paths()],
         build_directory=str(build),
         with_cuda=True,

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import importlib.resources
 import random
+import subprocess
+import sys
 import warnings
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,6 +259,16 @@ def test_kernel_sources_ship_with_the_package():
     for name in (*native.CPU_SOURCES, *native.CUDA_SOURCES, "tree_scan.h", "tree_build.h"):
         assert files.joinpath(name).is_file(), name
     assert (native.KERNELS / "tree_scan.h").is_file()
+
+
+def test_wheel_ships_kernel_sources(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("grootl-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in (*native.CPU_SOURCES, *native.CUDA_SOURCES, "tree_scan.h", "tree_build.h"):
+        assert f"grootl/kernels/{name}" in names, name
 
 
 def test_build_kernels_command(cpu_kernels, capsys):

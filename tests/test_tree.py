@@ -15,6 +15,13 @@ from grootl.tree.graph import edge_mask
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def implementation(request, monkeypatch):
+    """Every test runs on the native CPU kernels (where they build) and on the pure-PyTorch path."""
+    monkeypatch.setenv("GROOTL_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
+
+
 def random_inputs(batch, d, n, length, dtype=F64, seed=0):
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, d, length, generator=g, dtype=dtype)

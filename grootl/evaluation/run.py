@@ -107,6 +107,7 @@ def _default_output(model: str) -> Path:
 def evaluate(args: argparse.Namespace, include_paths: list[Path]) -> dict:
     """Run lm-eval with the ``grootl`` model; returns lm-eval's results dict."""
     import lm_eval
+    import torch
     from lm_eval.tasks import TaskManager
 
     import grootl.evaluation.lm  # noqa: F401  (registers the "grootl" model)
@@ -137,7 +138,7 @@ def evaluate(args: argparse.Namespace, include_paths: list[Path]) -> dict:
         model_args=model_args,
         tasks=tasks,
         batch_size=args.batch_size,
-        device=args.device,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         limit=limit,
         task_manager=manager,
     )

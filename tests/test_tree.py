@@ -9,7 +9,7 @@ import networkx as nx
 import pytest
 import torch
 
-from grootl.tree import Tree, build_tree, chain_scan, edge_weights, tree_scan, tree_scan_ref
+from grootl.tree import NonFiniteInputError, Tree, build_tree, chain_scan, edge_weights, tree_scan, tree_scan_ref
 from grootl.tree.graph import edge_mask
 
 F64 = torch.float64
@@ -255,3 +255,4 @@ def test_bad_input_names_the_argument():
         with pytest.raises(ValueError) as err:
             call()
         assert message in str(err.value)
+        assert isinstance(err.value, NonFiniteInputError) == ("NaN" in message)

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, get_scheduler
 
 from grootl.data import DataError, DataReport, load_records, make_dataloader, tokenize_records
 from grootl.train import rundir
+from grootl.tree import NonFiniteInputError
 from grootl.train.modeling import BASE_DIR, build_base, build_model, export_final
 from grootl.train.recipe import Recipe
 
@@ -214,9 +215,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                     with accelerator.accumulate(model):
                         try:
                             loss = model(**batch).loss
-                        except ValueError as error:  # the scan refuses non-finite activations
-                            if "NaN or inf" not in str(error):
-                                raise
+                        except NonFiniteInputError as error:  # the scan refuses non-finite activations
                             raise TrainingError(diverged(f"activations are not finite ({error})")) from None
                         accelerator.backward(loss)
                         step_loss += loss.detach()

@@ -15,9 +15,14 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+class NonFiniteInputError(ValueError):
+    """An input of the tree API holds NaN or inf (in training: the activations diverged)."""
+
+
 def _check_finite(**tensors: Tensor) -> None:
     for name, x in tensors.items():
-        _require(bool(torch.isfinite(x).all()), f"{name} contains NaN or inf (shape {_shape(x)})")
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteInputError(f"{name} contains NaN or inf (shape {_shape(x)})")
 
 
 def check_features(u: Tensor, delta: Tensor, B: Tensor) -> tuple[int, int, int, int]:

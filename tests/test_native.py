@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
+from scan_inputs import random_inputs
 
 F64, F32 = torch.float64, torch.float32
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -45,16 +46,6 @@ def torch_path(fn, *args, **kwargs):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GROOTL_NATIVE", "0")
         return fn(*args, **kwargs)
-
-
-def random_inputs(batch, d, n, length, dtype=F64, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(batch, d, length, generator=g, dtype=F64)
-    delta = torch.nn.functional.softplus(torch.randn(batch, d, length, generator=g, dtype=F64))
-    A = -torch.exp(torch.randn(d, n, generator=g, dtype=F64) * 0.5)
-    B = torch.randn(batch, n, length, generator=g, dtype=F64)
-    C = torch.randn(batch, n, length, generator=g, dtype=F64)
-    return [x.to(device=device, dtype=dtype) for x in (u, delta, A, B, C)]
 
 
 def preorder(parent: list[int], rng: random.Random) -> list[int]:

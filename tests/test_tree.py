@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from grootl.tree import NonFiniteInputError, Tree, build_tree, chain_scan, edge_weights, tree_scan, tree_scan_ref
+from scan_inputs import random_inputs
 from grootl.tree.graph import edge_mask
 
 F64 = torch.float64
@@ -20,16 +21,6 @@ def implementation(request, monkeypatch):
     """Every test runs on the native CPU kernels (where they build) and on the pure-PyTorch path."""
     monkeypatch.setenv("GROOTL_NATIVE", "1" if request.param == "native" else "0")
     return request.param
-
-
-def random_inputs(batch, d, n, length, dtype=F64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(batch, d, length, generator=g, dtype=dtype)
-    delta = torch.nn.functional.softplus(torch.randn(batch, d, length, generator=g, dtype=dtype))
-    A = -torch.exp(torch.randn(d, n, generator=g, dtype=dtype) * 0.5)
-    B = torch.randn(batch, n, length, generator=g, dtype=dtype)
-    C = torch.randn(batch, n, length, generator=g, dtype=dtype)
-    return u, delta, A, B, C
 
 
 def brute_force(u, delta, A, B, C, parent):

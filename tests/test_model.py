@@ -293,6 +293,18 @@ def test_cached_decoding_equals_a_full_forward_with_the_prompt_as_context():
     assert (last_hidden(model, full_ids)[:, 9:] - full[:, 9:]).abs().max() > 1e-6
 
 
+def test_decoding_accepts_the_attention_mask_of_the_whole_sequence():
+    """Manual decode loops pass the mask of everything so far; only its new columns apply."""
+    model = tiny_model().to(F64).eval()
+    prompt, step = random_ids(2, 9), random_ids(2, 1, seed=1)
+    with torch.no_grad():
+        plain = model(step, cache=model(prompt, use_cache=True).cache, use_cache=True).logits
+        masked = model(step, cache=model(prompt, use_cache=True).cache, use_cache=True,
+                       attention_mask=torch.ones(2, 10, dtype=torch.long)).logits
+    assert masked.shape == plain.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(masked, plain, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("context_lens", [None, torch.tensor([3, 10])])
 def test_generate_logits_equal_full_forward(context_lens):
     """generate() prefills with the tree (context: the whole prompt unless given), then decodes."""

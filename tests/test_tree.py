@@ -91,6 +91,13 @@ def test_tree_scan_matches_brute_force(length):
         assert ((got - expected).norm() / expected.norm().clamp_min(1e-300)) < 1e-10
 
 
+def test_empty_batch():
+    u, delta, A, B, C = random_inputs(0, 4, 3, 6)
+    tree = build_tree(u, delta, B, torch.zeros(0, dtype=torch.long))
+    y, root = tree_scan(u, delta, A, B, C, tree, return_root_state=True)
+    assert y.shape == (0, 4, 6) and root.shape == (0, 4, 3)
+
+
 def test_root_state_is_the_root_h():
     u, delta, A, B, C = random_inputs(3, 4, 2, 9)
     tree = build_tree(u, delta, B, torch.tensor([9, 4, 0]))

@@ -87,7 +87,7 @@ class GrootLMixer(MambaMixer):
         length = x.shape[-1]
         if cache is not None:
             x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-        _, causal_conv1d_fn = _cuda_kernels() if x.is_cuda else (None, None)
+        _, causal_conv1d_fn = _cuda_kernels() if x.is_cuda and x.dtype != torch.float64 else (None, None)
         if causal_conv1d_fn is not None and self.activation in ("silu", "swish"):
             weight = self.conv1d.weight.squeeze(1)
             return causal_conv1d_fn(x.contiguous(), weight, self.conv1d.bias, activation=self.activation)[..., -length:]
@@ -97,7 +97,7 @@ class GrootLMixer(MambaMixer):
     def _full_scan(self, u, dt, dt_bias, delta, A, B, C, cache, context_lens, start) -> Tensor:
         """Chain scan (+ D skip) plus modulation * tree scan over a whole sequence; fills the cache."""
         keep_state = cache is not None
-        selective_scan_fn, _ = _cuda_kernels() if u.is_cuda else (None, None)
+        selective_scan_fn, _ = _cuda_kernels() if u.is_cuda and u.dtype != torch.float64 else (None, None)
         if selective_scan_fn is not None:
             chain = selective_scan_fn(
                 u,

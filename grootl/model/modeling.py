@@ -127,11 +127,15 @@ class GrootLMambaModel(GrootLMambaPreTrainedModel, MambaModel):
             cache = DynamicCache(config=self.config)
 
         batch, length = inputs_embeds.shape[:2]
+        start = None
         if continues_from_cache(cache):
             context_lens = None  # decoding: every new position is on the chain
-        elif context_lens is not None:
-            context_lens = check_context_lens(context_lens, batch, length, inputs_embeds.device)
-        start = left_padding(attention_mask)
+            if attention_mask is not None:  # callers may pass the mask of the whole sequence so far
+                attention_mask = attention_mask[:, -length:]
+        else:
+            if context_lens is not None:
+                context_lens = check_context_lens(context_lens, batch, length, inputs_embeds.device)
+            start = left_padding(attention_mask)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None

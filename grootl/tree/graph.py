@@ -113,7 +113,7 @@ def build_tree(
     # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves u.device
     from grootl.tree import native
 
-    if native.available(u.device):
+    if u.shape[0] and native.available(u.device):  # an empty batch needs no kernel
         return native._build_tree(u, delta, B, context_lens, k, distance, start)
     # <<< native dispatch hook
     with torch.no_grad():

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 import grootl.train.loop as loop
 from grootl import load_model
 from grootl.data import DataError
+from grootl.model import ADAPTER_SETTINGS
 from grootl.train import load_recipe, main, train
 from grootl.train.loop import TrainingError, prepare_data
 from grootl.train.modeling import build_model
@@ -164,6 +165,11 @@ def test_each_arm_trains_only_what_it_should(tmp_path, monkeypatch, method):
     assert adapter_config["base_model_name_or_path"] == str(out / "base")
     adapted = PeftModel.from_pretrained(load_model(adapter_config["base_model_name_or_path"]), final / "adapter").eval()
     torch.testing.assert_close(logits(adapted), logits(load_model(str(final)).eval()), atol=1e-4, rtol=1e-4)
+    # the arm's tree settings travel with the adapter, so scoring the adapter alone scores the same arm
+    assert json.loads((final / "adapter" / ADAPTER_SETTINGS).read_text()) == config["grootl"]
+    from grootl.evaluation.lm import GrootLLM
+
+    assert GrootLLM(pretrained=str(final / "adapter"), device="cpu").grootl_config.enabled == (method == "grootl")
 
 
 def test_non_finite_loss_stops_at_the_step_and_keeps_the_checkpoints_before_it(tmp_path):
@@ -187,6 +193,10 @@ def test_empty_dataset_after_filtering_is_an_error(tmp_path):
         prepare_data(run, tokenizer, log=lambda message: None)
     with pytest.raises(DataError, match=r"data.eval_size 500 leaves no training records"):
         prepare_data(recipe(tmp_path, "data.eval_size=500"), tokenizer, log=lambda message: None)
+    long_prompts = tmp_path / "eval.jsonl"
+    long_prompts.write_text(json.dumps({"instruction": "word " * 400, "input": "", "output": "yes"}) + "\n")
+    with pytest.raises(DataError, match=r"eval.jsonl: no eval records left after filtering"):
+        prepare_data(recipe(tmp_path, f"data.eval_path={long_prompts}"), tokenizer, log=lambda message: None)
 
 
 def test_output_dir_rules(tmp_path):
@@ -262,7 +272,7 @@ def test_pretrained_init_from_a_local_checkpoint(tmp_path):
     """The code path of the 130M recipes (model.init: pretrained), on a saved tiny stock-Mamba checkpoint."""
     from transformers import MambaForCausalLM
 
-    from grootl.model import tiny_config
+    from grootl.model import ADAPTER_SETTINGS, tiny_config
 
     stock = tmp_path / "stock-mamba"
     MambaForCausalLM(tiny_config()).save_pretrained(stock)

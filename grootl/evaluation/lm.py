@@ -21,7 +21,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
 
-from grootl.model import GrootLConfig, load_model
+from grootl.model import ADAPTER_SETTINGS, GrootLConfig, load_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -73,7 +73,11 @@ class GrootLLM(HFLM):
         for option in ("delta", "autogptq", "gptqmodel", "gguf_file", "parallelize", "tp_plan"):
             if kwargs.get(option):
                 raise ValueError(f"the grootl lm-eval model does not support {option}=")
-        own = getattr(self._config, "grootl_config", None) or GrootLConfig()
+        settings = Path(peft, ADAPTER_SETTINGS) if peft else None
+        if settings is not None and settings.is_file():  # a LoRA arm's adapter: its run's tree settings
+            own = GrootLConfig.from_dict(json.loads(settings.read_text()))
+        else:
+            own = getattr(self._config, "grootl_config", None) or GrootLConfig()
         grootl = dataclasses.replace(own, **self._grootl_overrides)
         dtype = None if dtype == "auto" else get_dtype(dtype)
         self._model = load_model(pretrained, grootl=grootl, dtype=dtype, revision=revision)

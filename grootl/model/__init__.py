@@ -5,7 +5,7 @@ Importing this package registers the ``grootl_mamba`` model type with transforme
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from grootl.model.config import GrootLConfig, GrootLMambaConfig, tiny_config
+from grootl.model.config import ADAPTER_SETTINGS, GrootLConfig, GrootLMambaConfig, tiny_config
 from grootl.model.loading import load_model, tiny_model
 from grootl.model.mixer import GrootLMixer
 from grootl.model.modeling import GrootLMambaForCausalLM, GrootLMambaModel, context_lens_from_labels
@@ -15,6 +15,7 @@ AutoModel.register(GrootLMambaConfig, GrootLMambaModel, exist_ok=True)
 AutoModelForCausalLM.register(GrootLMambaConfig, GrootLMambaForCausalLM, exist_ok=True)
 
 __all__ = [
+    "ADAPTER_SETTINGS",
     "GrootLConfig",
     "GrootLMambaConfig",
     "GrootLMambaForCausalLM",

@@ -10,6 +10,9 @@ from transformers import MambaConfig
 from grootl.tree import DISTANCES
 
 
+ADAPTER_SETTINGS = "grootl.json"  # GrootLConfig.to_dict() saved beside a PEFT adapter of a stock base
+
+
 @dataclass(frozen=True)
 class GrootLConfig:
     """How each Mamba block merges the tree scan: ``y = y_chain + modulation * y_tree``.

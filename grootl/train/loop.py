@@ -60,6 +60,8 @@ def prepare_data(recipe: Recipe, tokenizer, log) -> tuple:
         eval_rows, eval_report = tokenize_records(load_records(recipe.data.eval_path, recipe.data.split), tokenizer,
                                                   recipe.data.template, recipe.data.max_length, recipe.data.num_proc)
         log(f"eval data {recipe.data.eval_path}: {eval_report}")
+        if len(eval_rows) == 0:
+            raise DataError(f"{recipe.data.eval_path}: no eval records left after filtering ({eval_report})")
     elif recipe.data.eval_size:
         if recipe.data.eval_size >= len(rows):
             raise DataError(f"{recipe.data.path}: data.eval_size {recipe.data.eval_size} leaves no training records "
@@ -228,7 +230,8 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                             if not torch.isfinite(mean_loss):
                                 raise TrainingError(diverged(f"loss is {mean_loss.item()}"))
                             if recipe.train.max_grad_norm:
-                                grad_norm = accelerator.clip_grad_norm_(trainable, recipe.train.max_grad_norm)
+                                # all parameters (frozen ones have no grad): Accelerate then uses FSDP's global-norm clip
+                                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     if not accelerator.sync_gradients:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import MambaConfig
 
-from grootl.model import GrootLConfig, GrootLMambaConfig, GrootLMambaForCausalLM, load_model
+from grootl.model import ADAPTER_SETTINGS, GrootLConfig, GrootLMambaConfig, GrootLMambaForCausalLM, load_model
 from grootl.train.recipe import Recipe
+from grootl.train.rundir import replace_dir
 
 BASE_DIR = "base"
 FINAL_DIR = "final"
@@ -71,11 +73,12 @@ def export_final(model: torch.nn.Module, tokenizer, out: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     if isinstance(model, PeftModel):
         model.save_pretrained(staging / ADAPTER_DIR)
+        # the adapter's base is a stock checkpoint: keep the arm's tree settings beside the adapter
+        (staging / ADAPTER_DIR / ADAPTER_SETTINGS).write_text(json.dumps(model.get_base_model().grootl.to_dict()))
         untie_output_embeddings(model.get_base_model())
         model = model.merge_and_unload()
     model.config.use_cache = True
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
+    replace_dir(staging, final)
     return final

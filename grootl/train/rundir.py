@@ -102,6 +102,17 @@ def staging_dir(out: Path, step: int) -> Path:
     return out / CHECKPOINTS / f"{TMP_PREFIX}step-{step}"
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``; an existing ``dst`` is moved aside first and
+    deleted only after, so a kill at any moment leaves one complete folder."""
+    aside = dst.with_name(f"{TMP_PREFIX}old-{dst.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, aside)
+    os.replace(src, dst)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def publish_checkpoint(staging: Path, state: dict, keep: int) -> Path:
     """Write the trainer state into a fully saved ``staging`` folder, rename it into place in one
     atomic step, and delete all but the newest ``keep`` checkpoints."""
@@ -110,9 +121,7 @@ def publish_checkpoint(staging: Path, state: dict, keep: int) -> Path:
         f.flush()
         os.fsync(f.fileno())
     final = staging.parent / f"step-{state['step']}"
-    if final.exists():  # saving the same step again (e.g. after resuming from it)
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    replace_dir(staging, final)  # final may exist: saving the same step again after resuming from it
     for old in checkpoint_dirs(staging.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

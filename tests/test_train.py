@@ -234,6 +234,8 @@ def test_resume_discards_a_half_written_checkpoint(tmp_path):
 
 def test_cli_refuses_a_run_dir_and_overwrite_replaces_it(tmp_path, capsys):
     args = [str(DEMO), f"output_dir={tmp_path / 'run'}", *FAST, "train.max_steps=1"]
+    assert main([*args, f"data.path={tmp_path / 'missing.jsonl'}"]) == 1  # a failed start claims nothing
+    assert not (tmp_path / "run").exists()
     assert main(args) == 0
     assert main(args) == 1
     assert "already holds a run" in capsys.readouterr().err

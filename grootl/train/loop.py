@@ -118,11 +118,6 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
     )
     log = (lambda message: print(f"[grootl train] {message}", flush=True)) if accelerator.is_main_process else (lambda m: None)
     action = rundir.check_output_dir(out, recipe.to_dict(), resume, overwrite)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        rundir.claim_output_dir(out, recipe.to_dict(), action)
-    accelerator.wait_for_everyone()
-    resuming = rundir.checkpoint_dirs(out) if action == "resume" else []
     set_seed(recipe.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.name_or_path)
@@ -131,6 +126,12 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
         rows, eval_rows, report = prepare_data(recipe, tokenizer, log)
 
     base = build_base(recipe)
+    # claim output_dir only once tokenizer, data and model loaded: a bad recipe leaves no run behind
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        rundir.claim_output_dir(out, recipe.to_dict(), action)
+    accelerator.wait_for_everyone()
+    resuming = rundir.checkpoint_dirs(out) if action == "resume" else []
     base_dir = out / BASE_DIR
     if recipe.model.init == "random" and recipe.method != "full" and accelerator.is_main_process and not base_dir.is_dir():
         base.save_pretrained(base_dir)  # the random base that the exported adapter applies to

@@ -232,6 +232,19 @@ def test_resume_discards_a_half_written_checkpoint(tmp_path):
     assert [p.name for p in checkpoint_dirs(out)] == ["step-2"] and not (out / "checkpoints/.tmp-step-4").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.max_length=1", "data.max_length must be at least 2"),
+    ("model.config.hidden_size=abc", "model.config is not a valid MambaConfig"),
+    ("model.config.hidden_sise=32", "model.config has unknown MambaConfig field(s) ['hidden_sise']"),
+    ("model.config.vocab_size=100", "the tokenizer has 512 tokens but the model's vocab_size is 100"),
+    ("model.tokenizer=/nonexistent/tokenizer", "model.tokenizer: cannot load a tokenizer from '/nonexistent/tokenizer'"),
+])
+def test_bad_recipe_values_are_clear_errors(tmp_path, capsys, override, message):
+    assert main([str(DEMO), f"output_dir={tmp_path / 'run'}", *FAST, "train.max_steps=1", override]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_refuses_a_run_dir_and_overwrite_replaces_it(tmp_path, capsys):
     args = [str(DEMO), f"output_dir={tmp_path / 'run'}", *FAST, "train.max_steps=1"]
     assert main([*args, f"data.path={tmp_path / 'missing.jsonl'}"]) == 1  # a failed start claims nothing

@@ -21,7 +21,7 @@ from grootl.data import DataError, DataReport, load_records, make_dataloader, to
 from grootl.train import rundir
 from grootl.tree import NonFiniteInputError
 from grootl.train.modeling import BASE_DIR, build_base, build_model, export_final
-from grootl.train.recipe import Recipe
+from grootl.train.recipe import Recipe, RecipeError
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -120,12 +120,20 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
     action = rundir.check_output_dir(out, recipe.to_dict(), resume, overwrite)
     set_seed(recipe.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.name_or_path)
+    tokenizer_source = recipe.model.tokenizer or recipe.model.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError) as error:
+        key = "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path"
+        raise RecipeError(f"recipe key {key}: cannot load a tokenizer from {tokenizer_source!r} ({error})") from None
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with accelerator.main_process_first():
         rows, eval_rows, report = prepare_data(recipe, tokenizer, log)
 
     base = build_base(recipe)
+    if len(tokenizer) > base.config.vocab_size:
+        raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                          f"{base.config.vocab_size} (recipe key model.config.vocab_size or model.tokenizer)")
     # claim output_dir only once tokenizer, data and model loaded: a bad recipe leaves no run behind
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

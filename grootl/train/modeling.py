@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import MambaConfig
 
 from grootl.model import ADAPTER_SETTINGS, GrootLConfig, GrootLMambaConfig, GrootLMambaForCausalLM, load_model
-from grootl.train.recipe import Recipe
+from grootl.train.recipe import Recipe, RecipeError
 from grootl.train.rundir import replace_dir
 
 BASE_DIR = "base"
@@ -29,10 +29,13 @@ def build_base(recipe: Recipe) -> GrootLMambaForCausalLM:
     """The base model: pretrained weights, or a random init from ``model.config`` (seed it first)."""
     dtype = getattr(torch, recipe.model.dtype)
     if recipe.model.init == "random":
+        unknown = sorted(set(recipe.model.config) - set(MambaConfig().to_dict()))
+        if unknown:
+            raise RecipeError(f"recipe key model.config has unknown MambaConfig field(s) {unknown}")
         try:
             config = GrootLMambaConfig.from_mamba(MambaConfig(**recipe.model.config), grootl_settings(recipe))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"recipe key model.config is not a valid MambaConfig: {error}") from error
+        except Exception as error:  # transformers raises TypeError, ValueError or its strict-dataclass errors
+            raise RecipeError(f"recipe key model.config is not a valid MambaConfig: {error}") from error
         return GrootLMambaForCausalLM(config).to(dtype)
     return load_model(recipe.model.name_or_path, grootl=grootl_settings(recipe), dtype=dtype)
 

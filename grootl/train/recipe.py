@@ -275,6 +275,9 @@ def check_recipe(recipe: Recipe) -> None:
                 "checkpoint.keep", "log.every", "lora.r", "lora.alpha"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(recipe, section), name))
+    if recipe.data.max_length < 2:
+        raise RecipeError(f"recipe key data.max_length must be at least 2 (a prompt and a response token); "
+                          f"got {recipe.data.max_length}")
     for key in ("train.weight_decay", "train.warmup_steps", "train.num_workers", "train.max_grad_norm",
                 "data.eval_size", "lora.dropout"):
         section, name = key.split(".")

@@ -20,9 +20,11 @@ class NonFiniteInputError(ValueError):
 
 
 def _check_finite(**tensors: Tensor) -> None:
-    for name, x in tensors.items():
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteInputError(f"{name} contains NaN or inf (shape {_shape(x)})")
+    finite = [torch.isfinite(x).all() for x in tensors.values()]
+    if bool(torch.stack(finite).all()):  # one host sync for all of them
+        return
+    name, x = next((name, x) for (name, x), ok in zip(tensors.items(), finite) if not ok)
+    raise NonFiniteInputError(f"{name} contains NaN or inf (shape {_shape(x)})")
 
 
 def check_features(u: Tensor, delta: Tensor, B: Tensor) -> tuple[int, int, int, int]:

@@ -17,6 +17,7 @@ from transformers.models.mamba.modeling_mamba import MambaMixer, apply_mask_to_p
 
 from grootl.model.config import GrootLConfig
 from grootl.tree import build_tree, chain_scan, tree_scan
+from grootl.tree.graph import work_dtype
 
 
 @cache
@@ -31,11 +32,6 @@ def _cuda_kernels() -> tuple:
     except (ImportError, OSError):
         causal_conv1d_fn = None
     return selective_scan_fn, causal_conv1d_fn
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scan arithmetic precision: float64 stays float64, anything else runs in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class GrootLMixer(MambaMixer):
@@ -69,7 +65,7 @@ class GrootLMixer(MambaMixer):
             self.x_proj(u), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
         )
         u, B, C = u.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)  # (batch, D|N, L)
-        ct = compute_dtype(dtype)
+        ct = work_dtype(hidden_states)
         dt = self.dt_proj.weight @ time_step.transpose(1, 2)  # (batch, D, L), before bias and softplus
         dt_bias = self.dt_proj.bias.float()
         delta = F.softplus(dt.to(ct) + dt_bias.to(ct)[:, None])
@@ -129,7 +125,7 @@ class GrootLMixer(MambaMixer):
             if keep_state:
                 h_last = h_last.to(h_root.dtype) + lam * h_root
         if keep_state:
-            cache.update_recurrent_state(h_last.to(compute_dtype(u.dtype)), self.layer_idx)
+            cache.update_recurrent_state(h_last.to(work_dtype(u)), self.layer_idx)
         return y
 
     def _recurrent_scan(self, state: Tensor, u, delta, A, B, C, cache) -> Tensor:

@@ -40,14 +40,6 @@ class Tree:
         parent = torch.where(pos + 1 < length, pos + 1, -1)
         return cls(parent.expand(batch, length).contiguous(), pos.flip(0).expand(batch, length).contiguous())
 
-    @property
-    def batch(self) -> int:
-        return self.parent.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.parent.shape[1]
-
 
 def edge_weights(u: Tensor, delta: Tensor, B: Tensor, k: int = 3, distance: str = "cosine") -> Tensor:
     """Distance between the features ``X[:, :, t] = delta*u (outer) B`` of positions ``t-j`` and ``t``.

@@ -208,12 +208,19 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
         accelerator.wait_for_everyone()
         return out / rundir.CHECKPOINTS / f"step-{state['step']}"
 
+    def run_eval() -> float:
+        """Eval loss at the current step, recorded in metrics.jsonl and the trackers."""
+        eval_loss = evaluate(accelerator, model, eval_rows, eval_batch, pad_token_id)
+        if accelerator.is_main_process:
+            rundir.append_metrics(out, {"step": state["step"], "eval_loss": eval_loss})
+        accelerator.log({"eval_loss": eval_loss}, step=state["step"])
+        return eval_loss
+
     def diverged(what: str) -> str:
         kept = f"checkpoints before it are kept, newest {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
         return f"{what} at optimizer step {state['step'] + 1}; stopped before updating the weights ({kept})"
 
     model.train()
-    window["start"] = time.time()
     with sigterm_as_interrupt():
         try:
             while state["step"] < total_steps:
@@ -272,11 +279,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                         accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=state["step"])
                         window.update(loss=torch.zeros((), device=accelerator.device), steps=0, tokens=0, start=time.time())
                     if eval_rows is not None and recipe.eval.every and state["step"] % recipe.eval.every == 0 and state["step"] < total_steps:
-                        eval_loss = evaluate(accelerator, model, eval_rows, eval_batch, pad_token_id)
-                        if accelerator.is_main_process:
-                            rundir.append_metrics(out, {"step": state["step"], "eval_loss": eval_loss})
-                        accelerator.log({"eval_loss": eval_loss}, step=state["step"])
-                        log(f"step {state['step']}: eval loss {eval_loss:.4f}")
+                        log(f"step {state['step']}: eval loss {run_eval():.4f}")
                     if recipe.checkpoint.every and (state["step"] % recipe.checkpoint.every == 0 or state["step"] == total_steps):
                         last_checkpoint = save_checkpoint()
                     if state["step"] >= total_steps:
@@ -292,11 +295,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
             progress.close()
 
     if eval_rows is not None:
-        eval_loss = evaluate(accelerator, model, eval_rows, eval_batch, pad_token_id)
-        if accelerator.is_main_process:
-            rundir.append_metrics(out, {"step": state["step"], "eval_loss": eval_loss})
-        accelerator.log({"eval_loss": eval_loss}, step=state["step"])
-        log(f"final eval loss {eval_loss:.4f}")
+        log(f"final eval loss {run_eval():.4f}")
     full_state = accelerator.get_state_dict(model)
     final = out / "final"
     if accelerator.is_main_process:

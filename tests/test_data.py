@@ -13,6 +13,7 @@ from grootl.data import (
     IGNORE_INDEX, DataError, EpochSampler, SFTCollator, get_template, load_records, make_dataloader, tokenize_records,
 )
 from grootl.data.alpaca import DROP_EMPTY_OUTPUT, DROP_LONG_PROMPT
+from grootl.paths import is_local_path
 
 from conftest import ASSETS
 
@@ -80,6 +81,28 @@ def test_hub_ids_go_to_load_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert load_records("tatsu-lab/alpaca").to_list() == records.to_list()
     assert calls == [("tatsu-lab/alpaca", "train")]
+
+
+@pytest.mark.parametrize("name, local", [
+    ("tatsu-lab/alpaca", False), ("state-spaces/mamba-1.4b-hf", False), ("org_1/model.v2", False),  # owner/name
+    ("./data", True), ("../data", True), ("/abs/data", True), ("~/data", True), (".hidden/x", True),  # leading . / ~
+    ("alpaca", True), ("a/b/c", True), ("a/", True), ("a b/c", True), ("C:\\data", True), ("C:/data", True),
+    ("data/train.jsonl", True), ("org/set.JSON", True), ("org/set.parquet", True),  # a data file, not a repo
+    ("org/here", True),  # exists under the base folder
+])
+def test_is_local_path(tmp_path, monkeypatch, name, local):
+    (tmp_path / "org/here").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path.parent)
+    assert is_local_path(name, tmp_path) is local
+    assert is_local_path(name) is (local and name != "org/here")  # base: the current directory
+
+
+def test_missing_local_sources_are_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: pytest.fail("asked the hub"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("alpaca_data", "runs/x/data", "data/train.jsonl", "./saved"):
+        with pytest.raises(DataError, match=f"{name.removeprefix('./')}: no such file or folder"):
+            load_records(name)
 
 
 def test_record_missing_output_names_file_and_record(tmp_path):

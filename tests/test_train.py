@@ -3,7 +3,9 @@ resume after a kill, what each arm trains, export and reload, and the failure ca
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,8 +22,8 @@ from transformers import AutoTokenizer
 
 import grootl.train.loop as loop
 from grootl import load_model
-from grootl.data import DataError
-from grootl.model import ADAPTER_SETTINGS
+from grootl.data import DataError, load_records, tokenize_records
+from grootl.model import ADAPTER_SETTINGS, tiny_model
 from grootl.train import load_recipe, main, train
 from grootl.train.loop import TrainingError, prepare_data
 from grootl.train.modeling import build_model
@@ -197,6 +199,41 @@ def test_empty_dataset_after_filtering_is_an_error(tmp_path):
     long_prompts.write_text(json.dumps({"instruction": "word " * 400, "input": "", "output": "yes"}) + "\n")
     with pytest.raises(DataError, match=r"eval.jsonl: no eval records left after filtering"):
         prepare_data(recipe(tmp_path, f"data.eval_path={long_prompts}"), tokenizer, log=lambda message: None)
+
+
+class SimulatedProcess:
+    """The parts of an Accelerator that ``evaluate`` uses, as one of ``num_processes`` CPU processes;
+    ``reduce`` keeps this process's totals for the test to sum."""
+
+    device = torch.device("cpu")
+    autocast = staticmethod(contextlib.nullcontext)
+
+    def __init__(self, num_processes, process_index):
+        self.num_processes, self.process_index = num_processes, process_index
+
+    def reduce(self, totals, reduction):
+        self.totals = totals.clone()
+        return totals
+
+
+@pytest.mark.parametrize("count, batch_size", [(5, 2), (7, 3), (1, 2)])  # 3+2, 4+3 and 1+0 rows: uneven batches
+def test_eval_runs_as_many_batches_on_every_process_and_the_mean_stays_exact(count, batch_size):
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    rows, _ = tokenize_records(load_records(ASSETS / "alpaca_tiny.jsonl").select(range(count)), tokenizer,
+                               max_length=256)
+    model = tiny_model()
+    forwards = []
+    model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    single = loop.evaluate(SimulatedProcess(1, 0), model, rows, batch_size, tokenizer.pad_token_id)
+    ranks, passes = [SimulatedProcess(2, 0), SimulatedProcess(2, 1)], []
+    for rank in ranks:
+        forwards.clear()
+        loop.evaluate(rank, model, rows, batch_size, tokenizer.pad_token_id)
+        passes.append(len(forwards))
+    assert passes[0] == passes[1] == math.ceil(math.ceil(count / 2) / batch_size)
+    total = ranks[0].totals + ranks[1].totals
+    assert total[1] == sum(len(ids) - context for ids, context in zip(rows["input_ids"], rows["context_len"]))
+    assert float(total[0] / total[1]) == pytest.approx(single, rel=1e-5)
 
 
 def test_output_dir_rules(tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 import datasets
 
 from grootl.data.templates import get_template
+from grootl.paths import FILE_BUILDERS, is_local_path
 
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 REQUIRED_FIELDS = ("instruction", "output")
 DROP_EMPTY_OUTPUT = "empty output"
 DROP_LONG_PROMPT = "prompt leaves no room for a response within max_length"
@@ -44,7 +44,7 @@ def load_records(source: str | Path, split: str = "train") -> datasets.Dataset:
             records = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as error:
             raise DataError(f"{path}: could not read as {builder} ({type(error).__name__}: {error})") from error
-    elif path.suffix.lower() in FILE_BUILDERS or name.startswith((".", "/", "~")):
+    elif is_local_path(name):
         raise DataError(f"{path}: no such file or folder")
     else:
         try:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from grootl.evaluation.tasks import PAPER_SUITE, missing_data_files, render_offline_tasks
+from grootl.paths import is_local_path
 
 
 class EvalError(Exception):
@@ -69,8 +70,7 @@ def _task_names(args: argparse.Namespace) -> list[str]:
 def _missing_local_path(name: str, what: str) -> EvalError | None:
     """An error for a path that does not exist, unless it can be a hub id (owner/name, online)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    local_looking = name.startswith((".", "/", "~")) or name.count("/") != 1
-    if local_looking or offline:
+    if is_local_path(name) or offline:
         return EvalError(f"{what} {name} does not exist" + (" (and HF_HUB_OFFLINE is set)" if offline else ""))
     return None
 

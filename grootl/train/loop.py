@@ -17,7 +17,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
-from grootl.data import DataError, DataReport, load_records, make_dataloader, tokenize_records
+from grootl.data import (IGNORE_INDEX, DataError, DataReport, SFTCollator, load_records, make_dataloader,
+                         tokenize_records)
 from grootl.train import rundir
 from grootl.tree import NonFiniteInputError
 from grootl.train.modeling import BASE_DIR, build_base, build_model, export_final
@@ -74,19 +75,34 @@ def prepare_data(recipe: Recipe, tokenizer, log) -> tuple:
     return rows, eval_rows, report
 
 
+def eval_batches(eval_rows, num_processes: int, process_index: int, batch_size: int, pad_token_id: int):
+    """This process's batches of its contiguous share of ``eval_rows``, then filler batches (row 0 with every
+    label ignored: zero weight) up to the largest share's count. Every process runs the same number of
+    forward passes: under FSDP each forward all-gathers, so uneven counts would hang."""
+    div, mod = divmod(len(eval_rows), num_processes)
+    start = process_index * div + min(process_index, mod)
+    # A list, not a range: select() rejects an empty range that starts at the end (fewer rows than processes).
+    share = eval_rows.select(list(range(start, start + div + (process_index < mod))))
+    loader = make_dataloader(share, batch_size, pad_token_id, shuffle=False)
+    yield from loader
+    for _ in range(math.ceil((div + (mod > 0)) / batch_size) - len(loader)):
+        filler = SFTCollator(pad_token_id)([eval_rows[0]])
+        filler["labels"].fill_(IGNORE_INDEX)
+        yield filler
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, eval_rows, batch_size: int, pad_token_id: int) -> float:
-    """Mean loss per response token over ``eval_rows`` (each process scores its own share)."""
-    share = eval_rows.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
-    loader = make_dataloader(share, batch_size, pad_token_id, shuffle=False)
+    """Mean loss per response token over ``eval_rows`` (each process scores its own share, see :func:`eval_batches`)."""
     model.eval()
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for batch in loader:
+    for batch in eval_batches(eval_rows, accelerator.num_processes, accelerator.process_index, batch_size, pad_token_id):
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         with accelerator.autocast():
             loss = model(**batch).loss
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        totals += torch.stack([loss.double() * tokens, tokens.double()])
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        # A filler's loss is NaN (a mean over no tokens): weight it out without multiplying by 0.
+        totals += torch.stack([torch.where(tokens > 0, loss.double() * tokens, 0.0), tokens.double()])
     model.train()
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1].clamp(min=1))

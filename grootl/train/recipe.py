@@ -2,8 +2,8 @@
 
 Paths: relative paths *inside a recipe file* (``model.name_or_path``, ``model.tokenizer``, ``data.path``,
 ``data.eval_path``) resolve against the recipe file's folder; paths given as command-line overrides
-and ``output_dir`` resolve against the current directory. A value that is not a local path (no
-leading ``.``/``/``/``~``, no data-file suffix, nothing there) is kept as a hub id.
+and ``output_dir`` resolve against the current directory. A value that is not a local path (see
+:func:`grootl.paths.is_local_path`: a plausible ``owner/name`` with nothing there) is kept as a hub id.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from grootl.data.alpaca import FILE_BUILDERS
+from grootl.paths import is_local_path
 
 METHODS = ("grootl", "lora", "full")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -181,18 +181,12 @@ def _build(cls, values: Any, prefix: str = ""):
         raise RecipeError(f"recipe is missing required key(s) {[prefix + m for m in missing]}") from None
 
 
-def _looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or Path(value).suffix.lower() in FILE_BUILDERS
-
-
 def _resolve_paths(values: dict, base: Path) -> None:
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = values.get(section, {}).get(name) if isinstance(values.get(section), dict) else None
-        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-            candidate = base / value
-            if _looks_like_path(value) or candidate.exists():
-                values[section][name] = str(candidate.resolve())
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute() and is_local_path(value, base):
+            values[section][name] = str((base / value).resolve())
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -16,11 +16,13 @@ namespace {
 
 constexpr int64_t kGroup = 16;  // channels per task; dB/dC partial sums are kept per (row, group)
 
-int64_t channel_group() { return kGroup; }
+int64_t channel_group(int64_t /*N*/) { return kGroup; }
 int64_t chunk_size() { return grootl::kChunk; }
+int64_t max_state() { return std::numeric_limits<int32_t>::max(); }
 
-void plan(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags, at::Tensor ckpt_offset,
-          at::Tensor sizes) {
+// Returns the largest (forward stack depth, backward stack depth, checkpoint entries) over the rows.
+std::vector<int64_t> plan(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags, at::Tensor ckpt_offset,
+                          at::Tensor sizes) {
   const int64_t batch = parent.size(0), L = parent.size(1);
   const int64_t* p = parent.data_ptr<int64_t>();
   const int64_t* o = order.data_ptr<int64_t>();
@@ -41,13 +43,17 @@ void plan(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags, a
     TORCH_CHECK(status[b] != grootl::kBadOrder, "tree.order row ", b,
                 " is not a DFS preorder of tree.parent starting at the root L-1");
   }
+  std::vector<int64_t> largest(3, 0);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int q = 0; q < 3; ++q) largest[q] = std::max<int64_t>(largest[q], sz[b * 3 + q]);
+  return largest;
 }
 
 template <typename scalar_t, typename acc_t>
 grootl::Channel<scalar_t, acc_t> channel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                          const at::Tensor& B, const at::Tensor& C, const at::Tensor& parent,
                                          const at::Tensor& order, const at::Tensor& flags, int64_t b, int64_t d) {
-  const int64_t D = u.size(1), L = u.size(2), N = B.size(1);
+  const int64_t D = u.size(1), L = u.size(2), N = B.size(2);
   return {u.data_ptr<scalar_t>() + (b * D + d) * L,
           delta.data_ptr<scalar_t>() + (b * D + d) * L,
           A.data_ptr<acc_t>() + d * N,
@@ -60,46 +66,49 @@ grootl::Channel<scalar_t, acc_t> channel(const at::Tensor& u, const at::Tensor& 
           (int)N};
 }
 
+// B, C: (batch, L, N). h_depth: the plan's largest forward stack depth.
 void forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
              const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
-             const at::Tensor& sizes, at::Tensor y, c10::optional<at::Tensor> root) {
-  const int64_t batch = u.size(0), D = u.size(1), N = B.size(1);
-  const int64_t h_depth = sizes.select(1, 0).max().item<int32_t>();
+             int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {
+  const int64_t batch = u.size(0), D = u.size(1), N = B.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     acc_t* root_ptr = root.has_value() ? root->data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, batch * D, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(grootl::forward_scratch_entries(h_depth) * N);
+      std::vector<acc_t> scratch(grootl::forward_scratch_entries(h_depth) * N), cur(N);
+      const grootl::SerialLanes lanes{(int)N};
       for (int64_t bd = begin; bd < end; ++bd) {
         const int64_t b = bd / D, d = bd % D;
         const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags, b, d);
-        grootl::tree_scan_forward(ch, scratch.data(), y_ptr + bd * ch.L,
-                                  root_ptr ? root_ptr + bd * N : nullptr);
+        grootl::tree_scan_forward(ch, lanes, grootl::Slots<acc_t>{scratch.data(), 1, (int)N}, cur.data(),
+                                  y_ptr + bd * ch.L, root_ptr ? root_ptr + bd * N : nullptr);
       }
     });
   });
 }
 
 template <typename acc_t>
-struct GroupSink {  // sums the group's channels into its (N, L) partials of dB and dC
+struct GroupSink {  // sums the group's channels into its (L, N) partials of dB and dC
   acc_t* dB;
   acc_t* dC;
-  int64_t L;
-  void add(int n, int64_t v, acc_t b_term, acc_t c_term) {
-    dB[n * L + v] += b_term;
-    dC[n * L + v] += c_term;
+  int64_t N;
+  void add(int, int n, int64_t v, acc_t b_term, acc_t c_term) {
+    dB[v * N + n] += b_term;
+    dC[v * N + n] += c_term;
   }
+  void commit(int64_t) {}
+  void finish() {}
 };
 
 // d_delta is in the accumulation type; dA_part (batch, D, N) per channel; dB_part, dC_part
-// (batch, groups, N, L) per channel group. The caller sums the partials.
+// (batch, groups, L, N) per channel group. The caller sums the partials. Scratch is sized per row (sizes).
 void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
               const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
-              const at::Tensor& ckpt_offset, const at::Tensor& sizes, const at::Tensor& gy,
-              c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta, at::Tensor dA_part,
-              at::Tensor dB_part, at::Tensor dC_part) {
-  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
+              const at::Tensor& ckpt_offset, const at::Tensor& sizes, const std::vector<int64_t>& /*max_sizes*/,
+              const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta,
+              at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
+  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(2);
   const int64_t groups = (D + kGroup - 1) / kGroup, chunks = grootl::num_chunks((int)L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -108,19 +117,22 @@ void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
     const scalar_t* gy_ptr = gy.data_ptr<scalar_t>();
     const acc_t* g_root_ptr = g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch;
+      std::vector<acc_t> scratch, regs(3 * N);
+      const grootl::SerialLanes lanes{(int)N};
+      const grootl::BackwardRegs<acc_t> r{regs.data(), regs.data() + N, regs.data() + 2 * N};
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / groups, grp = task % groups;
         const int32_t* row_sizes = sz + b * 3;
         scratch.resize(grootl::backward_scratch_entries(row_sizes[0], row_sizes[1], row_sizes[2]) * N);
-        GroupSink<acc_t> sink{dB_part.data_ptr<acc_t>() + task * N * L, dC_part.data_ptr<acc_t>() + task * N * L, L};
+        GroupSink<acc_t> sink{dB_part.data_ptr<acc_t>() + task * N * L, dC_part.data_ptr<acc_t>() + task * N * L, N};
         std::fill(sink.dB, sink.dB + N * L, acc_t(0));
         std::fill(sink.dC, sink.dC + N * L, acc_t(0));
         for (int64_t d = grp * kGroup; d < std::min(D, (grp + 1) * kGroup); ++d) {
           const int64_t bd = b * D + d;
           const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags, b, d);
-          grootl::tree_scan_backward(ch, gy_ptr + bd * L, g_root_ptr ? g_root_ptr + bd * N : nullptr,
-                                     ck + b * (chunks + 1), row_sizes[0], row_sizes[1], scratch.data(),
+          grootl::tree_scan_backward(ch, lanes, gy_ptr + bd * L, g_root_ptr ? g_root_ptr + bd * N : nullptr,
+                                     ck + b * (chunks + 1), row_sizes[0], row_sizes[1],
+                                     grootl::Slots<acc_t>{scratch.data(), 1, (int)N}, r,
                                      du.data_ptr<scalar_t>() + bd * L, d_delta.data_ptr<acc_t>() + bd * L,
                                      dA_part.data_ptr<acc_t>() + bd * N, sink);
         }
@@ -190,9 +202,10 @@ void build_tree(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "GrootL tree scan, CPU";
   m.def("channel_group", &channel_group, "channels per dB/dC partial sum");
+  m.def("max_state", &max_state, "largest N the scan kernels take");
   m.def("chunk_size", &chunk_size, "nodes per backward recompute chunk");
-  m.def("plan", &plan, "row plans of a tree (flags, checkpoint offsets, stack sizes)");
-  m.def("forward", &forward, "tree scan forward");
+  m.def("plan", &plan, "row plans of a tree; returns the largest stack sizes over the rows");
+  m.def("forward", &forward, "tree scan forward (B, C as (batch, L, N))");
   m.def("backward", &backward, "tree scan backward (partial sums for dA, dB, dC)");
   m.def("build_tree", &build_tree, "minimum spanning tree of the token graph, rooted at L-1");
 }

@@ -1,19 +1,23 @@
 // CUDA kernels: the tree_scan.h / tree_build.h algorithms on the device. Python bindings: cuda_bind.cpp.
-//   plan:     one thread per row.
-//   forward:  one thread per (row, channel); the pending-sum stack lives in a per-channel scratch of
-//             (max stack depth + 1) * N accumulators, never (L * N).
-//   backward: one warp per (row, 32 channels), a thread per channel; dB/dC terms are summed over the warp
-//             with shuffles (a fixed butterfly, so deterministic) into per-group partials that the caller
-//             sums; H is recomputed from stack checkpoints every kChunk nodes.
-//   build:    one block per row: norms and edge weights in parallel, a bitonic sort by (weight, id), then
-//             Kruskal and the rooting on one thread. No host round trip.
+//   plan:     one thread per row; the one host sync of a scan reads its status and stack sizes.
+//   forward:  a channel's N states spread over a group of kLanes lanes of a warp (kPer states per lane);
+//             y's sum over n is a butterfly of shuffles inside the group. Stacks live in a global scratch
+//             interleaved across the block's threads (coalesced), (max stack depth) * N per channel.
+//   backward: the same layout, blocks of kBackwardThreads; the dB/dC terms are summed over the warp's
+//             channels with shuffles, staged per warp in shared memory and summed over the block's warps
+//             every few nodes (fixed orders: deterministic) into the block's (L, N) partials, which the
+//             caller sums. H is recomputed from stack checkpoints every kChunk nodes.
+//   build:    per-position norms and neighbour dot products on a grid over positions; then one block per row:
+//             edge weights, a bitonic sort by (weight, id), Kruskal and the rooting on one thread. No host
+//             round trip.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cfloat>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "tree_build.h"
 #include "tree_scan.h"
@@ -22,7 +26,59 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kForwardThreads = 128;
+constexpr int kBackwardThreads = 512;
+constexpr int kFeatureThreads = 128;
 constexpr int kBuildThreads = 256;
+constexpr int kMaxState = 128;  // largest N the scan kernels take (32 lanes x 4 states)
+
+// A channel's N states over kLanes adjacent lanes of a warp (a power of two), kPer states per lane.
+template <int kLanes, int kPer>
+struct WarpLanes {
+  static constexpr int per = kPer;
+  int lane;       // index inside the group
+  unsigned mask;  // the group's lanes in the warp
+  __device__ int first() const { return lane; }
+  __device__ int count() const { return kLanes; }
+  __device__ bool leader() const { return lane == 0; }
+  template <typename T>
+  __device__ T sum(T x) const {  // xor butterfly: every lane adds the same pairs, so all get the same bits
+    for (int off = kLanes / 2; off > 0; off /= 2) x += __shfl_xor_sync(mask, x, off);
+    return x;
+  }
+};
+
+template <int kLanes, int kPer>
+__device__ WarpLanes<kLanes, kPer> warp_lanes() {
+  const int in_warp = threadIdx.x % kWarp;
+  const unsigned group = kLanes == kWarp ? 0xffffffffu : ((1u << kLanes) - 1u) << (in_warp & ~(kLanes - 1));
+  return {in_warp % kLanes, group};
+}
+
+// Lanes per channel and states per lane for N states: N <= 32 takes one state per lane.
+struct LaneShape {
+  int lanes, per;
+};
+LaneShape lane_shape(int64_t N) {
+  TORCH_CHECK(N >= 1 && N <= kMaxState, "the CUDA tree scan takes 1 <= N <= ", kMaxState, " states, got N = ", N);
+  int lanes = 4;
+  while (lanes < kWarp && lanes < N) lanes *= 2;
+  int per = 1;
+  while (lanes * per < N) per *= 2;
+  return {lanes, per};
+}
+
+// Calls f(std::integral_constant<int, kLanes>, std::integral_constant<int, kPer>) for N's lane shape.
+template <typename F>
+void with_lane_shape(int64_t N, F&& f) {
+  const LaneShape s = lane_shape(N);
+  using std::integral_constant;
+  if (s.per == 1 && s.lanes == 4) return f(integral_constant<int, 4>{}, integral_constant<int, 1>{});
+  if (s.per == 1 && s.lanes == 8) return f(integral_constant<int, 8>{}, integral_constant<int, 1>{});
+  if (s.per == 1 && s.lanes == 16) return f(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+  if (s.per == 1) return f(integral_constant<int, 32>{}, integral_constant<int, 1>{});
+  if (s.per == 2) return f(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+  return f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+}
 
 __global__ void plan_kernel(const int64_t* parent, const int64_t* order, int batch, int L, uint8_t* flags,
                             int32_t* ckpt_offset, int32_t* sizes, int32_t* status, int32_t* work) {
@@ -39,62 +95,134 @@ __device__ grootl::Channel<scalar_t, acc_t> channel(const scalar_t* u, const sca
                                                     const int64_t* order, const uint8_t* flags, int b, int d, int D,
                                                     int N, int L) {
   const int64_t bd = (int64_t)b * D + d;
-  return {u + bd * L,         delta + bd * L,           A + (int64_t)d * N,       B + (int64_t)b * N * L,
-          C + (int64_t)b * N * L, parent + (int64_t)b * L, order + (int64_t)b * L, flags + (int64_t)b * L,
+  return {u + bd * L,         delta + bd * L,           A + (int64_t)d * N,       B + (int64_t)b * L * N,
+          C + (int64_t)b * L * N, parent + (int64_t)b * L, order + (int64_t)b * L, flags + (int64_t)b * L,
           L,                  N};
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void forward_kernel(const scalar_t* u, const scalar_t* delta, const acc_t* A, const scalar_t* B,
-                               const scalar_t* C, const int64_t* parent, const int64_t* order, const uint8_t* flags,
-                               int D, int N, int L, int64_t scratch_stride, acc_t* scratch, scalar_t* y, acc_t* root) {
-  const int d = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
-  if (d >= D) return;
-  const int64_t bd = (int64_t)b * D + d;
-  const auto ch = channel(u, delta, A, B, C, parent, order, flags, b, d, D, N, L);
-  acc_t* mine = scratch + bd * scratch_stride;
-  grootl::tree_scan_forward(ch, mine, y + bd * L, root ? root + bd * N : nullptr);
+// This thread's scratch slots: the block's region (entries * kPer * threads), interleaved by thread.
+template <typename acc_t, int kPer>
+__device__ grootl::Slots<acc_t> thread_slots(acc_t* scratch, int64_t entries) {
+  const int64_t block = (int64_t)blockIdx.y * gridDim.x + blockIdx.x;
+  return {scratch + block * entries * kPer * blockDim.x + threadIdx.x, (int64_t)blockDim.x, kPer};
 }
 
-template <typename acc_t>
-struct WarpSink {  // sums a term over the warp's channels; lane 0 writes the group's partial
+template <typename scalar_t, typename acc_t, int kLanes, int kPer>
+__global__ void __launch_bounds__(kForwardThreads)
+    forward_kernel(const scalar_t* u, const scalar_t* delta, const acc_t* A, const scalar_t* B, const scalar_t* C,
+                   const int64_t* parent, const int64_t* order, const uint8_t* flags, int D, int N, int L,
+                   int64_t entries, acc_t* scratch, scalar_t* y, acc_t* root) {
+  const int d = blockIdx.x * (kForwardThreads / kLanes) + threadIdx.x / kLanes, b = blockIdx.y;
+  const auto slots = thread_slots<acc_t, kPer>(scratch, entries);
+  if (d >= D) return;  // whole lane groups leave; the group shuffles name only their own lanes
+  const int64_t bd = (int64_t)b * D + d;
+  const auto ch = channel(u, delta, A, B, C, parent, order, flags, b, d, D, N, L);
+  acc_t cur[kPer];
+  grootl::tree_scan_forward(ch, warp_lanes<kLanes, kPer>(), slots, cur, y + bd * L, root ? root + bd * N : nullptr);
+}
+
+// Sums the block's dB/dC terms over its channels: over a warp's channels with shuffles, then over the
+// block's warps through shared memory, kSteps nodes at a time, into the block's (L, N) partials.
+template <typename acc_t, int kLanes, int kPer>
+struct BlockSink {
+  static constexpr int kWarps = kBackwardThreads / kWarp;
+  static constexpr int kN = kLanes * kPer;
+  static constexpr int kStageBytes = 32 * 1024;
+  static constexpr int kPerStep = kWarps * kN * 2 * (int)sizeof(acc_t);
+  static constexpr int kSteps = kStageBytes / kPerStep < 1 ? 1 : (kStageBytes / kPerStep > 32 ? 32 : kStageBytes / kPerStep);
+
+  acc_t (*stage)[kWarps][2][kN];  // [kSteps][warp][dB, dC][n]
+  int64_t* stage_v;               // [kSteps]: the node of each staged step
   acc_t* dB;
   acc_t* dC;
-  int L;
-  bool active;
-  __device__ void add(int n, int64_t v, acc_t b_term, acc_t c_term) {
+  int N;
+  bool active;  // false on the padding channels past D: they add zeros
+  int slot;
+
+  __device__ void add(int, int n, int64_t, acc_t b_term, acc_t c_term) {
     b_term = active ? b_term : acc_t(0);
     c_term = active ? c_term : acc_t(0);
-    for (int off = kWarp / 2; off > 0; off /= 2) {
-      b_term += __shfl_xor_sync(0xffffffffu, b_term, off);
-      c_term += __shfl_xor_sync(0xffffffffu, c_term, off);
+    // the lanes holding state n in each of the warp's channel groups: the same lane of every group
+    const int in_warp = threadIdx.x % kWarp;
+    unsigned same_n = 0;
+    for (int g = 0; g < kWarp; g += kLanes) same_n |= 1u << (g + in_warp % kLanes);
+    for (int off = kLanes; off < kWarp; off *= 2) {
+      b_term += __shfl_xor_sync(same_n, b_term, off);
+      c_term += __shfl_xor_sync(same_n, c_term, off);
     }
-    if ((threadIdx.x & (kWarp - 1)) == 0) {
-      dB[(int64_t)n * L + v] = b_term;
-      dC[(int64_t)n * L + v] = c_term;
+    if (in_warp < kLanes) {
+      stage[slot][threadIdx.x / kWarp][0][n] = b_term;
+      stage[slot][threadIdx.x / kWarp][1][n] = c_term;
     }
+  }
+  __device__ void commit(int64_t v) {
+    if (threadIdx.x == 0) stage_v[slot] = v;
+    if (++slot == kSteps) flush();
+  }
+  __device__ void finish() {
+    if (slot > 0) flush();
+  }
+  __device__ void flush() {
+    __syncthreads();
+    const int per_term = slot * N;
+    for (int q = threadIdx.x; q < 2 * per_term; q += blockDim.x) {
+      const int which = q / per_term, s = (q % per_term) / N, n = q % N;
+      acc_t total = 0;
+      for (int w = 0; w < kWarps; ++w) total += stage[s][w][which][n];
+      (which ? dC : dB)[stage_v[s] * N + n] = total;
+    }
+    __syncthreads();
+    slot = 0;
   }
 };
 
-// One warp per (row, group); channels past D repeat channel D-1 into the padded outputs' spare rows.
-template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(const scalar_t* u, const scalar_t* delta, const acc_t* A, const scalar_t* B,
-                                const scalar_t* C, const int64_t* parent, const int64_t* order,
-                                const uint8_t* flags, const int32_t* ckpt_offset, const int32_t* sizes,
-                                const scalar_t* gy, const acc_t* g_root, int D, int N, int L, int64_t scratch_stride,
-                                acc_t* scratch, scalar_t* du, acc_t* d_delta, acc_t* dA, acc_t* dB_part,
-                                acc_t* dC_part) {
-  const int grp = blockIdx.x, b = blockIdx.y, groups = gridDim.x, lane = threadIdx.x;
-  const int d_pad = grp * kWarp + lane, d = d_pad < D ? d_pad : D - 1, D_pad = groups * kWarp;
+// Blocks of kBackwardThreads / kLanes channels of one row; channels past D repeat channel D-1 into the
+// padded outputs' spare rows and add nothing to dB/dC.
+template <typename scalar_t, typename acc_t, int kLanes, int kPer>
+__global__ void __launch_bounds__(kBackwardThreads)
+    backward_kernel(const scalar_t* u, const scalar_t* delta, const acc_t* A, const scalar_t* B, const scalar_t* C,
+                    const int64_t* parent, const int64_t* order, const uint8_t* flags, const int32_t* ckpt_offset,
+                    const int32_t* sizes, const scalar_t* gy, const acc_t* g_root, int D, int N, int L,
+                    int64_t entries, acc_t* scratch, scalar_t* du, acc_t* d_delta, acc_t* dA, acc_t* dB_part,
+                    acc_t* dC_part) {
+  using Sink = BlockSink<acc_t, kLanes, kPer>;
+  __shared__ acc_t stage[Sink::kSteps][Sink::kWarps][2][Sink::kN];
+  __shared__ int64_t stage_v[Sink::kSteps];
+  const int grp = blockIdx.x, b = blockIdx.y, groups = gridDim.x;
+  const int channels = kBackwardThreads / kLanes, D_pad = groups * channels;
+  const int d_pad = grp * channels + threadIdx.x / kLanes, d = d_pad < D ? d_pad : D - 1;
   const int64_t bd = (int64_t)b * D + d, bd_pad = (int64_t)b * D_pad + d_pad;
   const auto ch = channel(u, delta, A, B, C, parent, order, flags, b, d, D, N, L);
-  const int64_t part = ((int64_t)b * groups + grp) * N * L;
-  WarpSink<acc_t> sink{dB_part + part, dC_part + part, L, d_pad < D};
+  const int64_t part = ((int64_t)b * groups + grp) * L * N;
+  Sink sink{stage, stage_v, dB_part + part, dC_part + part, N, d_pad < D, 0};
+  acc_t cur[kPer], g[kPer], dA_acc[kPer];
   const int chunks = grootl::num_chunks(L);
-  grootl::tree_scan_backward(ch, gy + bd * L, g_root ? g_root + bd * N : nullptr,
+  grootl::tree_scan_backward(ch, warp_lanes<kLanes, kPer>(), gy + bd * L, g_root ? g_root + bd * N : nullptr,
                              ckpt_offset + (int64_t)b * (chunks + 1), sizes[b * 3], sizes[b * 3 + 1],
-                             scratch + bd_pad * scratch_stride, du + bd_pad * L, d_delta + bd_pad * L,
-                             dA + bd_pad * N, sink);
+                             thread_slots<acc_t, kPer>(scratch, entries), grootl::BackwardRegs<acc_t>{cur, g, dA_acc},
+                             du + bd_pad * L, d_delta + bd_pad * L, dA + bd_pad * N, sink);
+}
+
+// aa[t] = |a[t]|^2, bb[t] = |B[:, t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] (a = delta * u), summed in order
+// of d like the CPU build (same bits), one thread per position.
+template <typename scalar_t, typename acc_t>
+__global__ void feature_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* B, int D, int N, int L,
+                               int k, acc_t* norms, acc_t* dots) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+  if (t >= L) return;
+  const scalar_t* u_b = u + (int64_t)b * D * L;
+  const scalar_t* delta_b = delta + (int64_t)b * D * L;
+  acc_t* dot = dots + ((int64_t)b * L + t) * k;
+  for (int j = 0; j < k; ++j) dot[j] = 0;
+  acc_t aa = 0;
+  for (int d = 0; d < D; ++d) {
+    const int64_t row = (int64_t)d * L;
+    const acc_t at = (acc_t)delta_b[row + t] * (acc_t)u_b[row + t];
+    aa += at * at;
+    for (int j = 1; j <= k && j <= t; ++j) dot[j - 1] += at * ((acc_t)delta_b[row + t - j] * (acc_t)u_b[row + t - j]);
+  }
+  norms[(int64_t)b * 2 * L + t] = aa;
+  norms[(int64_t)b * 2 * L + L + t] = grootl::norm_b<scalar_t, acc_t>(B + (int64_t)b * N * L, N, L, t);
 }
 
 template <typename acc_t>
@@ -123,29 +251,22 @@ __device__ void bitonic_sort(acc_t* key, int32_t* id, int n) {  // n a power of 
 
 template <typename scalar_t, typename acc_t>
 __global__ void build_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* B, const int64_t* context_lens,
-                             const int64_t* start, int D, int N, int L, int k, int distance, int n_pad, acc_t* norms,
-                             acc_t* keys, int32_t* ids, uint8_t* in_tree, int32_t* work, int64_t* parent,
-                             int64_t* order) {
+                             const int64_t* start, int D, int N, int L, int k, int distance, int n_pad,
+                             const acc_t* norms, const acc_t* dots, acc_t* keys, int32_t* ids, uint8_t* in_tree,
+                             int32_t* work, int64_t* parent, int64_t* order) {
   const int b = blockIdx.x;
   const scalar_t* u_b = u + (int64_t)b * D * L;
   const scalar_t* delta_b = delta + (int64_t)b * D * L;
   const scalar_t* B_b = B + (int64_t)b * N * L;
-  acc_t* aa = norms + (int64_t)b * 2 * L;
-  acc_t* bb = aa + L;
+  const acc_t* aa = norms + (int64_t)b * 2 * L;
+  const acc_t* bb = aa + L;
   acc_t* key = keys + (int64_t)b * n_pad;
   int32_t* id = ids + (int64_t)b * n_pad;
-  for (int t = threadIdx.x; t < L; t += blockDim.x) {
-    aa[t] = grootl::dot_a<scalar_t, acc_t>(u_b, delta_b, D, L, t, t);
-    bb[t] = grootl::norm_b<scalar_t, acc_t>(B_b, N, L, t);
-  }
-  __syncthreads();
   for (int e = threadIdx.x; e < n_pad; e += blockDim.x) {
     const int t = e / k, j = e % k + 1;
     const bool exists = e < L * k && grootl::edge_exists(t, j, L, context_lens[b], start[b]);
-    const acc_t da = exists && distance != grootl::kManhattan
-                         ? grootl::dot_a<scalar_t, acc_t>(u_b, delta_b, D, L, t, t - j)
-                         : acc_t(0);
-    key[e] = exists ? grootl::edge_weight(u_b, delta_b, B_b, D, N, L, t, j, aa, bb, da, distance)
+    key[e] = exists ? grootl::edge_weight(u_b, delta_b, B_b, D, N, L, t, j, aa, bb, dots[(int64_t)b * L * k + e],
+                                          distance)
                     : std::numeric_limits<acc_t>::infinity();
     id[e] = exists ? e : L * k + e;  // missing edges sort last
   }
@@ -165,13 +286,17 @@ __global__ void build_kernel(const scalar_t* u, const scalar_t* delta, const sca
 
 }  // namespace
 
-void plan_cuda(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags, at::Tensor ckpt_offset,
-               at::Tensor sizes) {
+int64_t channel_group_cuda(int64_t N) { return kBackwardThreads / lane_shape(N).lanes; }
+
+int64_t max_state_cuda() { return kMaxState; }
+
+std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags,
+                               at::Tensor ckpt_offset, at::Tensor sizes) {
   CHECK_CUDA_INPUT(parent);
   CHECK_CUDA_INPUT(order);
   const c10::cuda::CUDAGuard guard(parent.device());
   const int batch = parent.size(0), L = parent.size(1);
-  auto status = at::empty({batch}, parent.options().dtype(at::kInt));
+  auto status = at::empty({batch, 1}, parent.options().dtype(at::kInt));
   auto work = at::empty({batch, 3 * L}, parent.options().dtype(at::kInt));
   const auto stream = at::cuda::getCurrentCUDAStream();
   plan_kernel<<<(batch + 63) / 64, 64, 0, stream>>>(parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), batch, L,
@@ -179,67 +304,75 @@ void plan_cuda(const at::Tensor& parent, const at::Tensor& order, at::Tensor fla
                                                     sizes.data_ptr<int32_t>(), status.data_ptr<int32_t>(),
                                                     work.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto host = status.cpu();  // the one sync: bad trees raise here, and the scan needs the sizes anyway
+  // the one sync: bad trees raise here, and the scans need the largest stack sizes to size their scratch
+  const auto host = at::cat({status, sizes}, 1).cpu();
+  const int32_t* h = host.data_ptr<int32_t>();
+  std::vector<int64_t> largest(3, 0);
   for (int b = 0; b < batch; ++b) {
-    TORCH_CHECK(host[b].item<int>() != grootl::kBadParent, "tree.parent row ", b,
+    TORCH_CHECK(h[b * 4] != grootl::kBadParent, "tree.parent row ", b,
                 " is not a tree rooted at L-1: every parent must lie in [0, L) except parent[L-1] == -1");
-    TORCH_CHECK(host[b].item<int>() != grootl::kBadOrder, "tree.order row ", b,
+    TORCH_CHECK(h[b * 4] != grootl::kBadOrder, "tree.order row ", b,
                 " is not a DFS preorder of tree.parent starting at the root L-1");
+    for (int q = 0; q < 3; ++q) largest[q] = std::max<int64_t>(largest[q], h[b * 4 + 1 + q]);
   }
+  return largest;
 }
 
 void forward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
-                  const at::Tensor& sizes, at::Tensor y, c10::optional<at::Tensor> root) {
+                  int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {
   CHECK_CUDA_INPUT(u);
   const c10::cuda::CUDAGuard guard(u.device());
-  const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
-  const int64_t h_depth = sizes.select(1, 0).max().item<int32_t>();
-  const int64_t stride = grootl::forward_scratch_entries(h_depth) * N;
+  const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(2);
+  const int64_t entries = grootl::forward_scratch_entries(h_depth);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto scratch = at::empty({(int64_t)batch * D * stride}, u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    const dim3 grid((D + kForwardThreads - 1) / kForwardThreads, batch);
-    forward_kernel<scalar_t, acc_t><<<grid, kForwardThreads, 0, stream>>>(
-        u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
-        C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(), D,
-        N, L, stride, scratch.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
-        root.has_value() ? root->data_ptr<acc_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_lane_shape(N, [&](auto lanes, auto per) {
+      constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+      const dim3 grid((D + kForwardThreads / kLanes - 1) / (kForwardThreads / kLanes), batch);
+      auto scratch = at::empty({(int64_t)grid.x * grid.y * kForwardThreads * entries * kPer},
+                               u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      forward_kernel<scalar_t, acc_t, kLanes, kPer><<<grid, kForwardThreads, 0, stream>>>(
+          u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
+          C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
+          D, N, L, entries, scratch.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
+          root.has_value() ? root->data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
 void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
-                   const at::Tensor& ckpt_offset, const at::Tensor& sizes, const at::Tensor& gy,
-                   c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta, at::Tensor dA_part,
-                   at::Tensor dB_part, at::Tensor dC_part) {
+                   const at::Tensor& ckpt_offset, const at::Tensor& sizes, const std::vector<int64_t>& largest,
+                   const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta,
+                   at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
   CHECK_CUDA_INPUT(u);
   const c10::cuda::CUDAGuard guard(u.device());
-  const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
-  const int groups = (D + kWarp - 1) / kWarp, D_pad = groups * kWarp;
-  const auto max_sizes = std::get<0>(sizes.max(0)).cpu();
-  const int64_t entries = grootl::backward_scratch_entries(max_sizes[0].item<int>(), max_sizes[1].item<int>(),
-                                                           max_sizes[2].item<int>());
-  const int64_t stride = entries * N;
-  const bool padded = D_pad != D;  // lanes past D write into spare rows of padded outputs
+  const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(2);
+  const int channels = channel_group_cuda(N), groups = (D + channels - 1) / channels, D_pad = groups * channels;
+  const int64_t entries = grootl::backward_scratch_entries(largest[0], largest[1], largest[2]);
+  const bool padded = D_pad != D;  // padding channels write into spare rows of padded outputs
   auto du_out = padded ? at::empty({batch, D_pad, L}, du.options()) : du;
   auto d_delta_out = padded ? at::empty({batch, D_pad, L}, d_delta.options()) : d_delta;
   auto dA_out = padded ? at::empty({batch, D_pad, N}, dA_part.options()) : dA_part;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto scratch =
-        at::empty({(int64_t)batch * D_pad * stride}, u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    backward_kernel<scalar_t, acc_t><<<dim3(groups, batch), kWarp, 0, stream>>>(
-        u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
-        C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
-        ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(), gy.data_ptr<scalar_t>(),
-        g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, D, N, L, stride, scratch.data_ptr<acc_t>(),
-        du_out.data_ptr<scalar_t>(), d_delta_out.data_ptr<acc_t>(), dA_out.data_ptr<acc_t>(),
-        dB_part.data_ptr<acc_t>(), dC_part.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_lane_shape(N, [&](auto lanes, auto per) {
+      constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+      auto scratch = at::empty({(int64_t)groups * batch * kBackwardThreads * entries * kPer},
+                               u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      backward_kernel<scalar_t, acc_t, kLanes, kPer><<<dim3(groups, batch), kBackwardThreads, 0, stream>>>(
+          u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
+          C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
+          ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(), gy.data_ptr<scalar_t>(),
+          g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, D, N, L, entries, scratch.data_ptr<acc_t>(),
+          du_out.data_ptr<scalar_t>(), d_delta_out.data_ptr<acc_t>(), dA_out.data_ptr<acc_t>(),
+          dB_part.data_ptr<acc_t>(), dC_part.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   if (padded) {
     du.copy_(du_out.narrow(1, 0, D));
@@ -265,12 +398,18 @@ void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Ten
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = u.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     auto norms = at::empty({batch, 2 * L}, acc_opts);
+    auto dots = at::empty({batch, L * k}, acc_opts);
     auto keys = at::empty({batch, n_pad}, acc_opts);
+    feature_kernel<scalar_t, acc_t><<<dim3((L + kFeatureThreads - 1) / kFeatureThreads, batch), kFeatureThreads, 0,
+                                      stream>>>(u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+                                                B.data_ptr<scalar_t>(), D, N, L, (int)k, norms.data_ptr<acc_t>(),
+                                                dots.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     build_kernel<scalar_t, acc_t><<<batch, kBuildThreads, 0, stream>>>(
         u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), context_lens.data_ptr<int64_t>(),
         start.data_ptr<int64_t>(), D, N, L, (int)k, (int)distance, n_pad, norms.data_ptr<acc_t>(),
-        keys.data_ptr<acc_t>(), ids.data_ptr<int32_t>(), in_tree.data_ptr<uint8_t>(), work.data_ptr<int32_t>(),
-        parent.data_ptr<int64_t>(), order.data_ptr<int64_t>());
+        dots.data_ptr<acc_t>(), keys.data_ptr<acc_t>(), ids.data_ptr<int32_t>(), in_tree.data_ptr<uint8_t>(),
+        work.data_ptr<int32_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

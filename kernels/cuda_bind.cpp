@@ -1,28 +1,33 @@
 // Python bindings of the CUDA extension (kernels in cuda.cu); same interface as cpu.cpp.
 #include <torch/extension.h>
 
+#include <vector>
+
 #include "tree_scan.h"
 
-void plan_cuda(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags, at::Tensor ckpt_offset,
-               at::Tensor sizes);
+int64_t channel_group_cuda(int64_t N);
+int64_t max_state_cuda();
+std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags,
+                               at::Tensor ckpt_offset, at::Tensor sizes);
 void forward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
-                  const at::Tensor& sizes, at::Tensor y, c10::optional<at::Tensor> root);
+                  int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root);
 void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
-                   const at::Tensor& ckpt_offset, const at::Tensor& sizes, const at::Tensor& gy,
-                   c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta, at::Tensor dA_part,
-                   at::Tensor dB_part, at::Tensor dC_part);
+                   const at::Tensor& ckpt_offset, const at::Tensor& sizes, const std::vector<int64_t>& largest,
+                   const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta,
+                   at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part);
 void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B,
                      const at::Tensor& context_lens, const at::Tensor& start, int64_t k, int64_t distance,
                      at::Tensor parent, at::Tensor order);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "GrootL tree scan, CUDA";
-  m.def("channel_group", [] { return int64_t(32); }, "channels per dB/dC partial sum (one warp)");
+  m.def("channel_group", &channel_group_cuda, "channels per dB/dC partial sum (one block), given N");
+  m.def("max_state", &max_state_cuda, "largest N the scan kernels take");
   m.def("chunk_size", [] { return int64_t(grootl::kChunk); }, "nodes per backward recompute chunk");
-  m.def("plan", &plan_cuda, "row plans of a tree (flags, checkpoint offsets, stack sizes)");
-  m.def("forward", &forward_cuda, "tree scan forward");
+  m.def("plan", &plan_cuda, "row plans of a tree; returns the largest stack sizes over the rows");
+  m.def("forward", &forward_cuda, "tree scan forward (B, C as (batch, L, N))");
   m.def("backward", &backward_cuda, "tree scan backward (partial sums for dA, dB, dC)");
   m.def("build_tree", &build_tree_cuda, "minimum spanning tree of the token graph, rooted at L-1");
 }

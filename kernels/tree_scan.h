@@ -1,8 +1,10 @@
 // The GrootL single-root tree scan, one (batch row, channel) at a time. Written once for host and device:
-// kernels/cpu.cpp runs it under at::parallel_for, kernels/cuda.cu with one thread per channel.
+// kernels/cpu.cpp runs a channel on one thread (its N states in a loop), kernels/cuda.cu spreads a channel's
+// N states over a group of lanes of a warp. The `Lanes` policy says which states a thread owns and how the
+// channel's sums over n are formed (SerialLanes below; WarpLanes in cuda.cu).
 //
-// For one row and channel d, with a = exp(delta * A[d]) and X[v] = delta[v] * u[v] * B[:, v]:
-//     H[v] = X[v] + sum over children c of v of a(c + 1) * H[c],      y[v] = C[:, v] . H[v]
+// For one row and channel d, with a = exp(delta * A[d]) and X[v] = delta[v] * u[v] * B[v, :]:
+//     H[v] = X[v] + sum over children c of v of a(c + 1) * H[c],      y[v] = C[v, :] . H[v]
 // The forward visits nodes leaves-to-root (reversed DFS preorder) and keeps the pending child sums on a
 // stack: in that order the only open sums belong to ancestors of the current node, and the parent's is on
 // top. The backward runs root-to-leaves (preorder) with a stack of the gradients G of nodes that still have
@@ -108,151 +110,214 @@ GROOTL_HD int plan_row(const int64_t* parent, const int64_t* order, int L, uint8
   return kPlanOk;
 }
 
-// Entries of N accumulators a channel's backward needs as scratch, given the row plan's sizes.
+// All N states of a channel on one thread.
+struct SerialLanes {
+  int per;  // states per thread: N
+  GROOTL_HD int first() const { return 0; }
+  GROOTL_HD int count() const { return 1; }
+  GROOTL_HD bool leader() const { return true; }
+  template <typename T>
+  GROOTL_HD T sum(T x) const { return x; }
+};
+
+// The state n a thread's j-th slot holds (>= N: the slot is idle).
+template <typename Lanes>
+GROOTL_HD int state_of(const Lanes& ln, int j) { return ln.first() + j * ln.count(); }
+
+// A thread's scratch: stack entry e, slot j at base[(e * per + j) * stride]. The CPU gives each channel a
+// contiguous block (stride 1); the GPU interleaves a block's threads (stride = threads) so that a warp's
+// accesses to one (e, j) are contiguous.
+template <typename acc_t>
+struct Slots {
+  acc_t* base;
+  int64_t stride;
+  int per;
+  GROOTL_HD acc_t& operator()(int64_t e, int j) const { return base[(e * per + j) * stride]; }
+  GROOTL_HD Slots at(int64_t e) const { return {base + e * per * stride, stride, per}; }
+};
+
+// Entries of per-thread slots the forward and the backward need, given the row plan's sizes.
+GROOTL_HD int64_t forward_scratch_entries(int h_depth) { return (int64_t)h_depth; }
 GROOTL_HD int64_t backward_scratch_entries(int h_depth, int g_depth, int ckpt_total) {
-  return (int64_t)h_depth + g_depth + ckpt_total + 2 * kChunk + 2;
+  return (int64_t)h_depth + g_depth + ckpt_total + kChunk;
 }
 
-// One row and channel of the inputs; every pointer is already offset to that row/channel, L contiguous.
+// One row and channel of the inputs, every pointer already offset to them.
 template <typename scalar_t, typename acc_t>
 struct Channel {
   const scalar_t* u;      // (L)
   const scalar_t* delta;  // (L)
   const acc_t* A;         // (N)
-  const scalar_t* B;      // (N, L)
-  const scalar_t* C;      // (N, L)
+  const scalar_t* B;      // (L, N)
+  const scalar_t* C;      // (L, N)
   const int64_t* parent;  // (L)
   const int64_t* order;   // (L)
   const uint8_t* flags;   // (L), by preorder step
   int L, N;
 };
 
-// Reverse-sweep step i: computes H of node order[i] into cur and passes a(v+1) * H[v] to the parent's entry;
-// a_out (N) receives a(v+1).
-template <typename scalar_t, typename acc_t>
-GROOTL_HD int64_t h_step(const Channel<scalar_t, acc_t>& ch, int i, acc_t* stack, int& sp, acc_t* cur, acc_t* a_out) {
-  const int L = ch.L, N = ch.N;
+// Reverse-sweep step i: computes the owned states of H of node order[i] into cur and passes a(v+1) * H[v]
+// to the parent's stack entry. Returns the node.
+template <typename scalar_t, typename acc_t, typename Lanes>
+GROOTL_HD int64_t h_step(const Channel<scalar_t, acc_t>& ch, const Lanes& ln, int i, const Slots<acc_t>& stack,
+                         int& sp, acc_t* cur) {
+  const int N = ch.N;
   const int64_t v = ch.order[i];
   const uint8_t f = ch.flags[i];
   const acc_t x = (acc_t)ch.delta[v] * (acc_t)ch.u[v];
-  if (f & kHasChildren) {
-    const acc_t* top = stack + (int64_t)(--sp) * N;
-    for (int n = 0; n < N; ++n) cur[n] = x * (acc_t)ch.B[n * L + v] + top[n];
-  } else {
-    for (int n = 0; n < N; ++n) cur[n] = x * (acc_t)ch.B[n * L + v];
+  const scalar_t* Bv = ch.B + v * N;
+  if (f & kHasChildren) --sp;
+  for (int j = 0; j < ln.per; ++j) {
+    const int n = state_of(ln, j);
+    if (n >= N) break;
+    cur[j] = x * (acc_t)Bv[n] + ((f & kHasChildren) ? stack(sp, j) : acc_t(0));
   }
   if (ch.parent[v] >= 0) {
     const acc_t dn = (acc_t)ch.delta[v + 1];
-    for (int n = 0; n < N; ++n) a_out[n] = fast_exp(dn * ch.A[n]);
-    if (f & kLastChild) {
-      acc_t* top = stack + (int64_t)(sp++) * N;
-      for (int n = 0; n < N; ++n) top[n] = a_out[n] * cur[n];
-    } else {
-      acc_t* top = stack + (int64_t)(sp - 1) * N;
-      for (int n = 0; n < N; ++n) top[n] += a_out[n] * cur[n];
+    const bool open = f & kLastChild;
+    const int e = open ? sp : sp - 1;
+    for (int j = 0; j < ln.per; ++j) {
+      const int n = state_of(ln, j);
+      if (n >= N) break;
+      const acc_t pass = fast_exp(dn * ch.A[n]) * cur[j];
+      stack(e, j) = open ? pass : stack(e, j) + pass;
     }
+    if (open) ++sp;
   }
   return v;
 }
 
-// Entries of N accumulators a channel's forward needs as scratch.
-GROOTL_HD int64_t forward_scratch_entries(int h_depth) { return (int64_t)h_depth + 2; }
-
-// Forward: y[v] = C[:, v] . H[v] for every node; root (N, may be null) = H[L-1].
-// scratch: forward_scratch_entries(h_depth) * N accumulators.
-template <typename scalar_t, typename acc_t>
-GROOTL_HD void tree_scan_forward(const Channel<scalar_t, acc_t>& ch, acc_t* scratch, scalar_t* y, acc_t* root) {
+// Forward: y[v] = C[v, :] . H[v] for every node (written by the leader lane; y may be null); root (N, may be
+// null) = H[L-1], each lane writing its states. stack: forward_scratch_entries(h_depth) entries; cur: per.
+template <typename scalar_t, typename acc_t, typename Lanes>
+GROOTL_HD void tree_scan_forward(const Channel<scalar_t, acc_t>& ch, const Lanes& ln, const Slots<acc_t>& stack,
+                                 acc_t* cur, scalar_t* y, acc_t* root) {
   const int L = ch.L, N = ch.N;
-  acc_t* cur = scratch;
-  acc_t* a = cur + N;
-  acc_t* stack = a + N;
   int sp = 0;
   for (int i = L - 1; i >= 0; --i) {
-    const int64_t v = h_step(ch, i, stack, sp, cur, a);
-    acc_t out = 0;
-    for (int n = 0; n < N; ++n) out += (acc_t)ch.C[n * L + v] * cur[n];
-    y[v] = (scalar_t)out;
+    const int64_t v = h_step(ch, ln, i, stack, sp, cur);
+    const scalar_t* Cv = ch.C + v * N;
+    acc_t part = 0;
+    for (int j = 0; j < ln.per; ++j) {
+      const int n = state_of(ln, j);
+      if (n >= N) break;
+      part += (acc_t)Cv[n] * cur[j];
+    }
+    const acc_t out = ln.sum(part);
+    if (y != nullptr && ln.leader()) y[v] = (scalar_t)out;
   }
-  if (root != nullptr)
-    for (int n = 0; n < N; ++n) root[n] = cur[n];  // the root is the last node of the reverse sweep
+  if (root != nullptr)  // the root is the last node of the reverse sweep
+    for (int j = 0; j < ln.per; ++j) {
+      const int n = state_of(ln, j);
+      if (n >= N) break;
+      root[n] = cur[j];
+    }
 }
 
-// Backward of one channel. gy: (L); g_root: (N) or null. Writes du (L) and d_delta (L, acc_t), sets
-// dA (N) to this channel's part, and hands the per-channel terms of dB[n, v] and dC[n, v] to
-// sink.add(n, v, dB_term, dC_term) once per (node, n), in the same order for every channel of a row.
-// ckpt_offset: the row plan's; scratch: backward_scratch_entries(...) * N accumulators.
-template <typename scalar_t, typename acc_t, typename Sink>
-GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const scalar_t* gy, const acc_t* g_root,
-                                  const int32_t* ckpt_offset, int h_depth, int g_depth, acc_t* scratch,
-                                  scalar_t* du, acc_t* d_delta, acc_t* dA, Sink& sink) {
+// Per-thread registers of the backward: `per` accumulators each.
+template <typename acc_t>
+struct BackwardRegs {
+  acc_t* cur;  // H of the node being recomputed
+  acc_t* g;    // G of the node being visited
+  acc_t* dA;   // this channel's dA, summed over nodes
+};
+
+// Backward of one channel. gy: (L); g_root: (N) or null. The leader lane writes du (L) and d_delta (L,
+// acc_t); each lane writes its states of dA (N). The per-channel terms of dB[v, n] and dC[v, n] go to
+// sink.add(j, n, v, dB_term, dC_term) for every owned state, then sink.commit(v), node by node in the same
+// order on every channel of a row; sink.finish() after the last node.
+// ckpt_offset: the row plan's; scratch: backward_scratch_entries(...) entries.
+template <typename scalar_t, typename acc_t, typename Lanes, typename Sink>
+GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const Lanes& ln, const scalar_t* gy,
+                                  const acc_t* g_root, const int32_t* ckpt_offset, int h_depth, int g_depth,
+                                  const Slots<acc_t>& scratch, BackwardRegs<acc_t> r, scalar_t* du, acc_t* d_delta,
+                                  acc_t* dA, Sink& sink) {
   const int L = ch.L, N = ch.N, chunks = num_chunks(L);
-  acc_t* h_stack = scratch;
-  acc_t* g_stack = h_stack + (int64_t)h_depth * N;
-  acc_t* ckpt = g_stack + (int64_t)g_depth * N;
-  acc_t* hbuf = ckpt + (int64_t)ckpt_offset[chunks] * N;  // H of the current chunk's nodes, by step
-  acc_t* abuf = hbuf + (int64_t)kChunk * N;                // and a(v + 1) on their parent edges
-  acc_t* cur = abuf + (int64_t)kChunk * N;
-  acc_t* g = cur + N;
-  for (int v = 0; v < L; ++v) d_delta[v] = 0;
-  for (int n = 0; n < N; ++n) dA[n] = 0;
+  const Slots<acc_t> h_stack = scratch;
+  const Slots<acc_t> g_stack = scratch.at(h_depth);
+  const Slots<acc_t> ckpt = g_stack.at(g_depth);
+  const Slots<acc_t> hbuf = ckpt.at(ckpt_offset[chunks]);  // H of the current chunk's nodes, by step
+  if (ln.leader())
+    for (int v = 0; v < L; ++v) d_delta[v] = 0;
+  for (int j = 0; j < ln.per; ++j) r.dA[j] = 0;
 
   // 1. Reverse sweep, saving the forward stack as each chunk's last step is reached.
   int sp = 0;
   for (int i = L - 1; i >= 0; --i) {
     if (i == L - 1 || i % kChunk == kChunk - 1) {
-      acc_t* dst = ckpt + (int64_t)ckpt_offset[i / kChunk] * N;
-      for (int e = 0; e < sp * N; ++e) dst[e] = h_stack[e];
+      const Slots<acc_t> dst = ckpt.at(ckpt_offset[i / kChunk]);
+      for (int e = 0; e < sp; ++e)
+        for (int j = 0; j < ln.per; ++j) dst(e, j) = h_stack(e, j);
     }
-    h_step(ch, i, h_stack, sp, cur, g);
+    h_step(ch, ln, i, h_stack, sp, r.cur);
   }
 
   // 2. Chunks in preorder: recompute the chunk's H from its checkpoint, then walk it root-to-leaves.
   int g_sp = 0;
-  for (int j = 0; j < chunks; ++j) {
-    const int s = j * kChunk, e = (s + kChunk < L ? s + kChunk : L) - 1;
-    sp = ckpt_offset[j + 1] - ckpt_offset[j];
-    const acc_t* src = ckpt + (int64_t)ckpt_offset[j] * N;
-    for (int q = 0; q < sp * N; ++q) h_stack[q] = src[q];
+  for (int c = 0; c < chunks; ++c) {
+    const int s = c * kChunk, e = (s + kChunk < L ? s + kChunk : L) - 1;
+    sp = ckpt_offset[c + 1] - ckpt_offset[c];
+    const Slots<acc_t> src = ckpt.at(ckpt_offset[c]);
+    for (int q = 0; q < sp; ++q)
+      for (int j = 0; j < ln.per; ++j) h_stack(q, j) = src(q, j);
     for (int i = e; i >= s; --i) {
-      h_step(ch, i, h_stack, sp, cur, abuf + (i - s) * N);
-      for (int n = 0; n < N; ++n) hbuf[(i - s) * N + n] = cur[n];
+      h_step(ch, ln, i, h_stack, sp, r.cur);
+      for (int j = 0; j < ln.per; ++j) hbuf(i - s, j) = r.cur[j];
     }
     for (int i = s; i <= e; ++i) {
       const int64_t v = ch.order[i];
       const uint8_t f = ch.flags[i];
-      const acc_t* H = hbuf + (i - s) * N;
+      const Slots<acc_t> H = hbuf.at(i - s);
+      const scalar_t* Bv = ch.B + v * N;
+      const scalar_t* Cv = ch.C + v * N;
       const acc_t gyv = (acc_t)gy[v];
-      for (int n = 0; n < N; ++n) g[n] = gyv * (acc_t)ch.C[n * L + v];
-      if (g_root != nullptr && v == L - 1)
-        for (int n = 0; n < N; ++n) g[n] += g_root[n];
+      for (int j = 0; j < ln.per; ++j) {
+        const int n = state_of(ln, j);
+        if (n >= N) break;
+        r.g[j] = gyv * (acc_t)Cv[n] + (g_root != nullptr && v == L - 1 ? g_root[n] : acc_t(0));
+      }
       if (ch.parent[v] >= 0) {  // edge v -> parent, transition a(v + 1)
-        const acc_t* gp = g_stack + (int64_t)(g_sp - 1) * N;
-        const acc_t* av = abuf + (i - s) * N;
+        const Slots<acc_t> gp = g_stack.at(g_sp - 1);
         const acc_t dn = (acc_t)ch.delta[v + 1];
         acc_t dd = 0;
-        for (int n = 0; n < N; ++n) {
-          const acc_t a = av[n];
-          const acc_t t = gp[n] * H[n] * a;  // d loss / d log a
+        for (int j = 0; j < ln.per; ++j) {
+          const int n = state_of(ln, j);
+          if (n >= N) break;
+          const acc_t a = fast_exp(dn * ch.A[n]);
+          const acc_t t = gp(0, j) * H(0, j) * a;  // d loss / d log a
           dd += t * ch.A[n];
-          dA[n] += t * dn;
-          g[n] += a * gp[n];
+          r.dA[j] += t * dn;
+          r.g[j] += a * gp(0, j);
         }
-        d_delta[v + 1] += dd;
+        dd = ln.sum(dd);
+        if (ln.leader()) d_delta[v + 1] += dd;
         if (f & kLastChild) --g_sp;
       }
       const acc_t dv = (acc_t)ch.delta[v], uv = (acc_t)ch.u[v], x = dv * uv;
       acc_t gx = 0;  // d loss / d (delta[v] * u[v])
-      for (int n = 0; n < N; ++n) {
-        gx += g[n] * (acc_t)ch.B[n * L + v];
-        sink.add(n, v, g[n] * x, gyv * H[n]);
+      for (int j = 0; j < ln.per; ++j) {
+        const int n = state_of(ln, j);
+        if (n >= N) break;
+        gx += r.g[j] * (acc_t)Bv[n];
+        sink.add(j, n, v, r.g[j] * x, gyv * H(0, j));
       }
-      du[v] = (scalar_t)(gx * dv);
-      d_delta[v] += gx * uv;
+      gx = ln.sum(gx);
+      sink.commit(v);
+      if (ln.leader()) {
+        du[v] = (scalar_t)(gx * dv);
+        d_delta[v] += gx * uv;
+      }
       if (f & kHasChildren) {
-        acc_t* top = g_stack + (int64_t)(g_sp++) * N;
-        for (int n = 0; n < N; ++n) top[n] = g[n];
+        for (int j = 0; j < ln.per; ++j) g_stack(g_sp, j) = r.g[j];
+        ++g_sp;
       }
     }
+  }
+  sink.finish();
+  for (int j = 0; j < ln.per; ++j) {
+    const int n = state_of(ln, j);
+    if (n >= N) break;
+    dA[n] = r.dA[j];
   }
 }
 

@@ -90,6 +90,11 @@ def caterpillar(length: int) -> Tree:
     return Tree(torch.tensor([parent]), torch.tensor([order]))
 
 
+def batched(tree: Tree, batch: int) -> Tree:
+    """The same one-row tree on every row."""
+    return Tree(tree.parent.expand(batch, -1).contiguous(), tree.order.expand(batch, -1).contiguous())
+
+
 def run_both(inputs, tree, device="cpu"):
     """Native and reference: forward (y, root) and gradients of a random loss through both outputs."""
     gen = torch.Generator().manual_seed(1)
@@ -163,6 +168,52 @@ def test_cpu_scan_is_deterministic(cpu_kernels):
     again, _ = run_both(inputs, tree)
     for name, a, b in zip(NAMES, first, again):
         assert torch.equal(a, b), name
+
+
+@pytest.fixture(scope="module")
+def lanes_sim(cpu_kernels, tmp_path_factory):
+    """tests/kernels/lanes_sim.cpp: the shared algorithm with a channel's states split over CPU threads, as on the GPU."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name="grootl_lanes_sim",
+        sources=[str(Path(__file__).parent / "kernels" / "lanes_sim.cpp")],
+        extra_cflags=["-O1", "-std=c++20"],
+        extra_include_paths=[str(native.KERNELS)],
+        build_directory=str(tmp_path_factory.mktemp("lanes_sim")),
+    )
+
+
+def run_on_lanes(sim, inputs, tree, lanes, gy, g_root):
+    """Forward (y, root) and the five gradients from the lane-split harness, outputs poisoned."""
+    u, delta, A, B, C = (x.contiguous() for x in inputs)
+    (batch, d, length), n = u.shape, A.shape[1]
+    B_, C_ = (x.transpose(1, 2).contiguous() for x in (B, C))
+    plan = native._Plan(native.load("cpu"), tree)
+    y, root = native._alloc(batch, d, length, dtype=F64, device="cpu"), native._alloc(batch, d, n, dtype=F64, device="cpu")
+    sim.forward(u, delta, A, B_, C_, plan.parent, plan.order, plan.flags, plan.largest[0], lanes, y, root)
+    du, d_delta = (native._alloc(batch, d, length, dtype=F64, device="cpu") for _ in range(2))
+    dA = native._alloc(batch, d, n, dtype=F64, device="cpu")
+    dB, dC = (native._alloc(batch, length, n, dtype=F64, device="cpu") for _ in range(2))
+    sim.backward(u, delta, A, B_, C_, plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes, gy, g_root,
+                 lanes, du, d_delta, dA, dB, dC)
+    return [y, root, du, d_delta, dA.sum(0), dB.transpose(1, 2), dC.transpose(1, 2)]
+
+
+# (lanes, N): one state per lane with idle lanes (N < lanes), several per lane (per = 2, 4), and an idle slot
+# in the last lane's second state
+@pytest.mark.parametrize("lanes, n", [(4, 3), (8, 5), (16, 16), (4, 16), (2, 7), (4, 6)])
+def test_lane_split_algorithm_matches_reference(lanes_sim, lanes, n):
+    batch, d, length = 2, 3, 70
+    inputs = random_inputs(batch, d, n, length, F64, seed=lanes * 100 + n)
+    for tree in (build_tree(*inputs[:2], inputs[3], torch.tensor([length, 40])), batched(caterpillar(length), batch)):
+        gen = torch.Generator().manual_seed(n)
+        gy, g_root = torch.randn(batch, d, length, generator=gen, dtype=F64), torch.randn(batch, d, n, generator=gen, dtype=F64)
+        ours = run_on_lanes(lanes_sim, inputs, tree, lanes, gy, g_root)
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        y, root = tree_scan_ref(*xs, tree, return_root_state=True)
+        grads = torch.autograd.grad((y * gy).sum() + (root * g_root).sum(), xs)
+        assert_close(ours, [y.detach(), root.detach(), *grads], *TOL[F64])
 
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
@@ -272,7 +323,7 @@ def test_build_kernels_command(cpu_kernels, capsys):
 
 @CUDA
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", SHAPES[2:], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [*SHAPES[2:], (2, 9, 64, 40)], ids=lambda s: "x".join(map(str, s)))  # N=64: 2 states a lane
 def test_cuda_scan_matches_reference_fp32(shape):
     batch, d, n, length = shape
     inputs = random_inputs(batch, d, n, length, F32, seed=length)

@@ -124,6 +124,12 @@ def available(device: torch.device | str = "cpu") -> bool:
     return _module_for(torch.device(device)) is not None
 
 
+def serves_scan(device: torch.device | str, n_state: int) -> bool:
+    """Whether a native scan kernel serves ``n_state`` (N) states on ``device`` (CUDA: N <= 128)."""
+    ext = _module_for(torch.device(device))
+    return ext is not None and n_state <= ext.max_state()
+
+
 def _same_device(u: Tensor, **others: Tensor) -> None:
     for name, x in others.items():
         if x.device != u.device:
@@ -141,7 +147,8 @@ def _scan_dtype(u: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> torch.dtype:
 
 
 class _Plan:
-    """A tree's row plans (flags by preorder step, checkpoint offsets, stack sizes), built natively."""
+    """A tree's row plans (flags by preorder step, checkpoint offsets, stack sizes), built natively; also the
+    largest stack sizes over the rows, on the host (one sync on CUDA, here and nowhere else in a scan)."""
 
     def __init__(self, ext: ModuleType, tree: Tree):
         batch, length = tree.parent.shape
@@ -152,22 +159,28 @@ class _Plan:
         self.ckpt_offset = _alloc(batch, -(-length // ext.chunk_size()) + 1, dtype=torch.int32, device=dev)
         self.sizes = _alloc(batch, 3, dtype=torch.int32, device=dev)
         try:
-            ext.plan(self.parent, self.order, self.flags, self.ckpt_offset, self.sizes)
+            self.largest = list(ext.plan(self.parent, self.order, self.flags, self.ckpt_offset, self.sizes))
         except RuntimeError as err:
             raise ValueError(str(err).splitlines()[0]) from None
 
 
+def _states_last(x: Tensor, dt: torch.dtype) -> Tensor:
+    """(batch, N, L) -> contiguous (batch, L, N): the kernels read a position's N states together."""
+    return x.to(dt).transpose(1, 2).contiguous()
+
+
 class _NativeTreeScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, ext, plan: _Plan):
+    def forward(ctx, u, delta, A, B, C, ext, plan: _Plan, want_root: bool):
         dt, acc = _scan_dtype(u, delta, B, C), work_dtype(u)
-        ins = [x.to(dt).contiguous() for x in (u, delta, B, C)]
+        u_, delta_ = (x.to(dt).contiguous() for x in (u, delta))
+        B_, C_ = _states_last(B, dt), _states_last(C, dt)
         Af = A.to(acc).contiguous()
         batch, dim, length = u.shape
         y = _alloc(batch, dim, length, dtype=dt, device=u.device)
-        root = _alloc(batch, dim, A.shape[1], dtype=acc, device=u.device)
-        ext.forward(ins[0], ins[1], Af, ins[2], ins[3], plan.parent, plan.order, plan.flags, plan.sizes, y, root)
-        ctx.save_for_backward(*ins, Af)
+        root = _alloc(batch, dim, A.shape[1], dtype=acc, device=u.device) if want_root else None
+        ext.forward(u_, delta_, Af, B_, C_, plan.parent, plan.order, plan.flags, plan.largest[0], y, root)
+        ctx.save_for_backward(u_, delta_, B_, C_, Af)
         ctx.ext, ctx.plan = ext, plan
         ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
         return y.to(u.dtype), root
@@ -177,19 +190,20 @@ class _NativeTreeScan(torch.autograd.Function):
         u, delta, B, C, Af = ctx.saved_tensors
         ext, plan = ctx.ext, ctx.plan
         batch, dim, length = u.shape
-        n, dev, acc = B.shape[1], u.device, Af.dtype
-        groups = -(-dim // ext.channel_group())
+        n, dev, acc = B.shape[2], u.device, Af.dtype
+        groups = -(-dim // ext.channel_group(n))
         gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
         g_root = None if g_root is None else g_root.to(acc).contiguous()
         du = _alloc(batch, dim, length, dtype=u.dtype, device=dev)
         d_delta = _alloc(batch, dim, length, dtype=acc, device=dev)
         dA = _alloc(batch, dim, n, dtype=acc, device=dev)
-        dB = _alloc(batch, groups, n, length, dtype=acc, device=dev)
-        dC = _alloc(batch, groups, n, length, dtype=acc, device=dev)
+        dB = _alloc(batch, groups, length, n, dtype=acc, device=dev)
+        dC = _alloc(batch, groups, length, n, dtype=acc, device=dev)
         ext.backward(u, delta, Af, B, C, plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes,
-                     gy, g_root, du, d_delta, dA, dB, dC)
+                     plan.largest, gy, g_root, du, d_delta, dA, dB, dC)
         t_u, t_delta, t_A, t_B, t_C = ctx.dtypes
-        return du.to(t_u), d_delta.to(t_delta), dA.sum(0).to(t_A), dB.sum(1).to(t_B), dC.sum(1).to(t_C), None, None
+        dB, dC = (x.sum(1).transpose(1, 2) for x in (dB, dC))
+        return du.to(t_u), d_delta.to(t_delta), dA.sum(0).to(t_A), dB.to(t_B), dC.to(t_C), None, None, None
 
 
 def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False):
@@ -206,7 +220,7 @@ def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
     if ext is None:
         raise RuntimeError(f"no native tree-scan kernel for {u.device} tensors (GROOTL_NATIVE=0 or build failed)")
     _same_device(u, delta=delta, A=A, B=B, C=C, **{"tree.parent": tree.parent, "tree.order": tree.order})
-    y, root = _NativeTreeScan.apply(u, delta, A, B, C, ext, _Plan(ext, tree))
+    y, root = _NativeTreeScan.apply(u, delta, A, B, C, ext, _Plan(ext, tree), return_root_state)
     return (y, root) if return_root_state else y
 
 

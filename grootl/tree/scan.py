@@ -124,7 +124,7 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
     # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves u.device
     from grootl.tree import native
 
-    if u.shape[0] and native.available(u.device):  # an empty batch needs no kernel
+    if u.shape[0] and native.serves_scan(u.device, A.shape[1]):  # an empty batch needs no kernel
         return native._tree_scan(u, delta, A, B, C, tree, return_root_state)
     # <<< native dispatch hook
     y, root = _TreeScan.apply(u, delta, A, B, C, _Plan(tree))

@@ -142,7 +142,7 @@ void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
 }
 
 // For one row, aa[t] = |a[t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] with a = delta * u, each summed in order
-// of d like grootl::dot_a (so the same bits), but d outer and positions inner: contiguous reads.
+// of d like cuda.cu's feature_kernel (so the same bits), but d outer and positions inner: contiguous reads.
 template <typename scalar_t, typename acc_t>
 void feature_dots(const scalar_t* u, const scalar_t* delta, int64_t D, int64_t L, int64_t k, acc_t* aa, acc_t* dots) {
   std::fill(aa, aa + L, acc_t(0));
@@ -170,28 +170,23 @@ void build_tree(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> aa(L), bb(L), dots(L * k), weight(L * k);
-      std::vector<int32_t> ids, work(3 * L);
-      std::vector<uint8_t> in_tree(L * k);
+      std::vector<int32_t> ints(grootl::build_scratch_ints((int)L, (int)k));
+      std::vector<uint8_t> bytes(L * k);
+      const auto scratch = grootl::build_scratch(ints.data(), bytes.data(), (int)L, (int)k);
+      grootl::SerialPar par;
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* u_b = u.data_ptr<scalar_t>() + b * D * L;
         const scalar_t* delta_b = delta.data_ptr<scalar_t>() + b * D * L;
         const scalar_t* B_b = B.data_ptr<scalar_t>() + b * N * L;
         feature_dots(u_b, delta_b, D, L, k, aa.data(), dots.data());
         for (int t = 0; t < L; ++t) bb[t] = grootl::norm_b<scalar_t, acc_t>(B_b, (int)N, (int)L, t);
-        ids.clear();
         for (int t = 0; t < L; ++t)
           for (int j = 1; j <= k; ++j)
-            if (grootl::edge_exists(t, j, (int)L, ctx[b], st[b])) {
+            if (grootl::edge_exists(t, j, (int)L, ctx[b], st[b]))
               weight[t * k + j - 1] = grootl::edge_weight(u_b, delta_b, B_b, (int)D, (int)N, (int)L, t, j, aa.data(),
                                                           bb.data(), dots[t * k + j - 1], (int)distance);
-              ids.push_back((int32_t)(t * k + j - 1));
-            }
-        std::stable_sort(ids.begin(), ids.end(), [&](int32_t x, int32_t y) {
-          return grootl::edge_before(weight[x], x, weight[y], y);
-        });
-        grootl::kruskal(ids.data(), (int)ids.size(), (int)L, (int)k, in_tree.data(), work.data());
-        grootl::root_tree(in_tree.data(), (int)L, (int)k, parent.data_ptr<int64_t>() + b * L,
-                          order.data_ptr<int64_t>() + b * L, work.data());
+        grootl::build_row(par, weight.data(), (int)L, (int)k, ctx[b], st[b], scratch,
+                          parent.data_ptr<int64_t>() + b * L, order.data_ptr<int64_t>() + b * L);
       }
     });
   });

@@ -8,8 +8,8 @@
 //             every few nodes (fixed orders: deterministic) into the block's (L, N) partials, which the
 //             caller sums. H is recomputed from stack checkpoints every kChunk nodes.
 //   build:    per-position norms and neighbour dot products on a grid over positions; then one block per row:
-//             edge weights, a bitonic sort by (weight, id), Kruskal and the rooting on one thread. No host
-//             round trip.
+//             edge weights and tree_build.h's data-parallel phases (Borůvka, Euler tour ranked by pointer
+//             jumping), a barrier between phases. No host round trip.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -28,7 +28,7 @@ constexpr int kWarp = 32;
 constexpr int kForwardThreads = 128;
 constexpr int kBackwardThreads = 512;
 constexpr int kFeatureThreads = 128;
-constexpr int kBuildThreads = 256;
+constexpr int kBuildThreads = 512;
 constexpr int kMaxState = 128;  // largest N the scan kernels take (32 lanes x 4 states)
 
 // A channel's N states over kLanes adjacent lanes of a warp (a power of two), kPer states per lane.
@@ -225,61 +225,39 @@ __global__ void feature_kernel(const scalar_t* u, const scalar_t* delta, const s
   norms[(int64_t)b * 2 * L + L + t] = grootl::norm_b<scalar_t, acc_t>(B + (int64_t)b * N * L, N, L, t);
 }
 
-template <typename acc_t>
-__device__ void bitonic_sort(acc_t* key, int32_t* id, int n) {  // n a power of two; whole block
-  for (int size = 2; size <= n; size *= 2) {
-    for (int stride = size / 2; stride > 0; stride /= 2) {
-      for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int other = i ^ stride;
-        if (other > i) {
-          const bool ascending = (i & size) == 0;
-          const bool swap = grootl::edge_before(key[other], id[other], key[i], id[i]) == ascending;
-          if (swap) {
-            const acc_t k = key[i];
-            key[i] = key[other];
-            key[other] = k;
-            const int32_t t = id[i];
-            id[i] = id[other];
-            id[other] = t;
-          }
-        }
-      }
-      __syncthreads();
-    }
+// Phases on the threads of a block, a barrier after each.
+struct BlockPar {
+  template <typename F>
+  __device__ void each(int n, F&& body) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) body(i);
+    __syncthreads();
   }
-}
+  __device__ bool any(bool x) { return __syncthreads_or(x); }
+};
 
+// One block per row: the edge weights, then tree_build.h's phases (spanning tree, Euler tour, rooting).
 template <typename scalar_t, typename acc_t>
-__global__ void build_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* B, const int64_t* context_lens,
-                             const int64_t* start, int D, int N, int L, int k, int distance, int n_pad,
-                             const acc_t* norms, const acc_t* dots, acc_t* keys, int32_t* ids, uint8_t* in_tree,
-                             int32_t* work, int64_t* parent, int64_t* order) {
+__global__ void __launch_bounds__(kBuildThreads)
+    build_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* B, const int64_t* context_lens,
+                 const int64_t* start, int D, int N, int L, int k, int distance, const acc_t* norms, const acc_t* dots,
+                 acc_t* weights, int32_t* ints, uint8_t* bytes, int64_t* parent, int64_t* order) {
   const int b = blockIdx.x;
   const scalar_t* u_b = u + (int64_t)b * D * L;
   const scalar_t* delta_b = delta + (int64_t)b * D * L;
   const scalar_t* B_b = B + (int64_t)b * N * L;
   const acc_t* aa = norms + (int64_t)b * 2 * L;
   const acc_t* bb = aa + L;
-  acc_t* key = keys + (int64_t)b * n_pad;
-  int32_t* id = ids + (int64_t)b * n_pad;
-  for (int e = threadIdx.x; e < n_pad; e += blockDim.x) {
+  acc_t* weight = weights + (int64_t)b * L * k;
+  BlockPar par;
+  par.each(L * k, [&](int e) {
     const int t = e / k, j = e % k + 1;
-    const bool exists = e < L * k && grootl::edge_exists(t, j, L, context_lens[b], start[b]);
-    key[e] = exists ? grootl::edge_weight(u_b, delta_b, B_b, D, N, L, t, j, aa, bb, dots[(int64_t)b * L * k + e],
-                                          distance)
-                    : std::numeric_limits<acc_t>::infinity();
-    id[e] = exists ? e : L * k + e;  // missing edges sort last
-  }
-  __syncthreads();
-  bitonic_sort(key, id, n_pad);
-  if (threadIdx.x == 0) {
-    int n_edges = 0;
-    for (int e = 0; e < L * k; ++e) n_edges += grootl::edge_exists(e / k, e % k + 1, L, context_lens[b], start[b]);
-    int32_t* w = work + (int64_t)b * 3 * L;
-    uint8_t* tree = in_tree + (int64_t)b * L * k;
-    grootl::kruskal(id, n_edges, L, k, tree, w);
-    grootl::root_tree(tree, L, k, parent + (int64_t)b * L, order + (int64_t)b * L, w);
-  }
+    if (grootl::edge_exists(t, j, L, context_lens[b], start[b]))
+      weight[e] = grootl::edge_weight(u_b, delta_b, B_b, D, N, L, t, j, aa, bb, dots[(int64_t)b * L * k + e], distance);
+  });
+  const auto scratch = grootl::build_scratch(ints + (int64_t)b * grootl::build_scratch_ints(L, k),
+                                             bytes + (int64_t)b * L * k, L, k);
+  grootl::build_row(par, weight, L, k, context_lens[b], start[b], scratch, parent + (int64_t)b * L,
+                    order + (int64_t)b * L);
 }
 
 #define CHECK_CUDA_INPUT(x) TORCH_CHECK((x).is_cuda() && (x).is_contiguous(), #x " must be a contiguous CUDA tensor")
@@ -387,19 +365,15 @@ void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Ten
   CHECK_CUDA_INPUT(u);
   const c10::cuda::CUDAGuard guard(u.device());
   const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
-  int n_pad = 1;
-  while (n_pad < L * k) n_pad *= 2;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  auto ints = u.options().dtype(at::kInt);
-  auto ids = at::empty({batch, n_pad}, ints);
-  auto work = at::empty({batch, 3 * L}, ints);
-  auto in_tree = at::empty({batch, L * k}, u.options().dtype(at::kByte));
+  auto ints = at::empty({batch * grootl::build_scratch_ints(L, k)}, u.options().dtype(at::kInt));
+  auto bytes = at::empty({batch, L * k}, u.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_build_tree_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = u.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     auto norms = at::empty({batch, 2 * L}, acc_opts);
     auto dots = at::empty({batch, L * k}, acc_opts);
-    auto keys = at::empty({batch, n_pad}, acc_opts);
+    auto weights = at::empty({batch, L * k}, acc_opts);
     feature_kernel<scalar_t, acc_t><<<dim3((L + kFeatureThreads - 1) / kFeatureThreads, batch), kFeatureThreads, 0,
                                       stream>>>(u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
                                                 B.data_ptr<scalar_t>(), D, N, L, (int)k, norms.data_ptr<acc_t>(),
@@ -407,9 +381,9 @@ void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Ten
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     build_kernel<scalar_t, acc_t><<<batch, kBuildThreads, 0, stream>>>(
         u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), context_lens.data_ptr<int64_t>(),
-        start.data_ptr<int64_t>(), D, N, L, (int)k, (int)distance, n_pad, norms.data_ptr<acc_t>(),
-        dots.data_ptr<acc_t>(), keys.data_ptr<acc_t>(), ids.data_ptr<int32_t>(), in_tree.data_ptr<uint8_t>(),
-        work.data_ptr<int32_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>());
+        start.data_ptr<int64_t>(), D, N, L, (int)k, (int)distance, norms.data_ptr<acc_t>(), dots.data_ptr<acc_t>(),
+        weights.data_ptr<acc_t>(), ints.data_ptr<int32_t>(), bytes.data_ptr<uint8_t>(), parent.data_ptr<int64_t>(),
+        order.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

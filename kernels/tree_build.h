@@ -1,8 +1,16 @@
 // The GrootL token graph, its minimum spanning tree and the rooting at L-1, one row at a time, for host and
 // device. Matches grootl/tree/graph.py: edge (t-j, t), 1 <= j <= k, has the id t*k + (j-1) and the weight
-// slot [t, j-1]; ties in weight break towards the smaller id; children are visited in the Euler-tour order
-// of graph.root_tree (slots -k..-1, 1..k around a node, cyclically after the slot towards the parent).
+// slot [t, j-1]; ties in weight break towards the smaller id (a strict total order, so the tree is unique);
+// children are visited in the Euler-tour order of graph.root_tree (slots -k..-1, 1..k around a node,
+// cyclically after the slot towards the parent).
+//
+// The tree is built by data-parallel phases, `par.each(n, body)` over edges, nodes or directed edges: the
+// CPU runs them one after another on one thread (SerialPar), the GPU on the threads of a block with a barrier
+// after each (BlockPar in cuda.cu). Borůvka finds the spanning tree in O(log L) rounds, an Euler tour ranked by
+// pointer jumping roots it. The same code runs, and is tested, on the CPU.
 #pragma once
+
+#include <cstring>
 
 #include "tree_scan.h"
 
@@ -24,18 +32,6 @@ GROOTL_HD acc_t norm_b(const scalar_t* B, int N, int L, int t) {
   for (int n = 0; n < N; ++n) {
     const acc_t b = (acc_t)B[feature_index(n, L, t)];
     total += b * b;
-  }
-  return total;
-}
-
-// sum over D of a[t] * a[s] with a = delta * u (u, delta: (D, L)), in order of d; s == t gives |a[t]|^2.
-template <typename scalar_t, typename acc_t>
-GROOTL_HD acc_t dot_a(const scalar_t* u, const scalar_t* delta, int D, int L, int t, int s) {
-  acc_t total = 0;
-  for (int d = 0; d < D; ++d) {
-    const acc_t at = (acc_t)delta[feature_index(d, L, t)] * (acc_t)u[feature_index(d, L, t)];
-    const acc_t as = (acc_t)delta[feature_index(d, L, s)] * (acc_t)u[feature_index(d, L, s)];
-    total += at * as;
   }
   return total;
 }
@@ -77,34 +73,149 @@ GROOTL_HD acc_t edge_weight(const scalar_t* u, const scalar_t* delta, const scal
   return rank_one_weight(da, db, aa[t], aa[s], bb[t], bb[s], distance);
 }
 
-// Sort order of edges: by weight, then by id.
+// Order-preserving integer key of a weight; equal weights (+0 and -0 too) get equal keys.
 template <typename acc_t>
-GROOTL_HD bool edge_before(acc_t wa, int32_t ida, acc_t wb, int32_t idb) {
-  return wa < wb || (wa == wb && ida < idb);
-}
-
-GROOTL_HD int32_t find_root(int32_t* comp, int32_t x) {
-  while (comp[x] != x) {
-    comp[x] = comp[comp[x]];
-    x = comp[x];
+GROOTL_HD uint64_t weight_key(acc_t w) {
+  w = w + acc_t(0);  // -0 -> +0
+  if constexpr (sizeof(acc_t) == 4) {
+    uint32_t bits;
+    memcpy(&bits, &w, 4);
+    return bits ^ ((bits >> 31) ? 0xffffffffu : 0x80000000u);
+  } else {
+    uint64_t bits;
+    memcpy(&bits, &w, 8);
+    return bits ^ ((bits >> 63) ? ~uint64_t(0) : uint64_t(1) << 63);
   }
-  return x;
 }
 
-// Kruskal over the row's edges, given their ids sorted by (weight, id) (n_sorted of them, all existing):
-// marks in_tree[id]. comp: L ints of scratch.
-GROOTL_HD void kruskal(const int32_t* sorted_ids, int n_sorted, int L, int k, uint8_t* in_tree, int32_t* comp) {
-  for (int v = 0; v < L; ++v) comp[v] = v;
-  for (int e = 0; e < L * k; ++e) in_tree[e] = 0;
-  int joined = 0;
-  for (int e = 0; e < n_sorted && joined < L - 1; ++e) {
-    const int32_t id = sorted_ids[e];
-    const int32_t t = id / k, j = id % k + 1;
-    const int32_t ra = find_root(comp, t - j), rb = find_root(comp, t);
-    if (ra == rb) continue;
-    comp[ra < rb ? rb : ra] = ra < rb ? ra : rb;
-    in_tree[id] = 1;
-    ++joined;
+GROOTL_HD void atomic_min(uint64_t* p, uint64_t v) {
+#ifdef __CUDA_ARCH__
+  atomicMin(reinterpret_cast<unsigned long long*>(p), (unsigned long long)v);
+#else
+  if (v < *p) *p = v;
+#endif
+}
+
+GROOTL_HD void atomic_min(int32_t* p, int32_t v) {
+#ifdef __CUDA_ARCH__
+  atomicMin(reinterpret_cast<int*>(p), (int)v);
+#else
+  if (v < *p) *p = v;
+#endif
+}
+
+// Phases on one thread (the CPU's).
+struct SerialPar {
+  template <typename F>
+  void each(int n, F&& body) {
+    for (int i = 0; i < n; ++i) body(i);
+  }
+  bool any(bool x) { return x; }
+};
+
+// Scratch of one row's build: ints unless noted.
+struct BuildScratch {
+  int32_t* comp;    // L: component label (its root node)
+  int32_t* best;    // L: cheapest edge out of each component
+  int32_t* next;    // L: the component across it
+  uint64_t* key;    // L: that edge's weight key
+  uint8_t* in_tree;  // L * k: edges of the tree
+  int32_t* succ;    // 2 * L * k, and the five below: the Euler tour's successor of each directed edge
+  int32_t* succ0;   //   (kept: the tour is ranked twice)
+  int32_t* val;     //   values summed to the tour's end by pointer jumping
+  int32_t* dist;    //   directed edges left to the tour's end
+  int32_t* succ_tmp;
+  int32_t* val_tmp;
+};
+GROOTL_HD int64_t build_scratch_ints(int L, int k) {  // even, so that rows laid end to end stay 8-byte aligned
+  return 5 * (int64_t)L + 12 * (int64_t)L * k + (L & 1);
+}
+// Carves BuildScratch out of build_scratch_ints(L, k) int32s (8-byte aligned) and L * k bytes.
+GROOTL_HD BuildScratch build_scratch(int32_t* ints, uint8_t* bytes, int L, int k) {
+  const int64_t dir = 2 * (int64_t)L * k;
+  BuildScratch s;
+  s.key = reinterpret_cast<uint64_t*>(ints);
+  s.comp = ints + 2 * L;
+  s.best = s.comp + L;
+  s.next = s.best + L;
+  s.succ = s.next + L;
+  s.succ0 = s.succ + dir;
+  s.val = s.succ0 + dir;
+  s.dist = s.val + dir;
+  s.succ_tmp = s.dist + dir;
+  s.val_tmp = s.succ_tmp + dir;
+  s.in_tree = bytes;
+  return s;
+}
+
+// The edge's two ends' components, or false when it does not exist or is inside one component.
+GROOTL_HD bool live_edge(const BuildScratch& s, int e, int L, int k, int64_t context_len, int64_t start, int& a,
+                         int& b) {
+  const int t = e / k, j = e % k + 1;
+  if (!edge_exists(t, j, L, context_len, start)) return false;
+  a = s.comp[t - j];
+  b = s.comp[t];
+  return a != b;
+}
+
+// Minimum spanning tree of one row (weight: L * k, by edge id) into s.in_tree, by Borůvka's algorithm.
+template <typename acc_t, typename Par>
+GROOTL_HD void spanning_tree(Par& par, const acc_t* weight, int L, int k, int64_t context_len, int64_t start,
+                             const BuildScratch& s) {
+  const int E = L * k;
+  par.each(L, [&](int v) { s.comp[v] = v; });
+  par.each(E, [&](int e) { s.in_tree[e] = 0; });
+  while (true) {
+    par.each(L, [&](int v) {
+      s.key[v] = ~uint64_t(0);
+      s.best[v] = E;
+    });
+    bool live = false;
+    par.each(E, [&](int e) {  // each component's cheapest weight ...
+      int a, b;
+      if (!live_edge(s, e, L, k, context_len, start, a, b)) return;
+      live = true;
+      const uint64_t w = weight_key(weight[e]);
+      atomic_min(&s.key[a], w);
+      atomic_min(&s.key[b], w);
+    });
+    if (!par.any(live)) break;
+    par.each(E, [&](int e) {  // ... and the smallest id among its edges of that weight
+      int a, b;
+      if (!live_edge(s, e, L, k, context_len, start, a, b)) return;
+      const uint64_t w = weight_key(weight[e]);
+      if (w == s.key[a]) atomic_min(&s.best[a], e);
+      if (w == s.key[b]) atomic_min(&s.best[b], e);
+    });
+    par.each(L, [&](int c) {  // every component joins the one across its cheapest edge
+      if (s.comp[c] != c) return;
+      const int e = s.best[c];
+      if (e == E) {
+        s.next[c] = c;
+        return;
+      }
+      s.in_tree[e] = 1;
+      const int t = e / k, j = e % k + 1, a = s.comp[t - j], b = s.comp[t];
+      s.next[c] = a == c ? b : a;
+    });
+    par.each(L, [&](int c) {  // two that chose each other: the smaller label becomes the root (only it writes)
+      if (s.comp[c] != c) return;
+      const int n = s.next[c];
+      if (n != c && c < n && s.next[n] == c) s.next[c] = c;
+    });
+    bool jumped;
+    do {  // pointer jumping to the roots; a racing read sees an older pointer, still on the path to the root
+      jumped = false;
+      par.each(L, [&](int c) {
+        if (s.comp[c] != c) return;
+        const int n = s.next[c], nn = s.next[n];
+        if (nn != n) {
+          s.next[c] = nn;
+          jumped = true;
+        }
+      });
+    } while (par.any(jumped));
+    par.each(L, [&](int v) { s.comp[v] = s.next[s.comp[v]]; });
   }
 }
 
@@ -117,34 +228,87 @@ GROOTL_HD int slot_neighbour(const uint8_t* in_tree, int L, int k, int v, int s)
   return in_tree[hi * k + j - 1] ? w : -1;
 }
 
-// Roots the tree at L-1: parent and DFS preorder, children in the Euler-tour order. work: 3 * L ints.
-GROOTL_HD void root_tree(const uint8_t* in_tree, int L, int k, int64_t* parent, int64_t* order, int32_t* work) {
-  int32_t* st_node = work;
-  int32_t* st_in = work + L;
-  int32_t* st_it = work + 2 * L;
+// The first tree slot of v strictly after slot r, cyclically (r itself when it is v's only one).
+GROOTL_HD int next_slot(const uint8_t* in_tree, int L, int k, int v, int r) {
   const int slots = 2 * k;
-  int sp = 0, pos = 0;
-  parent[L - 1] = -1;
-  order[pos++] = L - 1;
-  st_node[sp] = L - 1;
-  st_in[sp] = slots - 1;  // the root scans every slot, starting at 0
-  st_it[sp++] = 0;
-  while (sp > 0) {
-    const int top = sp - 1, v = st_node[top];
-    const int it = ++st_it[top];
-    if (it > (v == L - 1 ? slots : slots - 1)) {
-      --sp;
-      continue;
-    }
-    const int s = (st_in[top] + it) % slots;
-    const int w = slot_neighbour(in_tree, L, k, v, s);
-    if (w < 0) continue;
-    parent[w] = v;
-    order[pos++] = w;
-    st_node[sp] = w;
-    st_in[sp] = slots - 1 - s;
-    st_it[sp++] = 0;
+  for (int i = 1; i <= slots; ++i) {
+    const int s = (r + i) % slots;
+    if (slot_neighbour(in_tree, L, k, v, s) >= 0) return s;
   }
+  return r;
+}
+
+// val[a] = the sum of val over a and its successors to the tour's end (whose successor is itself, val 0);
+// n directed edges, `length` of them on the tour.
+template <typename Par>
+GROOTL_HD void rank_tour(Par& par, int n, int length, const BuildScratch& s) {
+  par.each(n, [&](int a) { s.succ[a] = s.succ0[a]; });
+  for (int step = 1; step < length; step *= 2) {
+    par.each(n, [&](int a) {
+      s.val_tmp[a] = s.val[a] + s.val[s.succ[a]];
+      s.succ_tmp[a] = s.succ[s.succ[a]];
+    });
+    par.each(n, [&](int a) {
+      s.val[a] = s.val_tmp[a];
+      s.succ[a] = s.succ_tmp[a];
+    });
+  }
+}
+
+// Roots s.in_tree at L-1: parent, and order = DFS preorder with children in Euler-tour order. Directed edge
+// a = v * 2k + slot goes from v to its neighbour across slot; the tour leaves a node by the next tree slot
+// after the one it arrived by (the root: from slot 0). An edge walked before its reverse points to a child,
+// and a node's preorder position counts the child-pointing edges walked before the one into it.
+template <typename Par>
+GROOTL_HD void root_tree(Par& par, int L, int k, const BuildScratch& s, int64_t* parent, int64_t* order) {
+  const int slots = 2 * k, n = L * slots;
+  if (L == 1) {
+    par.each(1, [&](int) {
+      parent[0] = -1;
+      order[0] = 0;
+    });
+    return;
+  }
+  const int first = (L - 1) * slots + next_slot(s.in_tree, L, k, L - 1, slots - 1);
+  par.each(n, [&](int a) {
+    const int v = a / slots, slot = a % slots, w = slot_neighbour(s.in_tree, L, k, v, slot);
+    int succ = a;
+    if (w >= 0) {
+      succ = w * slots + next_slot(s.in_tree, L, k, w, slots - 1 - slot);
+      if (succ == first) succ = a;  // back at the start: the tour ends here
+    }
+    s.succ0[a] = succ;
+    s.val[a] = succ != a;
+  });
+  rank_tour(par, n, 2 * (L - 1), s);
+  par.each(n, [&](int a) { s.dist[a] = s.val[a]; });
+  par.each(n, [&](int a) {  // 1 on the edges that point to a child
+    const int v = a / slots, slot = a % slots, w = slot_neighbour(s.in_tree, L, k, v, slot);
+    s.val[a] = w >= 0 && s.dist[a] > s.dist[w * slots + slots - 1 - slot];
+  });
+  rank_tour(par, n, 2 * (L - 1), s);
+  par.each(L, [&](int v) {
+    int p = -1, pos = 0;
+    for (int slot = 0; slot < slots; ++slot) {
+      const int w = slot_neighbour(s.in_tree, L, k, v, slot);
+      if (w < 0) continue;
+      const int in = w * slots + slots - 1 - slot;  // w -> v
+      if (s.dist[in] > s.dist[v * slots + slot]) {
+        p = w;
+        pos = L - s.val[in];  // 1 + the (L - 1) - val[in] child edges walked before `in`
+      }
+    }
+    parent[v] = p;
+    order[pos] = v;
+  });
+}
+
+// The whole build of one row from its edge weights.
+template <typename acc_t, typename Par>
+GROOTL_HD void build_row(Par& par, const acc_t* weight, int L, int k, int64_t context_len, int64_t start,
+                         const BuildScratch& s, int64_t* parent, int64_t* order) {
+  spanning_tree(par, weight, L, k, context_len, start, s);
+  root_tree(par, L, k, s, parent, order);
 }
 
 }  // namespace grootl

@@ -1,8 +1,9 @@
 """Benchmark the native tree-scan kernels; prints a table and writes JSON.
 
-CPU (always): the C++ kernel against the plain oracle ``tree_scan_ref`` and the PyTorch ``tree_scan``,
-forward + backward, plus the tree build (C++ vs PyTorch). GPU (only with CUDA): tree build + tree scan
-forward + backward against mamba_ssm's ``selective_scan_fn`` on the same inputs, time and peak memory.
+CPU: the C++ kernel against the plain oracle ``tree_scan_ref`` and the PyTorch ``tree_scan``, forward +
+backward, plus the tree build (C++ vs PyTorch). GPU (CUDA): tree build + tree scan forward + backward
+against the same kernels on the chain and mamba_ssm's ``selective_scan_fn`` (when installed) on the same
+inputs, time and peak memory, and the fraction of the copy bandwidth the least traffic would need.
 
     python scripts/bench_kernels.py --device cpu --out benchmarks/kernels_cpu.json
     python scripts/bench_kernels.py --device cuda --out benchmarks/kernels_gpu.json
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from grootl.tree import build_tree, native, tree_scan, tree_scan_ref
+from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
 
 SIZES = {"130m": (1536, 16), "370m": (2048, 16)}  # Mamba d_inner, d_state
 
@@ -102,11 +103,24 @@ def bench_cpu(args):
     return rows
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write): the practical peak."""
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    seconds = timed(lambda: y.copy_(x), "cuda", 5)
+    return 2 * x.numel() * x.element_size() / seconds
+
+
 def bench_cuda(args):
+    """Per shape: our tree build, forward and backward apart and together; the same kernels on the chain (the
+    plain Mamba recurrence, no tree build): the overhead of the tree alone; mamba_ssm's selective_scan_fn
+    forward + backward when installed. Peak memory is what a call allocates above its inputs."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError:  # without mamba_ssm we still time ours
+    except ImportError:
         selective_scan_fn = None
+        print("mamba_ssm is not installed: no selective_scan_fn baseline (the chain baseline still runs)")
+    peak_bw = copy_bandwidth()
     rows = []
     for size in args.sizes:
         d, n = SIZES[size]
@@ -114,15 +128,28 @@ def bench_cuda(args):
             for length in args.lengths:
                 u, delta, A, B, C = inputs(batch, d, n, length, "cuda", torch.bfloat16)
                 context = torch.full((batch,), length // 2, device="cuda")
+                tree = native.build_tree(u, delta, B, context)
+                chain = Tree.chain(batch, length, device="cuda")
                 row = {"size": size, "batch": batch, "L": length, "D": d, "N": n, "dtype": "bf16"}
 
                 def ours():
                     xs = [x.detach().requires_grad_() for x in (u, delta, A, B, C)]
-                    tree = native.build_tree(xs[0].detach(), xs[1].detach(), xs[3].detach(), context)
-                    y = native.tree_scan(*xs, tree)
+                    t = native.build_tree(xs[0].detach(), xs[1].detach(), xs[3].detach(), context)
+                    y = native.tree_scan(*xs, t)
                     y.backward(torch.ones_like(y))
 
+                row["build_s"] = timed(lambda: native.build_tree(u, delta, B, context), "cuda", args.repeats)
+                with torch.no_grad():
+                    row["forward_s"] = timed(lambda: native.tree_scan(u, delta, A, B, C, tree), "cuda", args.repeats)
                 row["ours_s"], row["ours_peak_mib"] = timed_peak(ours, args.repeats)
+                row["chain_s"], row["chain_peak_mib"] = timed_peak(fwd_bwd(native.tree_scan, u, delta, A, B, C, chain),
+                                                                   args.repeats)
+                row["ours_vs_chain"] = row["ours_s"] / row["chain_s"]
+                # the least traffic a fused fwd + bwd needs: read u, delta, B, C (twice: forward and backward)
+                # and gy, write y, du, d_delta, dB, dC
+                elems = 2 * (2 * batch * d * length + 2 * batch * n * length) + batch * d * length
+                elems += 3 * batch * d * length + 2 * batch * n * length
+                row["bandwidth_fraction"] = elems * u.element_size() / row["ours_s"] / peak_bw
                 if selective_scan_fn is not None:
 
                     def theirs():
@@ -135,7 +162,7 @@ def bench_cuda(args):
                     row["memory_ratio"] = row["ours_peak_mib"] / row["selective_scan_peak_mib"]
                 rows.append(row)
                 print(format_row(row), flush=True)
-    return rows
+    return rows, {"copy_bandwidth_gb_s": peak_bw / 1e9}
 
 
 def timed_peak(fn, repeats):
@@ -169,7 +196,7 @@ def main(argv=None):
         args.lengths = [512, 1024, 2048] if args.device == "cpu" else [512, 1024, 2048, 4096]
     if not native.available(args.device):
         raise SystemExit(f"no native kernels for {args.device} (see the warning above)")
-    rows = bench_cpu(args) if args.device == "cpu" else bench_cuda(args)
+    rows, extra = (bench_cpu(args), {}) if args.device == "cpu" else bench_cuda(args)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
@@ -178,6 +205,7 @@ def main(argv=None):
         "python": platform.python_version(),
         "timing": "median of --repeats runs after one warm-up; forward + backward",
         "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        **extra,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@
 // pointer jumping roots it. The same code runs, and is tested, on the CPU.
 #pragma once
 
+#include <atomic>
 #include <cstring>
 
 #include "tree_scan.h"
@@ -88,11 +89,15 @@ GROOTL_HD uint64_t weight_key(acc_t w) {
   }
 }
 
+// *p = min(*p, v), atomically (several threads of a phase may update one component).
 GROOTL_HD void atomic_min(uint64_t* p, uint64_t v) {
 #ifdef __CUDA_ARCH__
   atomicMin(reinterpret_cast<unsigned long long*>(p), (unsigned long long)v);
 #else
-  if (v < *p) *p = v;
+  std::atomic_ref<uint64_t> ref(*p);
+  uint64_t cur = ref.load(std::memory_order_relaxed);
+  while (v < cur && !ref.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
 #endif
 }
 
@@ -100,7 +105,10 @@ GROOTL_HD void atomic_min(int32_t* p, int32_t v) {
 #ifdef __CUDA_ARCH__
   atomicMin(reinterpret_cast<int*>(p), (int)v);
 #else
-  if (v < *p) *p = v;
+  std::atomic_ref<int32_t> ref(*p);
+  int32_t cur = ref.load(std::memory_order_relaxed);
+  while (v < cur && !ref.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
 #endif
 }
 

@@ -1,13 +1,18 @@
-// Test harness: runs kernels/tree_scan.h the way kernels/cuda.cu does (a channel's N states spread over
-// `lanes` threads, `per` states each, scratch interleaved across the lanes, per-channel results written by
-// the leader lane) but on CPU threads that meet at a barrier for every sum over n. float64 only. This puts
-// the lane-split paths of the shared algorithm (idle slots, per > 1, leader writes) under test without a GPU.
+// Test harness: runs the shared algorithms the way kernels/cuda.cu does, but on CPU threads, so that their
+// parallel paths are tested without a GPU. float64 only.
+//   scan:  a channel's N states spread over `lanes` threads, `per` states each, scratch interleaved across
+//          the lanes, per-channel results written by the leader lane; the lanes meet at a barrier for every
+//          sum over n (the GPU's shuffles).
+//   build: tree_build.h's phases on `threads` threads that share each phase's items and meet at a barrier
+//          after it (the GPU's block), racing as a block's threads do.
 #include <torch/extension.h>
 
+#include <atomic>
 #include <barrier>
 #include <thread>
 #include <vector>
 
+#include "tree_build.h"
 #include "tree_scan.h"
 
 namespace {
@@ -117,9 +122,52 @@ void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
     }
 }
 
+struct ThreadPar {  // one thread of a simulated block
+  int tid, threads;
+  std::barrier<>* sync;
+  std::atomic<bool>* flag;
+  template <typename F>
+  void each(int n, F&& body) {
+    for (int i = tid; i < n; i += threads) body(i);
+    sync->arrive_and_wait();
+  }
+  bool any(bool x) {
+    if (x) flag->store(true);
+    sync->arrive_and_wait();
+    const bool result = flag->load();
+    sync->arrive_and_wait();
+    if (tid == 0) flag->store(false);
+    sync->arrive_and_wait();
+    return result;
+  }
+};
+
+// weights: (batch, L * k) by edge id (only existing edges are read).
+void build_tree(const at::Tensor& weights, const at::Tensor& context_lens, const at::Tensor& start, int64_t L,
+                int64_t k, int64_t threads, at::Tensor parent, at::Tensor order) {
+  const int64_t batch = weights.size(0);
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<int32_t> ints(grootl::build_scratch_ints((int)L, (int)k));
+    std::vector<uint8_t> bytes(L * k);
+    const auto scratch = grootl::build_scratch(ints.data(), bytes.data(), (int)L, (int)k);
+    std::barrier<> sync(threads);
+    std::atomic<bool> flag{false};
+    std::vector<std::thread> pool;
+    for (int tid = 0; tid < threads; ++tid)
+      pool.emplace_back([&, tid] {
+        ThreadPar par{tid, (int)threads, &sync, &flag};
+        grootl::build_row(par, weights.data_ptr<double>() + b * L * k, (int)L, (int)k,
+                          context_lens.data_ptr<int64_t>()[b], start.data_ptr<int64_t>()[b], scratch,
+                          parent.data_ptr<int64_t>() + b * L, order.data_ptr<int64_t>() + b * L);
+      });
+    for (auto& t : pool) t.join();
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "tree scan forward on lanes of CPU threads (float64; B, C as (batch, L, N))");
   m.def("backward", &backward, "tree scan backward on lanes of CPU threads (float64)");
+  m.def("build_tree", &build_tree, "tree build phases on a block of CPU threads (float64 weights)");
 }

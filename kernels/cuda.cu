@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
 }
 
 // aa[t] = |a[t]|^2, bb[t] = |B[:, t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] (a = delta * u), summed in order
-// of d like the CPU build (same bits), one thread per position.
+// of d like the CPU build, products unfused (same bits), one thread per position.
 template <typename scalar_t, typename acc_t>
 __global__ void feature_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* B, int D, int N, int L,
                                int k, acc_t* norms, acc_t* dots) {
@@ -217,9 +217,10 @@ __global__ void feature_kernel(const scalar_t* u, const scalar_t* delta, const s
   acc_t aa = 0;
   for (int d = 0; d < D; ++d) {
     const int64_t row = (int64_t)d * L;
-    const acc_t at = (acc_t)delta_b[row + t] * (acc_t)u_b[row + t];
-    aa += at * at;
-    for (int j = 1; j <= k && j <= t; ++j) dot[j - 1] += at * ((acc_t)delta_b[row + t - j] * (acc_t)u_b[row + t - j]);
+    const acc_t at = grootl::mul((acc_t)delta_b[row + t], (acc_t)u_b[row + t]);
+    aa += grootl::mul(at, at);
+    for (int j = 1; j <= k && j <= t; ++j)
+      dot[j - 1] += grootl::mul(at, grootl::mul((acc_t)delta_b[row + t - j], (acc_t)u_b[row + t - j]));
   }
   norms[(int64_t)b * 2 * L + t] = aa;
   norms[(int64_t)b * 2 * L + L + t] = grootl::norm_b<scalar_t, acc_t>(B + (int64_t)b * N * L, N, L, t);

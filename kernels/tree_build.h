@@ -26,13 +26,30 @@ GROOTL_HD bool edge_exists(int t, int j, int L, int64_t context_len, int64_t sta
 
 GROOTL_HD int64_t feature_index(int d, int L, int t) { return (int64_t)d * L + t; }
 
+// a * b rounded on its own, never fused into a following add: the device's edge weights must round exactly as
+// the CPU's (built with -ffp-contract=off) for the trees to be equal, while the scans keep fused multiply-adds.
+GROOTL_HD float mul(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GROOTL_HD double mul(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // Squared norm over N of B[:, t] (B: (N, L)).
 template <typename scalar_t, typename acc_t>
 GROOTL_HD acc_t norm_b(const scalar_t* B, int N, int L, int t) {
   acc_t total = 0;
   for (int n = 0; n < N; ++n) {
     const acc_t b = (acc_t)B[feature_index(n, L, t)];
-    total += b * b;
+    total += mul(b, b);
   }
   return total;
 }
@@ -42,13 +59,13 @@ GROOTL_HD acc_t norm_b(const scalar_t* B, int N, int L, int t) {
 template <typename acc_t>
 GROOTL_HD acc_t rank_one_weight(acc_t dot_a, acc_t dot_b, acc_t aa_t, acc_t aa_s, acc_t bb_t, acc_t bb_s,
                                 int distance) {
-  const acc_t dot = dot_a * dot_b;
+  const acc_t dot = mul(dot_a, dot_b);
   if (distance == kCosine) {
-    const acc_t norm = sqrt(aa_t * aa_s * bb_t * bb_s);
+    const acc_t norm = sqrt(mul(mul(mul(aa_t, aa_s), bb_t), bb_s));
     const acc_t eps = (acc_t)1e-12;
     return 1 - dot / (norm > eps ? norm : eps);
   }
-  const acc_t sq = aa_t * bb_t + aa_s * bb_s - 2 * dot;
+  const acc_t sq = mul(aa_t, bb_t) + mul(aa_s, bb_s) - mul(acc_t(2), dot);
   return sq > 0 ? sq : 0;
 }
 
@@ -60,17 +77,17 @@ GROOTL_HD acc_t edge_weight(const scalar_t* u, const scalar_t* delta, const scal
   if (distance == kManhattan) {
     acc_t total = 0;
     for (int d = 0; d < D; ++d) {
-      const acc_t at = (acc_t)delta[feature_index(d, L, t)] * (acc_t)u[feature_index(d, L, t)];
-      const acc_t as = (acc_t)delta[feature_index(d, L, s)] * (acc_t)u[feature_index(d, L, s)];
+      const acc_t at = mul((acc_t)delta[feature_index(d, L, t)], (acc_t)u[feature_index(d, L, t)]);
+      const acc_t as = mul((acc_t)delta[feature_index(d, L, s)], (acc_t)u[feature_index(d, L, s)]);
       for (int n = 0; n < N; ++n) {
-        const acc_t diff = at * (acc_t)B[feature_index(n, L, t)] - as * (acc_t)B[feature_index(n, L, s)];
+        const acc_t diff = mul(at, (acc_t)B[feature_index(n, L, t)]) - mul(as, (acc_t)B[feature_index(n, L, s)]);
         total += diff < 0 ? -diff : diff;
       }
     }
     return total;
   }
   acc_t db = 0;
-  for (int n = 0; n < N; ++n) db += (acc_t)B[feature_index(n, L, t)] * (acc_t)B[feature_index(n, L, s)];
+  for (int n = 0; n < N; ++n) db += mul((acc_t)B[feature_index(n, L, t)], (acc_t)B[feature_index(n, L, s)]);
   return rank_one_weight(da, db, aa[t], aa[s], bb[t], bb[s], distance);
 }
 

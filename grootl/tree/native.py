@@ -31,6 +31,8 @@ _modules: dict[str, ModuleType | None] = {}
 # vectorise the scan's exp loops (~1.7x) without -ffast-math's reassociation, so float sums (and the tree
 # build) keep their exact order.
 _VECTOR_EXP = ["-D__FAST_MATH__"] if sys.platform.startswith("linux") else []
+# The kernels use C++20 (std::atomic_ref): torch >= 2.13 builds extensions as C++20 anyway, older ones as C++17.
+_CXX20 = ["/std:c++20"] if sys.platform == "win32" else ["-std=c++20"]
 
 
 def enabled() -> bool:
@@ -67,7 +69,7 @@ def _compile(kind: str, verbose: bool = False) -> ModuleType:
         return cpp_extension.load(
             name=name,
             sources=[str(KERNELS / s) for s in CPU_SOURCES],
-            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", *_VECTOR_EXP],
+            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", *_VECTOR_EXP, *_CXX20],
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(KERNELS)],
             build_directory=str(build),
@@ -76,10 +78,10 @@ def _compile(kind: str, verbose: bool = False) -> ModuleType:
     return cpp_extension.load(
         name=name,
         sources=[str(KERNELS / s) for s in CUDA_SOURCES],
-        extra_cflags=["-O3"],
+        extra_cflags=["-O3", *_CXX20],
         # IEEE sqrt and division (nvcc's default) and unfused products in the build (grootl::mul): edge
         # weights round as on the CPU, so the device tree equals the CPU tree
-        extra_cuda_cflags=["-O3", "-lineinfo"],
+        extra_cuda_cflags=["-O3", "-lineinfo", "-std=c++20"],
         extra_include_paths=[str(KERNELS), *_cuda_include_paths()],
         build_directory=str(build),
         with_cuda=True,

@@ -12,8 +12,15 @@
 //             jumping), a barrier between phases. No host round trip.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+
+#ifdef GROOTL_CUDA_EMULATION  // tests only: tests/kernels/cuda_emulation.h runs these kernels on CPU threads
+#include "cuda_emulation.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#define GROOTL_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#define CHECK_CUDA_INPUT(x) TORCH_CHECK((x).is_cuda() && (x).is_contiguous(), #x " must be a contiguous CUDA tensor")
+#endif
 
 #include <limits>
 #include <type_traits>
@@ -261,8 +268,6 @@ __global__ void __launch_bounds__(kBuildThreads)
                     order + (int64_t)b * L);
 }
 
-#define CHECK_CUDA_INPUT(x) TORCH_CHECK((x).is_cuda() && (x).is_contiguous(), #x " must be a contiguous CUDA tensor")
-
 }  // namespace
 
 int64_t channel_group_cuda(int64_t N) { return kBackwardThreads / lane_shape(N).lanes; }
@@ -278,7 +283,7 @@ std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order
   auto status = at::empty({batch, 1}, parent.options().dtype(at::kInt));
   auto work = at::empty({batch, 3 * L}, parent.options().dtype(at::kInt));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  plan_kernel<<<(batch + 63) / 64, 64, 0, stream>>>(parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), batch, L,
+  GROOTL_LAUNCH((batch + 63) / 64, 64, stream, plan_kernel)(parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), batch, L,
                                                     flags.data_ptr<uint8_t>(), ckpt_offset.data_ptr<int32_t>(),
                                                     sizes.data_ptr<int32_t>(), status.data_ptr<int32_t>(),
                                                     work.data_ptr<int32_t>());
@@ -312,7 +317,7 @@ void forward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
       const dim3 grid((D + kForwardThreads / kLanes - 1) / (kForwardThreads / kLanes), batch);
       auto scratch = at::empty({(int64_t)grid.x * grid.y * kForwardThreads * entries * kPer},
                                u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      forward_kernel<scalar_t, acc_t, kLanes, kPer><<<grid, kForwardThreads, 0, stream>>>(
+      GROOTL_LAUNCH(grid, kForwardThreads, stream, forward_kernel<scalar_t, acc_t, kLanes, kPer>)(
           u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
           C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
           D, N, L, entries, scratch.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
@@ -343,7 +348,7 @@ void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
       constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
       auto scratch = at::empty({(int64_t)groups * batch * kBackwardThreads * entries * kPer},
                                u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      backward_kernel<scalar_t, acc_t, kLanes, kPer><<<dim3(groups, batch), kBackwardThreads, 0, stream>>>(
+      GROOTL_LAUNCH(dim3(groups, batch), kBackwardThreads, stream, backward_kernel<scalar_t, acc_t, kLanes, kPer>)(
           u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
           C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
           ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(), gy.data_ptr<scalar_t>(),
@@ -375,12 +380,12 @@ void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Ten
     auto norms = at::empty({batch, 2 * L}, acc_opts);
     auto dots = at::empty({batch, L * k}, acc_opts);
     auto weights = at::empty({batch, L * k}, acc_opts);
-    feature_kernel<scalar_t, acc_t><<<dim3((L + kFeatureThreads - 1) / kFeatureThreads, batch), kFeatureThreads, 0,
-                                      stream>>>(u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
-                                                B.data_ptr<scalar_t>(), D, N, L, (int)k, norms.data_ptr<acc_t>(),
-                                                dots.data_ptr<acc_t>());
+    GROOTL_LAUNCH(dim3((L + kFeatureThreads - 1) / kFeatureThreads, batch), kFeatureThreads, stream,
+                  feature_kernel<scalar_t, acc_t>)(u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+                                                   B.data_ptr<scalar_t>(), D, N, L, (int)k, norms.data_ptr<acc_t>(),
+                                                   dots.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    build_kernel<scalar_t, acc_t><<<batch, kBuildThreads, 0, stream>>>(
+    GROOTL_LAUNCH(batch, kBuildThreads, stream, build_kernel<scalar_t, acc_t>)(
         u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), context_lens.data_ptr<int64_t>(),
         start.data_ptr<int64_t>(), D, N, L, (int)k, (int)distance, norms.data_ptr<acc_t>(), dots.data_ptr<acc_t>(),
         weights.data_ptr<acc_t>(), ints.data_ptr<int32_t>(), bytes.data_ptr<uint8_t>(), parent.data_ptr<int64_t>(),

@@ -96,21 +96,22 @@ def batched(tree: Tree, batch: int) -> Tree:
     return Tree(tree.parent.expand(batch, -1).contiguous(), tree.order.expand(batch, -1).contiguous())
 
 
-def run_both(inputs, tree, device="cpu"):
-    """Native and reference: forward (y, root) and gradients of a random loss through both outputs."""
+def run_scan(fn, inputs, tree, device="cpu"):
+    """Forward (y, root) of ``fn`` and the gradients of a fixed random loss through both outputs, on the CPU."""
     gen = torch.Generator().manual_seed(1)
     (batch, d, _), n = inputs[0].shape, inputs[2].shape[1]
     gy, gr = torch.randn(batch, d, inputs[0].shape[2], generator=gen), torch.randn(batch, d, n, generator=gen)
-    outs = []
-    for fn, dev in ((native.tree_scan, device), (tree_scan_ref, "cpu")):
-        xs = [x.detach().to(dev).requires_grad_() for x in inputs]
-        t = Tree(tree.parent.to(dev), tree.order.to(dev))
-        y, root = fn(*xs, t, return_root_state=True)
-        loss = (y * gy.to(dev, y.dtype)).sum() + (root * gr.to(dev, root.dtype)).sum()
-        grads = torch.autograd.grad(loss, xs, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
-        outs.append([t.detach().cpu().double() for t in (y, root, *grads)])
-    return outs
+    xs = [x.detach().to(device).requires_grad_() for x in inputs]
+    y, root = fn(*xs, Tree(tree.parent.to(device), tree.order.to(device)), return_root_state=True)
+    loss = (y * gy.to(device, y.dtype)).sum() + (root * gr.to(device, root.dtype)).sum()
+    grads = torch.autograd.grad(loss, xs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
+    return [t.detach().cpu().double() for t in (y, root, *grads)]
+
+
+def run_both(inputs, tree, device="cpu"):
+    """Native (on ``device``) and reference results."""
+    return run_scan(native.tree_scan, inputs, tree, device), run_scan(tree_scan_ref, inputs, tree)
 
 
 NAMES = ("y", "root", "du", "ddelta", "dA", "dB", "dC")
@@ -152,23 +153,11 @@ def test_cpu_scan_deep_stack(cpu_kernels):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_cpu_scan_half_precision(cpu_kernels, dtype):
-    inputs = random_inputs(2, 19, 8, 40, F32, seed=7)
-    tree = build_tree(*inputs[:2], inputs[3], torch.tensor([25, 40]))
-    low = run_both([x.to(dtype) for x in inputs], tree)[0]
-    # the reference sees the same rounded inputs, in float32
-    _, ref = run_both([x.to(dtype).float() for x in inputs], tree)
-    for name, a, b in zip(NAMES, low, ref):
-        assert torch.isfinite(a).all(), name
-        assert (a - b).norm() / b.norm() < 1e-2, name
+    check_half_precision("cpu", (2, 19, 8, 40), dtype)
 
 
 def test_cpu_scan_is_deterministic(cpu_kernels):
-    inputs = random_inputs(2, 40, 16, 50, F32, seed=9)
-    tree = random_tree(2, 50, seed=2)
-    first, _ = run_both(inputs, tree)
-    again, _ = run_both(inputs, tree)
-    for name, a, b in zip(NAMES, first, again):
-        assert torch.equal(a, b), name
+    check_runs_identical("cpu", (2, 40, 16, 50))
 
 
 @pytest.fixture(scope="module")
@@ -336,53 +325,132 @@ def test_build_kernels_command(cpu_kernels, capsys):
     assert "ok:" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------------------------- GPU
+# ------------------------------------------------------------------------------------- CUDA extension
+# The same checks run the CUDA extension (kernels/cuda.cu: host code and kernels) on a GPU where there is
+# one, and on every machine through tests/kernels/cuda_emulation.h, with CPU threads standing in for the GPU's
+# (smaller shapes there: an emulated warp is 32 OS threads).
 
 
-@CUDA
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [*SHAPES[2:], (2, 9, 64, 40)], ids=lambda s: "x".join(map(str, s)))  # N=64: 2 states a lane
-def test_cuda_scan_matches_reference_fp32(shape):
+@pytest.fixture(scope="module")
+def emulated_cuda_build(cpu_kernels, tmp_path_factory):
+    from torch.utils import cpp_extension
+
+    here = Path(__file__).parent / "kernels"
+    return cpp_extension.load(
+        name="grootl_cuda_emulated",
+        sources=[str(here / "cuda_emulated.cpp")],
+        extra_cflags=["-O1", "-std=c++20"],
+        extra_include_paths=[str(native.KERNELS), str(here)],
+        build_directory=str(tmp_path_factory.mktemp("cuda_emulated")),
+    )
+
+
+@pytest.fixture
+def emulated_cuda(emulated_cuda_build, monkeypatch):
+    """The emulated CUDA extension serves CPU tensors in this test; the device its tensors live on."""
+    monkeypatch.setattr(native, "_module_for", lambda device: emulated_cuda_build)
+    return "cpu"
+
+
+def check_scan_matches_reference(device, shape):
     batch, d, n, length = shape
     inputs = random_inputs(batch, d, n, length, F32, seed=length)
     context = torch.tensor([[0, 1, 2, length][i % 4] for i in range(batch)])
-    for tree in (build_tree(*inputs[:2], inputs[3], context), random_tree(batch, length, seed=1)):
-        assert_close(*run_both(inputs, tree, device="cuda"), *TOL[F32])
-    assert_close(*run_both(random_inputs(1, d, n, 101, F32), caterpillar(101), device="cuda"), *TOL[F32])
+    for tree in (torch_path(build_tree, *inputs[:2], inputs[3], context), random_tree(batch, length, seed=1)):
+        assert_close(*run_both(inputs, tree, device=device), *TOL[F32])
 
 
-@CUDA
-@pytest.mark.gpu
-def test_cuda_scan_bf16():
-    inputs = random_inputs(2, 70, 16, 300, F32, seed=3)
-    tree = build_tree(*inputs[:2], inputs[3], torch.tensor([200, 300]))
-    low, _ = run_both([x.to(torch.bfloat16) for x in inputs], tree, device="cuda")
-    _, ref = run_both([x.to(torch.bfloat16).float() for x in inputs], tree)
+def check_deep_stack(device, length):
+    inputs = random_inputs(1, 6, 3, length, F64, seed=4)
+    assert_close(*run_both(inputs, caterpillar(length), device=device), *TOL[F64])
+
+
+def check_half_precision(device, shape, dtype=torch.bfloat16):
+    batch, d, n, length = shape
+    inputs = random_inputs(batch, d, n, length, F32, seed=3)
+    tree = torch_path(build_tree, *inputs[:2], inputs[3], torch.tensor([length * 2 // 3, length])[:batch])
+    low = run_scan(native.tree_scan, [x.to(dtype) for x in inputs], tree, device)
+    ref = run_scan(tree_scan_ref, [x.to(dtype).float() for x in inputs], tree)  # the same rounded inputs
     for name, a, b in zip(NAMES, low, ref):
         assert torch.isfinite(a).all(), name
         assert (a - b).norm() / b.norm() < 1e-2, name
 
 
+def check_tree_equals_cpu_tree(device, distance, batch, length, d):
+    u, delta, _, B, _ = random_inputs(batch, d, 16, length, F32, seed=11)
+    for x in (u, delta, B):
+        x[1] = x[1, :, :1]  # row 1: every position alike, so weights tie
+    context = torch.tensor([0, length, 2, length, length // 2, length - 1])[:batch]
+    start = torch.tensor([0, 0, 0, 3, 20, 5])[:batch]
+    cpu = torch_path(build_tree, u, delta, B, context, distance=distance, start=start)  # == the C++ tree
+    dev = native.build_tree(*(x.to(device) for x in (u, delta, B, context)), distance=distance, start=start.to(device))
+    assert torch.equal(cpu.parent, dev.parent.cpu()) and torch.equal(cpu.order, dev.order.cpu())
+
+
+def check_runs_identical(device, shape):
+    batch, d, n, length = shape
+    inputs = random_inputs(batch, d, n, length, F32, seed=5, device=device)
+    tree = native.build_tree(inputs[0], inputs[1], inputs[3], torch.tensor([length // 2, length], device=device))
+    again = native.build_tree(inputs[0], inputs[1], inputs[3], torch.tensor([length // 2, length], device=device))
+    assert torch.equal(tree.parent, again.parent) and torch.equal(tree.order, again.order)
+    first, again = (run_scan(native.tree_scan, inputs, tree, device) for _ in range(2))
+    for name, a, b in zip(NAMES, first, again):
+        assert torch.equal(a, b), name
+
+
+# N=5: 8 lanes, 3 idle; N=16: 16 lanes; N=64: 32 lanes x 2 states; D not a multiple of a block's channels
+EMULATED_SHAPES = [(3, 7, 5, 33), (2, 17, 16, 67), (1, 3, 64, 20)]
+
+
+@pytest.mark.parametrize("shape", EMULATED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_cuda_scan_matches_reference(emulated_cuda, shape):
+    check_scan_matches_reference(emulated_cuda, shape)
+
+
+def test_emulated_cuda_deep_stack(emulated_cuda):
+    check_deep_stack(emulated_cuda, 101)
+
+
+def test_emulated_cuda_bf16(emulated_cuda):
+    check_half_precision(emulated_cuda, (2, 20, 16, 40))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_emulated_cuda_tree_equals_cpu_tree(emulated_cuda, distance):
+    check_tree_equals_cpu_tree(emulated_cuda, distance, batch=4, length=60, d=9)
+
+
+def test_emulated_cuda_runs_are_identical(emulated_cuda):
+    check_runs_identical(emulated_cuda, (2, 40, 16, 37))
+
+
 @CUDA
 @pytest.mark.gpu
-@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("shape", [*SHAPES[2:], (2, 9, 64, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_scan_matches_reference_fp32(shape):
+    check_scan_matches_reference("cuda", shape)
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_deep_stack():
+    check_deep_stack("cuda", 1001)
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_scan_bf16():
+    check_half_precision("cuda", (2, 70, 16, 300))
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
 def test_cuda_tree_equals_cpu_tree(distance):
-    batch, length = 6, 300
-    u, delta, _, B, _ = random_inputs(batch, 64, 16, length, F32, seed=11)
-    context = torch.tensor([0, 1, 2, length, 150, 299])
-    start = torch.tensor([0, 0, 0, 0, 20, 5])
-    cpu = native.build_tree(u, delta, B, context, distance=distance, start=start)
-    dev = native.build_tree(u.cuda(), delta.cuda(), B.cuda(), context.cuda(), distance=distance, start=start.cuda())
-    assert torch.equal(cpu.parent, dev.parent.cpu()) and torch.equal(cpu.order, dev.order.cpu())
+    check_tree_equals_cpu_tree("cuda", distance, batch=6, length=300, d=64)
 
 
 @CUDA
 @pytest.mark.gpu
 def test_cuda_runs_are_identical():
-    inputs = random_inputs(2, 96, 16, 257, F32, seed=5, device="cuda")
-    tree = native.build_tree(inputs[0], inputs[1], inputs[3], torch.tensor([100, 257], device="cuda"))
-    first, _ = run_both(inputs, tree, device="cuda")
-    for _ in range(2):
-        again, _ = run_both(inputs, tree, device="cuda")
-        for name, a, b in zip(NAMES, first, again):
-            assert torch.equal(a, b), name
+    check_runs_identical("cuda", (2, 96, 16, 257))

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
-from grootl.tree.graph import edge_weights
 from scan_inputs import random_inputs
 
 F64, F32 = torch.float64, torch.float32
@@ -158,69 +157,6 @@ def test_cpu_scan_half_precision(cpu_kernels, dtype):
 
 def test_cpu_scan_is_deterministic(cpu_kernels):
     check_runs_identical("cpu", (2, 40, 16, 50))
-
-
-@pytest.fixture(scope="module")
-def thread_sim(cpu_kernels, tmp_path_factory):
-    """tests/kernels/thread_sim.cpp: the shared algorithms split over CPU threads the way the GPU splits them."""
-    from torch.utils import cpp_extension
-
-    return cpp_extension.load(
-        name="grootl_thread_sim",
-        sources=[str(Path(__file__).parent / "kernels" / "thread_sim.cpp")],
-        extra_cflags=["-O1", "-std=c++20"],
-        extra_include_paths=[str(native.KERNELS)],
-        build_directory=str(tmp_path_factory.mktemp("thread_sim")),
-    )
-
-
-def run_on_lanes(sim, inputs, tree, lanes, gy, g_root):
-    """Forward (y, root) and the five gradients from the lane-split harness, outputs poisoned."""
-    u, delta, A, B, C = (x.contiguous() for x in inputs)
-    (batch, d, length), n = u.shape, A.shape[1]
-    B_, C_ = (x.transpose(1, 2).contiguous() for x in (B, C))
-    plan = native._Plan(native.load("cpu"), tree)
-    y, root = native._alloc(batch, d, length, dtype=F64, device="cpu"), native._alloc(batch, d, n, dtype=F64, device="cpu")
-    sim.forward(u, delta, A, B_, C_, plan.parent, plan.order, plan.flags, plan.largest[0], lanes, y, root)
-    du, d_delta = (native._alloc(batch, d, length, dtype=F64, device="cpu") for _ in range(2))
-    dA = native._alloc(batch, d, n, dtype=F64, device="cpu")
-    dB, dC = (native._alloc(batch, length, n, dtype=F64, device="cpu") for _ in range(2))
-    sim.backward(u, delta, A, B_, C_, plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes, gy, g_root,
-                 lanes, du, d_delta, dA, dB, dC)
-    return [y, root, du, d_delta, dA.sum(0), dB.transpose(1, 2), dC.transpose(1, 2)]
-
-
-# (lanes, N): one state per lane with idle lanes (N < lanes), several per lane (per = 2, 4), and an idle slot
-# in the last lane's second state
-@pytest.mark.parametrize("lanes, n", [(4, 3), (8, 5), (16, 16), (4, 16), (2, 7), (4, 6)])
-def test_lane_split_algorithm_matches_reference(thread_sim, lanes, n):
-    batch, d, length = 2, 3, 70
-    inputs = random_inputs(batch, d, n, length, F64, seed=lanes * 100 + n)
-    for tree in (build_tree(*inputs[:2], inputs[3], torch.tensor([length, 40])), batched(caterpillar(length), batch)):
-        gen = torch.Generator().manual_seed(n)
-        gy, g_root = torch.randn(batch, d, length, generator=gen, dtype=F64), torch.randn(batch, d, n, generator=gen, dtype=F64)
-        ours = run_on_lanes(thread_sim, inputs, tree, lanes, gy, g_root)
-        xs = [x.detach().clone().requires_grad_() for x in inputs]
-        y, root = tree_scan_ref(*xs, tree, return_root_state=True)
-        grads = torch.autograd.grad((y * gy).sum() + (root * g_root).sum(), xs)
-        assert_close(ours, [y.detach(), root.detach(), *grads], *TOL[F64])
-
-
-@pytest.mark.parametrize("threads", [3, 64])
-@pytest.mark.parametrize("k", [1, 3])
-def test_tree_build_phases_on_racing_threads_match_torch_tree(thread_sim, threads, k):
-    batch, length = 4, 97
-    u, delta, _, B, _ = random_inputs(batch, 7, 4, length, F64, seed=threads + k)
-    for x in (u, delta, B):
-        x[1] = x[1, :, :1]  # row 1: every position alike, so weights tie
-    context = torch.tensor([length, 60, 2, 0])
-    start = torch.tensor([0, 5, 0, 0])
-    theirs = torch_path(build_tree, u, delta, B, context, k=k, start=start)
-    weights = edge_weights(u, delta, B, k).reshape(batch, -1).contiguous()
-    for _ in range(3):  # different interleavings
-        parent, order = (poisoned(batch, length, dtype=torch.long, device="cpu") for _ in range(2))
-        thread_sim.build_tree(weights, context, start, length, k, threads, parent, order)
-        assert torch.equal(parent, theirs.parent) and torch.equal(order, theirs.order)
 
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
@@ -376,14 +312,14 @@ def check_half_precision(device, shape, dtype=torch.bfloat16):
         assert (a - b).norm() / b.norm() < 1e-2, name
 
 
-def check_tree_equals_cpu_tree(device, distance, batch, length, d):
+def check_tree_equals_cpu_tree(device, distance, batch, length, d, k=3):
     u, delta, _, B, _ = random_inputs(batch, d, 16, length, F32, seed=11)
     for x in (u, delta, B):
         x[1] = x[1, :, :1]  # row 1: every position alike, so weights tie
     context = torch.tensor([0, length, 2, length, length // 2, length - 1])[:batch]
     start = torch.tensor([0, 0, 0, 3, 20, 5])[:batch]
-    cpu = torch_path(build_tree, u, delta, B, context, distance=distance, start=start)  # == the C++ tree
-    dev = native.build_tree(*(x.to(device) for x in (u, delta, B, context)), distance=distance, start=start.to(device))
+    cpu = torch_path(build_tree, u, delta, B, context, k=k, distance=distance, start=start)  # == the C++ tree
+    dev = native.build_tree(*(x.to(device) for x in (u, delta, B, context)), k=k, distance=distance, start=start.to(device))
     assert torch.equal(cpu.parent, dev.parent.cpu()) and torch.equal(cpu.order, dev.order.cpu())
 
 
@@ -416,8 +352,9 @@ def test_emulated_cuda_bf16(emulated_cuda):
 
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
-def test_emulated_cuda_tree_equals_cpu_tree(emulated_cuda, distance):
-    check_tree_equals_cpu_tree(emulated_cuda, distance, batch=4, length=60, d=9)
+@pytest.mark.parametrize("k", [1, 3])
+def test_emulated_cuda_tree_equals_cpu_tree(emulated_cuda, distance, k):
+    check_tree_equals_cpu_tree(emulated_cuda, distance, batch=4, length=97, d=9, k=k)
 
 
 def test_emulated_cuda_runs_are_identical(emulated_cuda):

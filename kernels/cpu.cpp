@@ -161,9 +161,11 @@ void feature_dots(const scalar_t* u, const scalar_t* delta, int64_t D, int64_t L
   });
 }
 
+// parent, order: the trees; flags, ckpt_offset, sizes: their plans (as plan() would make them).
 void build_tree(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B, const at::Tensor& context_lens,
-                const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order) {
-  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
+                const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
+                at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes) {
+  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1), chunks = grootl::num_chunks((int)L);
   const int64_t* ctx = context_lens.data_ptr<int64_t>();
   const int64_t* st = start.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_build_tree", [&] {
@@ -186,7 +188,9 @@ void build_tree(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
               weight[t * k + j - 1] = grootl::edge_weight(u_b, delta_b, B_b, (int)D, (int)N, (int)L, t, j, aa.data(),
                                                           bb.data(), dots[t * k + j - 1], (int)distance);
         grootl::build_row(par, weight.data(), (int)L, (int)k, ctx[b], st[b], scratch,
-                          parent.data_ptr<int64_t>() + b * L, order.data_ptr<int64_t>() + b * L);
+                          parent.data_ptr<int64_t>() + b * L, order.data_ptr<int64_t>() + b * L,
+                          flags.data_ptr<uint8_t>() + b * L, ckpt_offset.data_ptr<int32_t>() + b * (chunks + 1),
+                          sizes.data_ptr<int32_t>() + b * 3);
       }
     });
   });
@@ -202,5 +206,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan, "row plans of a tree; returns the largest stack sizes over the rows");
   m.def("forward", &forward, "tree scan forward (B, C as (batch, L, N))");
   m.def("backward", &backward, "tree scan backward (partial sums for dA, dB, dC)");
-  m.def("build_tree", &build_tree, "minimum spanning tree of the token graph, rooted at L-1");
+  m.def("build_tree", &build_tree, "minimum spanning tree of the token graph, rooted at L-1, and its plan");
 }

@@ -1,5 +1,6 @@
 // CUDA kernels: the tree_scan.h / tree_build.h algorithms on the device. Python bindings: cuda_bind.cpp.
-//   plan:     one thread per row; the one host sync of a scan reads its status and stack sizes.
+//   plan:     of a tree given from outside (checked): one thread per row; the host reads its status and stack
+//             sizes (one sync). Trees from the build come with their plan (no check needed).
 //   forward:  a channel's N states spread over a group of kLanes lanes of a warp (kPer states per lane);
 //             y's sum over n is a butterfly of shuffles inside the group. Stacks live in a global scratch
 //             interleaved across the block's threads (coalesced), (max stack depth) * N per channel.
@@ -9,7 +10,7 @@
 //             caller sums. H is recomputed from stack checkpoints every kChunk nodes.
 //   build:    per-position norms and neighbour dot products on a grid over positions; then one block per row:
 //             edge weights and tree_build.h's data-parallel phases (Borůvka, Euler tour ranked by pointer
-//             jumping), a barrier between phases. No host round trip.
+//             jumping, the tree's plan), a barrier between phases. No host round trip.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
@@ -233,7 +234,7 @@ __global__ void feature_kernel(const scalar_t* u, const scalar_t* delta, const s
   norms[(int64_t)b * 2 * L + L + t] = grootl::norm_b<scalar_t, acc_t>(B + (int64_t)b * N * L, N, L, t);
 }
 
-// Phases on the threads of a block, a barrier after each.
+// Phases on the threads of a block, a barrier after each (see SerialPar in tree_build.h).
 struct BlockPar {
   template <typename F>
   __device__ void each(int n, F&& body) {
@@ -241,6 +242,33 @@ struct BlockPar {
     __syncthreads();
   }
   __device__ bool any(bool x) { return __syncthreads_or(x); }
+  __device__ int32_t max(int32_t x) {
+    __shared__ int32_t best;
+    if (threadIdx.x == 0) best = x;
+    __syncthreads();
+    atomicMax(&best, x);
+    __syncthreads();
+    const int32_t result = best;
+    __syncthreads();
+    return result;
+  }
+  __device__ void scan(int32_t* a, int n) {  // each thread a contiguous run, then a scan of the runs' sums
+    __shared__ int32_t sums[kBuildThreads];
+    const int per = (n + blockDim.x - 1) / blockDim.x, lo = threadIdx.x * per, hi = lo + per < n ? lo + per : n;
+    int32_t sum = 0;
+    for (int i = lo; i < hi; ++i) a[i] = sum += a[i];
+    sums[threadIdx.x] = sum;
+    __syncthreads();
+    for (int off = 1; off < (int)blockDim.x; off *= 2) {
+      const int32_t add = threadIdx.x >= (unsigned)off ? sums[threadIdx.x - off] : 0;
+      __syncthreads();
+      sums[threadIdx.x] += add;
+      __syncthreads();
+    }
+    const int32_t before = threadIdx.x > 0 ? sums[threadIdx.x - 1] : 0;
+    for (int i = lo; i < hi; ++i) a[i] += before;
+    __syncthreads();
+  }
 };
 
 // One block per row: the edge weights, then tree_build.h's phases (spanning tree, Euler tour, rooting).
@@ -248,7 +276,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBuildThreads)
     build_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* B, const int64_t* context_lens,
                  const int64_t* start, int D, int N, int L, int k, int distance, const acc_t* norms, const acc_t* dots,
-                 acc_t* weights, int32_t* ints, uint8_t* bytes, int64_t* parent, int64_t* order) {
+                 acc_t* weights, int32_t* ints, uint8_t* bytes, int64_t* parent, int64_t* order, uint8_t* flags,
+                 int32_t* ckpt_offset, int32_t* sizes) {
   const int b = blockIdx.x;
   const scalar_t* u_b = u + (int64_t)b * D * L;
   const scalar_t* delta_b = delta + (int64_t)b * D * L;
@@ -265,7 +294,8 @@ __global__ void __launch_bounds__(kBuildThreads)
   const auto scratch = grootl::build_scratch(ints + (int64_t)b * grootl::build_scratch_ints(L, k),
                                              bytes + (int64_t)b * L * k, L, k);
   grootl::build_row(par, weight, L, k, context_lens[b], start[b], scratch, parent + (int64_t)b * L,
-                    order + (int64_t)b * L);
+                    order + (int64_t)b * L, flags + (int64_t)b * L,
+                    ckpt_offset + (int64_t)b * (grootl::num_chunks(L) + 1), sizes + b * 3);
 }
 
 }  // namespace
@@ -367,7 +397,7 @@ void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
 
 void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B,
                      const at::Tensor& context_lens, const at::Tensor& start, int64_t k, int64_t distance,
-                     at::Tensor parent, at::Tensor order) {
+                     at::Tensor parent, at::Tensor order, at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes) {
   CHECK_CUDA_INPUT(u);
   const c10::cuda::CUDAGuard guard(u.device());
   const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
@@ -389,7 +419,8 @@ void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Ten
         u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), context_lens.data_ptr<int64_t>(),
         start.data_ptr<int64_t>(), D, N, L, (int)k, (int)distance, norms.data_ptr<acc_t>(), dots.data_ptr<acc_t>(),
         weights.data_ptr<acc_t>(), ints.data_ptr<int32_t>(), bytes.data_ptr<uint8_t>(), parent.data_ptr<int64_t>(),
-        order.data_ptr<int64_t>());
+        order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(), ckpt_offset.data_ptr<int32_t>(),
+        sizes.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

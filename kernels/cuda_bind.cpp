@@ -19,7 +19,7 @@ void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                    at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part);
 void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B,
                      const at::Tensor& context_lens, const at::Tensor& start, int64_t k, int64_t distance,
-                     at::Tensor parent, at::Tensor order);
+                     at::Tensor parent, at::Tensor order, at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "GrootL tree scan, CUDA";
@@ -29,5 +29,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan_cuda, "row plans of a tree; returns the largest stack sizes over the rows");
   m.def("forward", &forward_cuda, "tree scan forward (B, C as (batch, L, N))");
   m.def("backward", &backward_cuda, "tree scan backward (partial sums for dA, dB, dC)");
-  m.def("build_tree", &build_tree_cuda, "minimum spanning tree of the token graph, rooted at L-1");
+  m.def("build_tree", &build_tree_cuda, "minimum spanning tree of the token graph, rooted at L-1, and its plan");
 }

@@ -172,6 +172,22 @@ def test_cpu_tree_equals_torch_tree(cpu_kernels, distance, k):
     assert torch.equal(ours.order, theirs.order)
 
 
+def check_build_plan_equals_checked_plan(device, batch, length, k):
+    u, delta, _, B, _ = random_inputs(batch, 5, 4, length, F32, seed=length, device=device)
+    context = torch.tensor([length, 0, length // 2, min(3, length), length - 1][:batch], device=device)
+    tree = native.build_tree(u, delta, B, context, k=k)
+    checked = native._Plan.checked(native._module_for(u.device), Tree(tree.parent, tree.order))
+    for name in ("flags", "ckpt_offset", "sizes"):
+        assert torch.equal(getattr(tree._plan, name), getattr(checked, name)), name
+    assert tree._plan.largest == checked.largest
+
+
+@pytest.mark.parametrize("length", [1, 2, 31, 32, 33, 200])
+@pytest.mark.parametrize("k", [1, 3])
+def test_cpu_build_plan_equals_checked_plan(cpu_kernels, length, k):
+    check_build_plan_equals_checked_plan("cpu", 5, length, k)
+
+
 def test_cpu_tree_single_position_and_ties(cpu_kernels):
     one = native.build_tree(*[torch.ones(2, 3, 1)] * 3, torch.tensor([1, 0]))
     assert one.parent.tolist() == [[-1], [-1]] and one.order.tolist() == [[0], [0]]
@@ -355,6 +371,11 @@ def test_emulated_cuda_bf16(emulated_cuda):
 @pytest.mark.parametrize("k", [1, 3])
 def test_emulated_cuda_tree_equals_cpu_tree(emulated_cuda, distance, k):
     check_tree_equals_cpu_tree(emulated_cuda, distance, batch=4, length=97, d=9, k=k)
+
+
+@pytest.mark.parametrize("length", [1, 33, 150])
+def test_emulated_cuda_build_plan_equals_checked_plan(emulated_cuda, length):
+    check_build_plan_equals_checked_plan(emulated_cuda, 3, length, k=3)
 
 
 def test_emulated_cuda_runs_are_identical(emulated_cuda):

@@ -9,7 +9,7 @@ with an Euler tour, both in O(log L) vectorised rounds, so the build runs on any
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,6 +32,8 @@ class Tree:
 
     parent: Tensor  # (batch, L) int64
     order: Tensor  # (batch, L) int64
+    # the native kernels' plan of the tree when their build made it (so it needs no checking); not API
+    _plan: object = field(default=None, compare=False, repr=False)
 
     @classmethod
     def chain(cls, batch: int, length: int, device: torch.device | str | None = None) -> "Tree":

@@ -149,21 +149,36 @@ def _scan_dtype(u: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> torch.dtype:
 
 
 class _Plan:
-    """A tree's row plans (flags by preorder step, checkpoint offsets, stack sizes), built natively; also the
-    largest stack sizes over the rows, on the host (one sync on CUDA, here and nowhere else in a scan)."""
+    """A tree's row plans for the scan kernels (flags by preorder step, checkpoint offsets, stack sizes) and
+    the largest stack sizes over the rows, on the host: read once (on CUDA, the scan's one host sync)."""
 
-    def __init__(self, ext: ModuleType, tree: Tree):
-        batch, length = tree.parent.shape
-        dev = tree.parent.device
-        self.parent = tree.parent.contiguous()
-        self.order = tree.order.contiguous()
-        self.flags = _alloc(batch, length, dtype=torch.uint8, device=dev)
-        self.ckpt_offset = _alloc(batch, -(-length // ext.chunk_size()) + 1, dtype=torch.int32, device=dev)
-        self.sizes = _alloc(batch, 3, dtype=torch.int32, device=dev)
+    def __init__(self, parent: Tensor, order: Tensor, flags: Tensor, ckpt_offset: Tensor, sizes: Tensor):
+        self.parent, self.order, self.flags, self.ckpt_offset, self.sizes = parent, order, flags, ckpt_offset, sizes
+        self._largest: list[int] | None = None
+
+    @classmethod
+    def empty(cls, ext: ModuleType, parent: Tensor, order: Tensor) -> "_Plan":
+        batch, length = parent.shape
+        dev = parent.device
+        return cls(parent, order, _alloc(batch, length, dtype=torch.uint8, device=dev),
+                   _alloc(batch, -(-length // ext.chunk_size()) + 1, dtype=torch.int32, device=dev),
+                   _alloc(batch, 3, dtype=torch.int32, device=dev))
+
+    @classmethod
+    def checked(cls, ext: ModuleType, tree: Tree) -> "_Plan":
+        """The plan of any tree; a tree that is not rooted at L-1 or whose order is no DFS preorder raises."""
+        plan = cls.empty(ext, tree.parent.contiguous(), tree.order.contiguous())
         try:
-            self.largest = list(ext.plan(self.parent, self.order, self.flags, self.ckpt_offset, self.sizes))
+            plan._largest = list(ext.plan(plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes))
         except RuntimeError as err:
             raise ValueError(str(err).splitlines()[0]) from None
+        return plan
+
+    @property
+    def largest(self) -> list[int]:
+        if self._largest is None:
+            self._largest = self.sizes.max(0).values.tolist()
+        return self._largest
 
 
 def _states_last(x: Tensor, dt: torch.dtype) -> Tensor:
@@ -222,7 +237,8 @@ def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
     if ext is None:
         raise RuntimeError(f"no native tree-scan kernel for {u.device} tensors (GROOTL_NATIVE=0 or build failed)")
     _same_device(u, delta=delta, A=A, B=B, C=C, **{"tree.parent": tree.parent, "tree.order": tree.order})
-    y, root = _NativeTreeScan.apply(u, delta, A, B, C, ext, _Plan(ext, tree), return_root_state)
+    plan = tree._plan if isinstance(tree._plan, _Plan) and tree._plan.parent.device == u.device else None
+    y, root = _NativeTreeScan.apply(u, delta, A, B, C, ext, plan or _Plan.checked(ext, tree), return_root_state)
     return (y, root) if return_root_state else y
 
 
@@ -249,13 +265,13 @@ def _build_tree(u, delta, B, context_lens: Tensor, k: int, distance: str, start:
     _same_device(u, delta=delta, B=B)
     dt = _scan_dtype(u, delta, B, B)
     batch, _, length = u.shape
-    parent = _alloc(batch, length, dtype=torch.long, device=u.device)
-    order = _alloc(batch, length, dtype=torch.long, device=u.device)
+    plan = _Plan.empty(ext, *(_alloc(batch, length, dtype=torch.long, device=u.device) for _ in range(2)))
     start = torch.zeros_like(context_lens) if start is None else start
     with torch.no_grad():
         ext.build_tree(*(x.detach().to(dt).contiguous() for x in (u, delta, B)), context_lens.contiguous(),
-                       start.contiguous(), k, DISTANCES.index(distance), parent, order)
-    return Tree(parent, order)
+                       start.contiguous(), k, DISTANCES.index(distance), plan.parent, plan.order, plan.flags,
+                       plan.ckpt_offset, plan.sizes)
+    return Tree(plan.parent, plan.order, plan)
 
 
 def main(argv: list[str] | None = None) -> int:

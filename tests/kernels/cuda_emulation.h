@@ -102,6 +102,14 @@ inline int atomicMin(int* p, int v) {
   return cur;
 }
 
+inline int atomicMax(int* p, int v) {
+  std::atomic_ref<int> ref(*p);
+  int cur = ref.load();
+  while (v > cur && !ref.compare_exchange_weak(cur, v)) {
+  }
+  return cur;
+}
+
 inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
   std::atomic_ref<unsigned long long> ref(*p);
   unsigned long long cur = ref.load();

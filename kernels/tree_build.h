@@ -106,15 +106,22 @@ GROOTL_HD uint64_t weight_key(acc_t w) {
   }
 }
 
-// *p = min(*p, v), atomically (several threads of a phase may update one component).
+// *p = min(*p, v) or max(*p, v), atomically: several threads of a phase may update one element.
+#ifndef __CUDA_ARCH__
+template <typename T, typename Better>
+inline void host_atomic_update(T* p, T v, Better better) {
+  std::atomic_ref<T> ref(*p);
+  T cur = ref.load(std::memory_order_relaxed);
+  while (better(v, cur) && !ref.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
+}
+#endif
+
 GROOTL_HD void atomic_min(uint64_t* p, uint64_t v) {
 #ifdef __CUDA_ARCH__
   atomicMin(reinterpret_cast<unsigned long long*>(p), (unsigned long long)v);
 #else
-  std::atomic_ref<uint64_t> ref(*p);
-  uint64_t cur = ref.load(std::memory_order_relaxed);
-  while (v < cur && !ref.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
-  }
+  host_atomic_update(p, v, [](uint64_t a, uint64_t b) { return a < b; });
 #endif
 }
 
@@ -122,10 +129,7 @@ GROOTL_HD void atomic_min(int32_t* p, int32_t v) {
 #ifdef __CUDA_ARCH__
   atomicMin(reinterpret_cast<int*>(p), (int)v);
 #else
-  std::atomic_ref<int32_t> ref(*p);
-  int32_t cur = ref.load(std::memory_order_relaxed);
-  while (v < cur && !ref.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
-  }
+  host_atomic_update(p, v, [](int32_t a, int32_t b) { return a < b; });
 #endif
 }
 
@@ -133,10 +137,7 @@ GROOTL_HD void atomic_max(int32_t* p, int32_t v) {
 #ifdef __CUDA_ARCH__
   atomicMax(reinterpret_cast<int*>(p), (int)v);
 #else
-  std::atomic_ref<int32_t> ref(*p);
-  int32_t cur = ref.load(std::memory_order_relaxed);
-  while (v > cur && !ref.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
-  }
+  host_atomic_update(p, v, [](int32_t a, int32_t b) { return a > b; });
 #endif
 }
 

@@ -20,7 +20,8 @@ int64_t channel_group(int64_t /*N*/) { return kGroup; }
 int64_t chunk_size() { return grootl::kChunk; }
 int64_t max_state() { return std::numeric_limits<int32_t>::max(); }
 
-// Returns the largest (forward stack depth, backward stack depth, checkpoint entries) over the rows.
+// Checks each row's tree, then plans it (flags, checkpoint offsets, sizes); returns the largest (forward stack
+// depth, backward stack depth, checkpoint entries) over the rows.
 std::vector<int64_t> plan(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags, at::Tensor ckpt_offset,
                           at::Tensor sizes) {
   const int64_t batch = parent.size(0), L = parent.size(1);
@@ -32,10 +33,14 @@ std::vector<int64_t> plan(const at::Tensor& parent, const at::Tensor& order, at:
   const int64_t chunks = grootl::num_chunks((int)L);
   std::vector<int> status(batch);
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> work(3 * L);
-    for (int64_t b = begin; b < end; ++b)
-      status[b] = grootl::plan_row(p + b * L, o + b * L, (int)L, f + b * L, ck + b * (chunks + 1), sz + b * 3,
-                                   work.data());
+    std::vector<int32_t> work(std::max<int64_t>(3 * L, grootl::plan_work_ints((int)L)));
+    grootl::SerialPar par;
+    for (int64_t b = begin; b < end; ++b) {
+      status[b] = grootl::check_row(p + b * L, o + b * L, (int)L, work.data());
+      if (status[b] == grootl::kTreeOk)
+        grootl::plan_phases(par, p + b * L, o + b * L, (int)L, f + b * L, ck + b * (chunks + 1), sz + b * 3,
+                            work.data());
+    }
   });
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(status[b] != grootl::kBadParent, "tree.parent row ", b,

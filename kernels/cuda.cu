@@ -1,6 +1,7 @@
 // CUDA kernels: the tree_scan.h / tree_build.h algorithms on the device. Python bindings: cuda_bind.cpp.
-//   plan:     of a tree given from outside (checked): one thread per row; the host reads its status and stack
-//             sizes (one sync). Trees from the build come with their plan (no check needed).
+//   plan:     a tree from elsewhere is checked on one thread per row, then planned on a block per row (the
+//             phases of tree_scan.h); the host reads status and stack sizes (one sync). Trees from the build
+//             come with their plan.
 //   forward:  a channel's N states spread over a group of kLanes lanes of a warp (kPer states per lane);
 //             y's sum over n is a butterfly of shuffles inside the group. Stacks live in a global scratch
 //             interleaved across the block's threads (coalesced), (max stack depth) * N per channel.
@@ -88,13 +89,11 @@ void with_lane_shape(int64_t N, F&& f) {
   return f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
 }
 
-__global__ void plan_kernel(const int64_t* parent, const int64_t* order, int batch, int L, uint8_t* flags,
-                            int32_t* ckpt_offset, int32_t* sizes, int32_t* status, int32_t* work) {
+__global__ void check_kernel(const int64_t* parent, const int64_t* order, int batch, int L, int32_t* status,
+                             int32_t* work) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b >= batch) return;
-  const int chunks = grootl::num_chunks(L);
-  status[b] = grootl::plan_row(parent + (int64_t)b * L, order + (int64_t)b * L, L, flags + (int64_t)b * L,
-                               ckpt_offset + (int64_t)b * (chunks + 1), sizes + b * 3, work + (int64_t)b * 3 * L);
+  status[b] = grootl::check_row(parent + (int64_t)b * L, order + (int64_t)b * L, L, work + (int64_t)b * 3 * L);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -271,6 +270,18 @@ struct BlockPar {
   }
 };
 
+// One block per row whose tree passed check_kernel: its plan.
+__global__ void __launch_bounds__(kBuildThreads)
+    plan_kernel(const int64_t* parent, const int64_t* order, const int32_t* status, int L, uint8_t* flags,
+                int32_t* ckpt_offset, int32_t* sizes, int32_t* work) {
+  const int b = blockIdx.x;
+  if (status[b] != grootl::kTreeOk) return;  // the whole block
+  BlockPar par;
+  grootl::plan_phases(par, parent + (int64_t)b * L, order + (int64_t)b * L, L, flags + (int64_t)b * L,
+                      ckpt_offset + (int64_t)b * (grootl::num_chunks(L) + 1), sizes + b * 3,
+                      work + (int64_t)b * grootl::plan_work_ints(L));
+}
+
 // One block per row: the edge weights, then tree_build.h's phases (spanning tree, Euler tour, rooting).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBuildThreads)
@@ -311,12 +322,16 @@ std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order
   const c10::cuda::CUDAGuard guard(parent.device());
   const int batch = parent.size(0), L = parent.size(1);
   auto status = at::empty({batch, 1}, parent.options().dtype(at::kInt));
-  auto work = at::empty({batch, 3 * L}, parent.options().dtype(at::kInt));
+  auto work = at::empty({batch, std::max<int64_t>(3 * L, grootl::plan_work_ints(L))}, parent.options().dtype(at::kInt));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  GROOTL_LAUNCH((batch + 63) / 64, 64, stream, plan_kernel)(parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), batch, L,
-                                                    flags.data_ptr<uint8_t>(), ckpt_offset.data_ptr<int32_t>(),
-                                                    sizes.data_ptr<int32_t>(), status.data_ptr<int32_t>(),
-                                                    work.data_ptr<int32_t>());
+  GROOTL_LAUNCH((batch + 63) / 64, 64, stream, check_kernel)(parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+                                                            batch, L, status.data_ptr<int32_t>(),
+                                                            work.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GROOTL_LAUNCH(batch, kBuildThreads, stream, plan_kernel)(parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+                                                          status.data_ptr<int32_t>(), L, flags.data_ptr<uint8_t>(),
+                                                          ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(),
+                                                          work.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // the one sync: bad trees raise here, and the scans need the largest stack sizes to size their scratch
   const auto host = at::cat({status, sizes}, 1).cpu();

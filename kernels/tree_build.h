@@ -10,7 +10,6 @@
 // pointer jumping roots it. The same code runs, and is tested, on the CPU.
 #pragma once
 
-#include <atomic>
 #include <cstring>
 
 #include "tree_scan.h"
@@ -106,55 +105,6 @@ GROOTL_HD uint64_t weight_key(acc_t w) {
   }
 }
 
-// *p = min(*p, v) or max(*p, v), atomically: several threads of a phase may update one element.
-#ifndef __CUDA_ARCH__
-template <typename T, typename Better>
-inline void host_atomic_update(T* p, T v, Better better) {
-  std::atomic_ref<T> ref(*p);
-  T cur = ref.load(std::memory_order_relaxed);
-  while (better(v, cur) && !ref.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
-  }
-}
-#endif
-
-GROOTL_HD void atomic_min(uint64_t* p, uint64_t v) {
-#ifdef __CUDA_ARCH__
-  atomicMin(reinterpret_cast<unsigned long long*>(p), (unsigned long long)v);
-#else
-  host_atomic_update(p, v, [](uint64_t a, uint64_t b) { return a < b; });
-#endif
-}
-
-GROOTL_HD void atomic_min(int32_t* p, int32_t v) {
-#ifdef __CUDA_ARCH__
-  atomicMin(reinterpret_cast<int*>(p), (int)v);
-#else
-  host_atomic_update(p, v, [](int32_t a, int32_t b) { return a < b; });
-#endif
-}
-
-GROOTL_HD void atomic_max(int32_t* p, int32_t v) {
-#ifdef __CUDA_ARCH__
-  atomicMax(reinterpret_cast<int*>(p), (int)v);
-#else
-  host_atomic_update(p, v, [](int32_t a, int32_t b) { return a > b; });
-#endif
-}
-
-// Phases on one thread (the CPU's). A Par runs each(n, body) for every i < n and then waits for all its
-// threads; any / max combine a value over its threads; scan is an in-place inclusive prefix sum.
-struct SerialPar {
-  template <typename F>
-  void each(int n, F&& body) {
-    for (int i = 0; i < n; ++i) body(i);
-  }
-  bool any(bool x) { return x; }
-  int32_t max(int32_t x) { return x; }
-  void scan(int32_t* a, int n) {
-    for (int i = 1; i < n; ++i) a[i] += a[i - 1];
-  }
-};
-
 // Scratch of one row's build: ints unless noted.
 struct BuildScratch {
   int32_t* comp;    // L: component label (its root node)
@@ -170,7 +120,6 @@ struct BuildScratch {
   int32_t* val_tmp;
   int32_t* plan_work;  // plan_work_ints(L)
 };
-GROOTL_HD int64_t plan_work_ints(int L) { return 4 * (int64_t)L + 1; }
 GROOTL_HD int64_t build_scratch_ints(int L, int k) {  // even, so that rows laid end to end stay 8-byte aligned
   const int64_t n = 5 * (int64_t)L + 12 * (int64_t)L * k + plan_work_ints(L);
   return n + (n & 1);
@@ -349,64 +298,8 @@ GROOTL_HD void root_tree(Par& par, int L, int k, const BuildScratch& s, int64_t*
   });
 }
 
-// The plan of a tree the build made (so known to be valid), as plan_row in tree_scan.h computes it but in
-// data-parallel phases: flags from each node's children, the two stacks' depths as prefix sums over the
-// preorder steps. work: plan_work_ints(L).
-template <typename Par>
-GROOTL_HD void plan_phases(Par& par, const int64_t* parent, const int64_t* order, int L, uint8_t* flags,
-                           int32_t* ckpt_offset, int32_t* sizes, int32_t* work) {
-  int32_t* pos = work;              // preorder step of each node
-  int32_t* has_children = work + L;
-  int32_t* last = work + 2 * L;     // step of each node's last child
-  int32_t* run = work + 3 * L;      // L + 1: a running sum over the steps
-  const int chunks = num_chunks(L);
-  par.each(L, [&](int i) {
-    pos[order[i]] = i;
-    has_children[i] = 0;
-    last[i] = -1;
-  });
-  par.each(L, [&](int v) {
-    const int64_t p = parent[v];
-    if (p < 0) return;
-    has_children[p] = 1;
-    atomic_max(&last[p], pos[v]);
-  });
-  // the forward stack, swept from step L-1 down: a last child opens its parent's entry, a parent closes it
-  par.each(L, [&](int i) {
-    const int64_t v = order[i], p = parent[v];
-    const int f = (has_children[v] ? kHasChildren : 0) | (p >= 0 && last[p] == i ? kLastChild : 0);
-    flags[i] = (uint8_t)f;
-    run[L - 1 - i] = ((f & kLastChild) ? 1 : 0) - ((f & kHasChildren) ? 1 : 0);
-  });
-  par.scan(run, L);  // run[L-1-i]: depth after step i
-  int32_t deepest = 0;
-  par.each(L, [&](int i) { deepest = run[L - 1 - i] > deepest ? run[L - 1 - i] : deepest; });
-  const int32_t h_depth = par.max(deepest);
-  par.each(chunks, [&](int c) {  // depth as the sweep reaches the chunk's last step
-    const int e = (c + 1) * kChunk < L ? (c + 1) * kChunk - 1 : L - 1;
-    ckpt_offset[c + 1] = e + 1 < L ? run[L - 2 - e] : 0;
-  });
-  // the backward stack, from step 0 up: a parent opens its entry, its last child closes it
-  par.each(L, [&](int i) {
-    const int f = flags[i];
-    run[i] = ((f & kHasChildren) ? 1 : 0) - ((f & kLastChild) ? 1 : 0);
-  });
-  par.scan(run, L);
-  deepest = 0;
-  par.each(L, [&](int i) { deepest = run[i] > deepest ? run[i] : deepest; });
-  const int32_t g_depth = par.max(deepest);
-  par.each(1, [&](int) { ckpt_offset[0] = 0; });
-  par.scan(ckpt_offset, chunks + 1);  // offsets of each chunk's checkpoint, and the total
-  par.each(1, [&](int) {
-    sizes[0] = h_depth;
-    sizes[1] = g_depth;
-    sizes[2] = ckpt_offset[chunks];
-  });
-}
-
 // The whole build of one row from its edge weights.
-// The whole build of one row from its edge weights: the tree (parent, order) and its plan (flags,
-// ckpt_offset, sizes: see plan_row).
+// The whole build of one row from its edge weights: the tree (parent, order) and its plan (see plan_phases).
 template <typename acc_t, typename Par>
 GROOTL_HD void build_row(Par& par, const acc_t* weight, int L, int k, int64_t context_len, int64_t start,
                          const BuildScratch& s, int64_t* parent, int64_t* order, uint8_t* flags, int32_t* ckpt_offset,

@@ -12,6 +12,7 @@
 // O((stack depth + L / kChunk) * N) scratch instead of O(L * N).
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -29,8 +30,8 @@ constexpr int kChunk = 32;  // nodes recomputed per backward chunk
 constexpr uint8_t kHasChildren = 1;  // the node has children: it owns a stack entry
 constexpr uint8_t kLastChild = 2;    // last child of its parent in preorder: opens (forward) or closes (backward) the parent's entry
 
-// Plan errors (returned by plan_row).
-constexpr int kPlanOk = 0;
+// What check_row finds.
+constexpr int kTreeOk = 0;
 constexpr int kBadParent = 1;  // a parent outside [0, L), or the root L-1 with a parent, or another node without
 constexpr int kBadOrder = 2;   // order is not a permutation starting at the root, or not a DFS preorder
 
@@ -45,69 +46,150 @@ GROOTL_HD double fast_exp(double x) { return exp(x); }
 
 GROOTL_HD int num_chunks(int L) { return (L + kChunk - 1) / kChunk; }
 
-// Builds the plan of one row and checks that (parent, order) is a rooted tree in DFS preorder.
-//   flags[i]            flags of node order[i]
-//   ckpt_offset[j]      prefix sums (in stack entries) of the forward stack depth when the reverse sweep
-//                       reaches the last step of chunk j; ckpt_offset has num_chunks(L) + 1 entries
-//   sizes[0..2]         max forward stack depth, max backward stack depth, total checkpoint entries
-//   work                3 * L ints of scratch
-GROOTL_HD int plan_row(const int64_t* parent, const int64_t* order, int L, uint8_t* flags, int32_t* ckpt_offset,
-                       int32_t* sizes, int32_t* work) {
+// Checks that (parent, order) of one row is a tree rooted at L-1 with order a DFS preorder (one sequential
+// sweep with a stack, as the forward scan walks it). work: 3 * L ints.
+GROOTL_HD int check_row(const int64_t* parent, const int64_t* order, int L, int32_t* work) {
   int32_t* remaining = work;      // children not yet visited by the reverse sweep
-  int32_t* node_flags = work + L;  // flags by node, plus bit 4 = "a child was seen", bit 8 = "visited"
-  int32_t* stack = work + 2 * L;
-  for (int v = 0; v < L; ++v) remaining[v] = node_flags[v] = 0;
+  int32_t* seen = work + L;       // bit 1: a child was seen, bit 2: visited
+  int32_t* stack = work + 2 * L;  // the nodes whose child sums are open
+  for (int v = 0; v < L; ++v) remaining[v] = seen[v] = 0;
   for (int v = 0; v < L; ++v) {
-    int64_t p = parent[v];
+    const int64_t p = parent[v];
     if (v == L - 1 ? p != -1 : (p < 0 || p >= L || p == v)) return kBadParent;
-    if (p >= 0) {
-      remaining[p] += 1;
-      node_flags[p] |= kHasChildren;
-    }
+    if (p >= 0) remaining[p] += 1;
   }
   if (order[0] != L - 1) return kBadOrder;
-  int sp = 0, h_depth = 0, chunks = num_chunks(L);
-  ckpt_offset[chunks] = 0;
+  int sp = 0;
   for (int i = L - 1; i >= 0; --i) {
-    if (i == L - 1 || i % kChunk == kChunk - 1) ckpt_offset[i / kChunk] = sp;  // depth, summed below
-    int64_t v = order[i];
-    if (v < 0 || v >= L || (node_flags[v] & 8) || remaining[v] != 0) return kBadOrder;
-    node_flags[v] |= 8;
-    if (node_flags[v] & kHasChildren) {
+    const int64_t v = order[i];
+    if (v < 0 || v >= L || (seen[v] & 2) || remaining[v] != 0) return kBadOrder;
+    seen[v] |= 2;
+    if (seen[v] & 1) {  // its children are done: its sum must be the open one
       if (sp == 0 || stack[sp - 1] != v) return kBadOrder;
       --sp;
     }
-    int64_t p = parent[v];
+    const int64_t p = parent[v];
     if (p >= 0) {
-      if (!(node_flags[p] & 4)) {
-        node_flags[p] |= 4;
-        node_flags[v] |= kLastChild;
+      if (!(seen[p] & 1)) {
+        seen[p] |= 1;
         stack[sp++] = (int32_t)p;
-        if (sp > h_depth) h_depth = sp;
       } else if (sp == 0 || stack[sp - 1] != p) {
         return kBadOrder;
       }
       remaining[p] -= 1;
     }
   }
-  int total = 0;
-  for (int j = 0; j < chunks; ++j) {
-    int depth = ckpt_offset[j];
-    ckpt_offset[j] = total;
-    total += depth;
+  return kTreeOk;
+}
+
+// *p = min(*p, v) or max(*p, v), atomically: several threads of a phase may update one element.
+#ifndef __CUDA_ARCH__
+template <typename T, typename Better>
+inline void host_atomic_update(T* p, T v, Better better) {
+  std::atomic_ref<T> ref(*p);
+  T cur = ref.load(std::memory_order_relaxed);
+  while (better(v, cur) && !ref.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
   }
-  ckpt_offset[chunks] = total;
-  int g_sp = 0, g_depth = 0;
-  for (int i = 0; i < L; ++i) {
-    int f = node_flags[order[i]] & (kHasChildren | kLastChild);
+}
+#endif
+
+GROOTL_HD void atomic_min(uint64_t* p, uint64_t v) {
+#ifdef __CUDA_ARCH__
+  atomicMin(reinterpret_cast<unsigned long long*>(p), (unsigned long long)v);
+#else
+  host_atomic_update(p, v, [](uint64_t a, uint64_t b) { return a < b; });
+#endif
+}
+
+GROOTL_HD void atomic_min(int32_t* p, int32_t v) {
+#ifdef __CUDA_ARCH__
+  atomicMin(reinterpret_cast<int*>(p), (int)v);
+#else
+  host_atomic_update(p, v, [](int32_t a, int32_t b) { return a < b; });
+#endif
+}
+
+GROOTL_HD void atomic_max(int32_t* p, int32_t v) {
+#ifdef __CUDA_ARCH__
+  atomicMax(reinterpret_cast<int*>(p), (int)v);
+#else
+  host_atomic_update(p, v, [](int32_t a, int32_t b) { return a > b; });
+#endif
+}
+
+// Data-parallel phases on one thread (the CPU's). A Par runs each(n, body) for every i < n and then waits for
+// all its threads; any / max combine a value over its threads; scan is an in-place inclusive prefix sum.
+// BlockPar in cuda.cu runs them on a block's threads.
+struct SerialPar {
+  template <typename F>
+  void each(int n, F&& body) {
+    for (int i = 0; i < n; ++i) body(i);
+  }
+  bool any(bool x) { return x; }
+  int32_t max(int32_t x) { return x; }
+  void scan(int32_t* a, int n) {
+    for (int i = 1; i < n; ++i) a[i] += a[i - 1];
+  }
+};
+
+// The plan of one row's tree (which must be valid: see check_row) for the scans:
+//   flags[i]            flags of node order[i]
+//   ckpt_offset[c]      where chunk c's checkpoint of the forward stack starts (in entries; the stack as the
+//                       reverse sweep reaches the chunk's last step); ckpt_offset[num_chunks(L)] = the total
+//   sizes[0..2]         max forward stack depth, max backward stack depth, total checkpoint entries
+// in data-parallel phases: flags from each node's children, the stacks' depths as prefix sums over the
+// preorder steps. work: plan_work_ints(L).
+GROOTL_HD int64_t plan_work_ints(int L) { return 4 * (int64_t)L; }
+template <typename Par>
+GROOTL_HD void plan_phases(Par& par, const int64_t* parent, const int64_t* order, int L, uint8_t* flags,
+                           int32_t* ckpt_offset, int32_t* sizes, int32_t* work) {
+  int32_t* pos = work;              // preorder step of each node
+  int32_t* has_children = work + L;
+  int32_t* last = work + 2 * L;     // step of each node's last child
+  int32_t* run = work + 3 * L;      // a running sum over the steps
+  const int chunks = num_chunks(L);
+  par.each(L, [&](int i) {
+    pos[order[i]] = i;
+    has_children[i] = 0;
+    last[i] = -1;
+  });
+  par.each(L, [&](int v) {
+    const int64_t p = parent[v];
+    if (p < 0) return;
+    has_children[p] = 1;
+    atomic_max(&last[p], pos[v]);
+  });
+  // the forward stack, swept from step L-1 down: a last child opens its parent's entry, a parent closes it
+  par.each(L, [&](int i) {
+    const int64_t v = order[i], p = parent[v];
+    const int f = (has_children[v] ? kHasChildren : 0) | (p >= 0 && last[p] == i ? kLastChild : 0);
     flags[i] = (uint8_t)f;
-    if (f & kLastChild) --g_sp;
-    if (f & kHasChildren && ++g_sp > g_depth) g_depth = g_sp;
-  }
-  sizes[0] = h_depth;
-  sizes[1] = g_depth;
-  sizes[2] = total;
-  return kPlanOk;
+    run[L - 1 - i] = ((f & kLastChild) ? 1 : 0) - ((f & kHasChildren) ? 1 : 0);
+  });
+  par.scan(run, L);  // run[L-1-i]: depth after step i
+  int32_t deepest = 0;
+  par.each(L, [&](int i) { deepest = run[L - 1 - i] > deepest ? run[L - 1 - i] : deepest; });
+  const int32_t h_depth = par.max(deepest);
+  par.each(chunks, [&](int c) {  // depth as the sweep reaches the chunk's last step
+    const int e = (c + 1) * kChunk < L ? (c + 1) * kChunk - 1 : L - 1;
+    ckpt_offset[c + 1] = e + 1 < L ? run[L - 2 - e] : 0;
+  });
+  // the backward stack, from step 0 up: a parent opens its entry, its last child closes it
+  par.each(L, [&](int i) {
+    const int f = flags[i];
+    run[i] = ((f & kHasChildren) ? 1 : 0) - ((f & kLastChild) ? 1 : 0);
+  });
+  par.scan(run, L);
+  deepest = 0;
+  par.each(L, [&](int i) { deepest = run[i] > deepest ? run[i] : deepest; });
+  const int32_t g_depth = par.max(deepest);
+  par.each(1, [&](int) { ckpt_offset[0] = 0; });
+  par.scan(ckpt_offset, chunks + 1);  // offsets of each chunk's checkpoint, and the total
+  par.each(1, [&](int) {
+    sizes[0] = h_depth;
+    sizes[1] = g_depth;
+    sizes[2] = ckpt_offset[chunks];
+  });
 }
 
 // All N states of a channel on one thread.

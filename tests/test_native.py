@@ -172,20 +172,56 @@ def test_cpu_tree_equals_torch_tree(cpu_kernels, distance, k):
     assert torch.equal(ours.order, theirs.order)
 
 
-def check_build_plan_equals_checked_plan(device, batch, length, k):
+def simulated_plan(parent: list[int], order: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """The scan plan of one row by walking its two stacks step by step: flags, checkpoint offsets, sizes."""
+    length, chunk = len(parent), native.load("cpu").chunk_size()
+    children = [0] * length
+    for p in parent:
+        if p >= 0:
+            children[p] += 1
+    pos = {v: i for i, v in enumerate(order)}
+    last = {p: max(pos[v] for v in range(length) if parent[v] == p) for p in set(parent) if p >= 0}
+    flags = [(1 if children[v] else 0) | (2 if parent[v] >= 0 and last[parent[v]] == i else 0) for i, v in enumerate(order)]
+    depth, h_depth, ckpt = 0, 0, [0] * -(-length // chunk)
+    for i in range(length - 1, -1, -1):  # forward: leaves to root; a last child opens, its parent closes
+        if i == length - 1 or i % chunk == chunk - 1:
+            ckpt[i // chunk] = depth
+        depth += (flags[i] >> 1 & 1) - (flags[i] & 1)
+        h_depth = max(h_depth, depth)
+    depth = g_depth = 0
+    for f in flags:  # backward: root to leaves; a parent opens, its last child closes
+        depth += (f & 1) - (f >> 1 & 1)
+        g_depth = max(g_depth, depth)
+    offsets = [sum(ckpt[:c]) for c in range(len(ckpt) + 1)]
+    return flags, offsets, [h_depth, g_depth, offsets[-1]]
+
+
+def check_plans(device, trees):
+    """Each tree's plan (the build's own where it made the tree, else the checked one) against the simulation."""
+    for tree in trees:
+        plan = tree._plan or native._Plan.checked(native._module_for(torch.device(device)), tree)
+        for b, (parent, order) in enumerate(zip(tree.parent.tolist(), tree.order.tolist())):
+            flags, offsets, sizes = simulated_plan(parent, order)
+            assert plan.flags[b].tolist() == flags
+            assert plan.ckpt_offset[b].tolist() == offsets
+            assert plan.sizes[b].tolist() == sizes
+        assert plan.largest == plan.sizes.max(0).values.tolist()
+
+
+def plan_cases(device, batch=4, length=70):
     u, delta, _, B, _ = random_inputs(batch, 5, 4, length, F32, seed=length, device=device)
-    context = torch.tensor([length, 0, length // 2, min(3, length), length - 1][:batch], device=device)
-    tree = native.build_tree(u, delta, B, context, k=k)
-    checked = native._Plan.checked(native._module_for(u.device), Tree(tree.parent, tree.order))
-    for name in ("flags", "ckpt_offset", "sizes"):
-        assert torch.equal(getattr(tree._plan, name), getattr(checked, name)), name
-    assert tree._plan.largest == checked.largest
+    context = torch.tensor([length, 0, length // 2, min(3, length)][:batch], device=device)
+    on = lambda t: Tree(t.parent.to(device), t.order.to(device))  # noqa: E731
+    return [native.build_tree(u, delta, B, context, k=k) for k in (1, 3)] + [
+        on(random_tree(batch, length, seed=3)),
+        on(batched(caterpillar(length), batch)),
+        on(Tree.chain(batch, length)),
+    ]
 
 
 @pytest.mark.parametrize("length", [1, 2, 31, 32, 33, 200])
-@pytest.mark.parametrize("k", [1, 3])
-def test_cpu_build_plan_equals_checked_plan(cpu_kernels, length, k):
-    check_build_plan_equals_checked_plan("cpu", 5, length, k)
+def test_cpu_plans_match_stack_simulation(cpu_kernels, length):
+    check_plans("cpu", plan_cases("cpu", length=length))
 
 
 def test_cpu_tree_single_position_and_ties(cpu_kernels):
@@ -374,8 +410,8 @@ def test_emulated_cuda_tree_equals_cpu_tree(emulated_cuda, distance, k):
 
 
 @pytest.mark.parametrize("length", [1, 33, 150])
-def test_emulated_cuda_build_plan_equals_checked_plan(emulated_cuda, length):
-    check_build_plan_equals_checked_plan(emulated_cuda, 3, length, k=3)
+def test_emulated_cuda_plans_match_stack_simulation(emulated_cuda, length):
+    check_plans(emulated_cuda, plan_cases(emulated_cuda, batch=3, length=length))
 
 
 def test_emulated_cuda_runs_are_identical(emulated_cuda):

@@ -446,5 +446,11 @@ def test_cuda_tree_equals_cpu_tree(distance):
 
 @CUDA
 @pytest.mark.gpu
+def test_cuda_plans_match_stack_simulation():
+    check_plans("cuda", plan_cases("cuda", length=300))
+
+
+@CUDA
+@pytest.mark.gpu
 def test_cuda_runs_are_identical():
     check_runs_identical("cuda", (2, 96, 16, 257))

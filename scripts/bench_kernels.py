@@ -103,34 +103,35 @@ def bench_cpu(args):
     return rows
 
 
-def copy_bandwidth() -> float:
-    """Bytes per second of a large device-to-device copy (read + write): the practical peak."""
-    x = torch.empty(2**28, dtype=torch.float32, device="cuda")
+def copy_bandwidth(device: str, numel: int = 2**28) -> float:
+    """Bytes per second of a large on-device copy (read + write): the practical peak."""
+    x = torch.empty(numel, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
-    seconds = timed(lambda: y.copy_(x), "cuda", 5)
+    seconds = timed(lambda: y.copy_(x), device, 5)
     return 2 * x.numel() * x.element_size() / seconds
 
 
-def bench_cuda(args):
+def bench_cuda(args, device: str = "cuda"):
     """Per shape, ours: the tree build (with its plan), the checked plan of a tree from elsewhere and the
     forward apart, then build + forward + backward; the same kernels on the chain (the plain Mamba recurrence,
     no build): the overhead of the tree alone; mamba_ssm's selective_scan_fn forward + backward when
-    installed. Peak memory is what a call allocates above its inputs."""
+    installed. Peak memory is what a call allocates above its inputs. (``device`` is "cpu" only in the
+    smoke test that runs this with the emulated CUDA extension.)"""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except ImportError:
         selective_scan_fn = None
         print("mamba_ssm is not installed: no selective_scan_fn baseline (the chain baseline still runs)")
-    peak_bw = copy_bandwidth()
+    peak_bw = copy_bandwidth(device, 2**28 if device == "cuda" else 2**20)
     rows = []
     for size in args.sizes:
         d, n = SIZES[size]
         for batch in args.batch:
             for length in args.lengths:
-                u, delta, A, B, C = inputs(batch, d, n, length, "cuda", torch.bfloat16)
-                context = torch.full((batch,), length // 2, device="cuda")
+                u, delta, A, B, C = inputs(batch, d, n, length, device, torch.bfloat16)
+                context = torch.full((batch,), length // 2, device=device)
                 tree = native.build_tree(u, delta, B, context)
-                chain = Tree.chain(batch, length, device="cuda")
+                chain = Tree.chain(batch, length, device=device)
                 row = {"size": size, "batch": batch, "L": length, "D": d, "N": n, "dtype": "bf16"}
 
                 def ours():
@@ -139,14 +140,14 @@ def bench_cuda(args):
                     y = native.tree_scan(*xs, t)
                     y.backward(torch.ones_like(y))
 
-                row["build_s"] = timed(lambda: native.build_tree(u, delta, B, context), "cuda", args.repeats)
-                ext = native.load("cuda")
-                row["checked_plan_s"] = timed(lambda: native._Plan.checked(ext, tree), "cuda", args.repeats)
+                row["build_s"] = timed(lambda: native.build_tree(u, delta, B, context), device, args.repeats)
+                ext = native._module_for(u.device)
+                row["checked_plan_s"] = timed(lambda: native._Plan.checked(ext, tree), device, args.repeats)
                 with torch.no_grad():  # forward_s includes reading the plan's sizes (the host sync)
-                    row["forward_s"] = timed(lambda: native.tree_scan(u, delta, A, B, C, tree), "cuda", args.repeats)
-                row["ours_s"], row["ours_peak_mib"] = timed_peak(ours, args.repeats)
+                    row["forward_s"] = timed(lambda: native.tree_scan(u, delta, A, B, C, tree), device, args.repeats)
+                row["ours_s"], row["ours_peak_mib"] = timed_peak(ours, args.repeats, device)
                 row["chain_s"], row["chain_peak_mib"] = timed_peak(fwd_bwd(native.tree_scan, u, delta, A, B, C, chain),
-                                                                   args.repeats)
+                                                                   args.repeats, device)
                 row["ours_vs_chain"] = row["ours_s"] / row["chain_s"]
                 # the least traffic a fused fwd + bwd needs: read u, delta, B, C (twice: forward and backward)
                 # and gy, write y, du, d_delta, dB, dC
@@ -160,7 +161,7 @@ def bench_cuda(args):
                         y = selective_scan_fn(xs[0], xs[1], xs[2], xs[3], xs[4])
                         y.backward(torch.ones_like(y))
 
-                    row["selective_scan_s"], row["selective_scan_peak_mib"] = timed_peak(theirs, args.repeats)
+                    row["selective_scan_s"], row["selective_scan_peak_mib"] = timed_peak(theirs, args.repeats, device)
                     row["time_ratio"] = row["ours_s"] / row["selective_scan_s"]
                     row["memory_ratio"] = row["ours_peak_mib"] / row["selective_scan_peak_mib"]
                 rows.append(row)
@@ -168,8 +169,10 @@ def bench_cuda(args):
     return rows, {"copy_bandwidth_gb_s": peak_bw / 1e9}
 
 
-def timed_peak(fn, repeats):
-    """(median seconds, peak MiB allocated above the inputs) on the current CUDA device."""
+def timed_peak(fn, repeats, device="cuda"):
+    """(median seconds, peak MiB allocated above the inputs; None off CUDA)."""
+    if device != "cuda":
+        return timed(fn, device, repeats), None
     fn()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

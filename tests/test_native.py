@@ -4,7 +4,9 @@ write fails the comparison. GPU tests run the same checks on the CUDA kernels an
 
 from __future__ import annotations
 
+import argparse
 import importlib.resources
+import importlib.util
 import random
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import torch
 from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
 from scan_inputs import random_inputs
 
+REPO = Path(__file__).resolve().parents[1]
 F64, F32 = torch.float64, torch.float32
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -299,8 +302,7 @@ def test_kernel_sources_ship_with_the_package():
 
 
 def test_wheel_ships_kernel_sources(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)]
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("grootl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -416,6 +418,18 @@ def test_emulated_cuda_plans_match_stack_simulation(emulated_cuda, length):
 
 def test_emulated_cuda_runs_are_identical(emulated_cuda):
     check_runs_identical(emulated_cuda, (2, 40, 16, 37))
+
+
+def test_gpu_benchmark_runs_on_the_emulated_extension(emulated_cuda, monkeypatch):
+    """A smoke run of scripts/bench_kernels.py's GPU part, so a GPU session does not find its bugs."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(bench.SIZES, "tiny", (32, 16))
+    args = argparse.Namespace(sizes=["tiny"], batch=[1], lengths=[33], repeats=1)
+    (row,), extra = bench.bench_cuda(args, device=emulated_cuda)
+    assert row["build_s"] > 0 and row["ours_s"] > 0 and row["chain_s"] > 0 and row["bandwidth_fraction"] > 0
+    assert extra["copy_bandwidth_gb_s"] > 0
 
 
 @CUDA

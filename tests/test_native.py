@@ -420,6 +420,28 @@ def test_emulated_cuda_runs_are_identical(emulated_cuda):
     check_runs_identical(emulated_cuda, (2, 40, 16, 37))
 
 
+def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch):
+    """A GrootL model's loss and gradients are the same whichever extension serves its tree ops."""
+    from grootl.model import tiny_model
+
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    lens = torch.tensor([14, 5])
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, context_lens=lens, labels=ids).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    on_cpu_kernels = loss_and_grads()
+    served = []
+    monkeypatch.setattr(native, "_module_for", lambda device: served.append(device) or emulated_cuda_build)
+    for a, b in zip(loss_and_grads(), on_cpu_kernels, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert served, "the model never reached the native kernels"
+
+
 def test_gpu_benchmark_runs_on_the_emulated_extension(emulated_cuda, monkeypatch):
     """A smoke run of scripts/bench_kernels.py's GPU part, so a GPU session does not find its bugs."""
     spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")

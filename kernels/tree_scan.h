@@ -10,6 +10,9 @@
 // top. The backward runs root-to-leaves (preorder) with a stack of the gradients G of nodes that still have
 // children to visit, and recomputes H chunk by chunk from stack checkpoints, so per channel it needs
 // O((stack depth + L / kChunk) * N) scratch instead of O(L * N).
+//
+// A tree's plan (flags per step, stack sizes, checkpoint offsets) comes from plan_phases, data-parallel phases
+// run by a `Par` (SerialPar below; BlockPar in cuda.cu), after check_row where the tree comes from outside.
 #pragma once
 
 #include <atomic>

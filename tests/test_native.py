@@ -200,15 +200,19 @@ def simulated_plan(parent: list[int], order: list[int]) -> tuple[list[int], list
 
 
 def check_plans(device, trees):
-    """Each tree's plan (the build's own where it made the tree, else the checked one) against the simulation."""
+    """Each tree's plan (the build's own where it made the tree, the chain's closed form, else the checked one)
+    against the simulation; trees from elsewhere get the same checked plan."""
     for tree in trees:
-        plan = tree._plan or native._Plan.checked(native._module_for(torch.device(device)), tree)
+        plan = native._Plan.of(native._module_for(torch.device(device)), tree, torch.device(device))
         for b, (parent, order) in enumerate(zip(tree.parent.tolist(), tree.order.tolist())):
             flags, offsets, sizes = simulated_plan(parent, order)
             assert plan.flags[b].tolist() == flags
             assert plan.ckpt_offset[b].tolist() == offsets
             assert plan.sizes[b].tolist() == sizes
         assert plan.largest == plan.sizes.max(0).values.tolist()
+        checked = native._Plan.checked(native._module_for(torch.device(device)), Tree(tree.parent, tree.order))
+        for name in ("flags", "ckpt_offset", "sizes"):
+            assert torch.equal(getattr(checked, name), getattr(plan, name)), name
 
 
 def plan_cases(device, batch=4, length=70):
@@ -218,7 +222,7 @@ def plan_cases(device, batch=4, length=70):
     return [native.build_tree(u, delta, B, context, k=k) for k in (1, 3)] + [
         on(random_tree(batch, length, seed=3)),
         on(batched(caterpillar(length), batch)),
-        on(Tree.chain(batch, length)),
+        Tree.chain(batch, length, device=device),  # planned in closed form
     ]
 
 

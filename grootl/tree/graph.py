@@ -17,6 +17,7 @@ from torch import Tensor
 from grootl.tree.validation import check_tree_inputs
 
 DISTANCES = ("cosine", "euclidean", "manhattan")
+CHAIN = "chain"  # Tree._plan of Tree.chain
 _EPS = 1e-12
 
 
@@ -32,7 +33,8 @@ class Tree:
 
     parent: Tensor  # (batch, L) int64
     order: Tensor  # (batch, L) int64
-    # the native kernels' plan of the tree when their build made it (so it needs no checking); not API
+    # what the native kernels know of the tree, not API: their plan of it when their build made it, or CHAIN
+    # for Tree.chain (planned in closed form); either way it needs no checking
     _plan: object = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -40,7 +42,7 @@ class Tree:
         """The plain Mamba chain: ``parent[t] = t + 1``."""
         pos = torch.arange(length, device=device)
         parent = torch.where(pos + 1 < length, pos + 1, -1)
-        return cls(parent.expand(batch, length).contiguous(), pos.flip(0).expand(batch, length).contiguous())
+        return cls(parent.expand(batch, length).contiguous(), pos.flip(0).expand(batch, length).contiguous(), CHAIN)
 
 
 def edge_weights(u: Tensor, delta: Tensor, B: Tensor, k: int = 3, distance: str = "cosine") -> Tensor:

@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from grootl.tree.graph import DISTANCES, Tree, work_dtype
+from grootl.tree.graph import CHAIN, DISTANCES, Tree, work_dtype
 from grootl.tree.validation import check_scan_inputs, check_tree_inputs
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
@@ -148,6 +148,9 @@ def _scan_dtype(u: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> torch.dtype:
     return u.dtype if delta.dtype == B.dtype == C.dtype == u.dtype else work_dtype(u)
 
 
+_HAS_CHILDREN, _LAST_CHILD = 1, 2  # a plan's flag bits (kHasChildren, kLastChild in kernels/tree_scan.h)
+
+
 class _Plan:
     """A tree's row plans for the scan kernels (flags by preorder step, checkpoint offsets, stack sizes) and
     the largest stack sizes over the rows, on the host: read once (on CUDA, the scan's one host sync)."""
@@ -173,6 +176,31 @@ class _Plan:
         except RuntimeError as err:
             raise ValueError(str(err).splitlines()[0]) from None
         return plan
+
+    @classmethod
+    def chain(cls, ext: ModuleType, tree: Tree) -> "_Plan":
+        """The plan of Tree.chain in closed form (no kernel, no host sync): every node but the root has one
+        child, so each stack holds one entry; each chunk but the last checkpoints one."""
+        (batch, length), dev = tree.parent.shape, tree.parent.device
+        chunks = -(-length // ext.chunk_size())
+        step = torch.arange(length, device=dev)
+        flags = (step < length - 1).to(torch.uint8) * _HAS_CHILDREN + (step > 0).to(torch.uint8) * _LAST_CHILD
+        ckpt_offset = torch.arange(chunks + 1, device=dev).clamp(max=chunks - 1).to(torch.int32)
+        largest = [int(length > 1), int(length > 1), chunks - 1]
+        sizes = torch.tensor(largest, dtype=torch.int32, device=dev)
+        plan = cls(tree.parent.contiguous(), tree.order.contiguous(),
+                   *(x.expand(batch, -1).contiguous() for x in (flags, ckpt_offset, sizes)))
+        plan._largest = largest
+        return plan
+
+    @classmethod
+    def of(cls, ext: ModuleType, tree: Tree, device: torch.device) -> "_Plan":
+        """The tree's plan for scans on ``device``: the one it came with, the chain's, or a checked one."""
+        if isinstance(tree._plan, _Plan) and tree._plan.parent.device == device:
+            return tree._plan
+        if tree._plan is CHAIN and tree.parent.device == device:
+            return cls.chain(ext, tree)
+        return cls.checked(ext, tree)
 
     @property
     def largest(self) -> list[int]:
@@ -237,8 +265,7 @@ def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
     if ext is None:
         raise RuntimeError(f"no native tree-scan kernel for {u.device} tensors (GROOTL_NATIVE=0 or build failed)")
     _same_device(u, delta=delta, A=A, B=B, C=C, **{"tree.parent": tree.parent, "tree.order": tree.order})
-    plan = tree._plan if isinstance(tree._plan, _Plan) and tree._plan.parent.device == u.device else None
-    y, root = _NativeTreeScan.apply(u, delta, A, B, C, ext, plan or _Plan.checked(ext, tree), return_root_state)
+    y, root = _NativeTreeScan.apply(u, delta, A, B, C, ext, _Plan.of(ext, tree, u.device), return_root_state)
     return (y, root) if return_root_state else y
 
 

@@ -43,10 +43,7 @@ std::vector<int64_t> plan(const at::Tensor& parent, const at::Tensor& order, at:
     }
   });
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(status[b] != grootl::kBadParent, "tree.parent row ", b,
-                " is not a tree rooted at L-1: every parent must lie in [0, L) except parent[L-1] == -1");
-    TORCH_CHECK(status[b] != grootl::kBadOrder, "tree.order row ", b,
-                " is not a DFS preorder of tree.parent starting at the root L-1");
+    TORCH_CHECK(status[b] == grootl::kTreeOk, grootl::check_field(status[b]), " row ", b, grootl::check_problem(status[b]));
   }
   std::vector<int64_t> largest(3, 0);
   for (int64_t b = 0; b < batch; ++b)

@@ -338,10 +338,7 @@ std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order
   const int32_t* h = host.data_ptr<int32_t>();
   std::vector<int64_t> largest(3, 0);
   for (int b = 0; b < batch; ++b) {
-    TORCH_CHECK(h[b * 4] != grootl::kBadParent, "tree.parent row ", b,
-                " is not a tree rooted at L-1: every parent must lie in [0, L) except parent[L-1] == -1");
-    TORCH_CHECK(h[b * 4] != grootl::kBadOrder, "tree.order row ", b,
-                " is not a DFS preorder of tree.parent starting at the root L-1");
+    TORCH_CHECK(h[b * 4] == grootl::kTreeOk, grootl::check_field(h[b * 4]), " row ", b, grootl::check_problem(h[b * 4]));
     for (int q = 0; q < 3; ++q) largest[q] = std::max<int64_t>(largest[q], h[b * 4 + 1 + q]);
   }
   return largest;

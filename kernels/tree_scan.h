@@ -85,6 +85,13 @@ GROOTL_HD int check_row(const int64_t* parent, const int64_t* order, int L, int3
   return kTreeOk;
 }
 
+// The error message of a failed check_row, in parts: "<field> row <b><problem>".
+inline const char* check_field(int status) { return status == kBadParent ? "tree.parent" : "tree.order"; }
+inline const char* check_problem(int status) {
+  return status == kBadParent ? " is not a tree rooted at L-1: every parent must lie in [0, L) except parent[L-1] == -1"
+                              : " is not a DFS preorder of tree.parent starting at the root L-1";
+}
+
 // *p = min(*p, v) or max(*p, v), atomically: several threads of a phase may update one element.
 #ifndef __CUDA_ARCH__
 template <typename T, typename Better>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import signal
@@ -25,6 +26,17 @@ from grootl.train.modeling import BASE_DIR, build_base, build_model, export_fina
 from grootl.train.recipe import Recipe, RecipeError
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+
+
+class _TiedWeightsNotice(logging.Filter):
+    """Drops Accelerate's "Removed shared tensor" notice: a checkpoint stores tied embeddings once and
+    loading re-ties them (an exact resume is tested), so the "check ... while reloading" it asks for is done."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
 
 
 class TrainingError(RuntimeError):

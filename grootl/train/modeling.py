@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +47,10 @@ def add_lora(model: GrootLMambaForCausalLM, recipe: Recipe) -> PeftModel:
         r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
         target_modules=list(recipe.lora.target_modules), bias="none", task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing``: noise the user cannot act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def build_model(recipe: Recipe, out: Path, base: GrootLMambaForCausalLM | None = None) -> torch.nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import sys
 import sysconfig
@@ -58,10 +59,23 @@ def _extension_name(kind: str) -> str:
     return f"grootl_tree_{kind}_{hashlib.sha1(str(KERNELS).encode()).hexdigest()[:8]}"
 
 
+def _cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its notice that a CUDA toolkit but no CUDA runtime
+    was found: that is a CPU machine's normal state (a CUDA build then says what it lacks itself)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    if not torch.cuda.is_available():
+        log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _compile(kind: str, verbose: bool = False) -> ModuleType:
     """Build (or load from the cache) the ``cpu`` or ``cuda`` extension; raises on failure."""
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     name = _extension_name(kind)
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
@@ -309,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--cuda-only", action="store_true", help="build only the CUDA kernels (needs nvcc)")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
     args = parser.parse_args(argv)
-    from torch.utils.cpp_extension import CUDA_HOME
-
+    CUDA_HOME = _cpp_extension().CUDA_HOME  # noqa: N806 - torch's name
     kinds = ["cpu"] if args.cpu_only else ["cuda"] if args.cuda_only else ["cpu"] + (["cuda"] if CUDA_HOME else [])
     if not args.cpu_only and not CUDA_HOME:
         print("no CUDA toolkit found (set CUDA_HOME): skipping the CUDA kernels", file=sys.stderr)

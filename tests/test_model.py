@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
 import grootl
+import grootl.model.mixer as mixer_module
 from grootl.model import GrootLConfig, GrootLMambaForCausalLM, load_model, tiny_config, tiny_model
 
 F64 = torch.float64
@@ -429,6 +430,83 @@ def test_autocast_trains_close_to_float32(dtype):
     assert torch.isfinite(low.logits).all()
     assert (low.logits - reference).abs().max() < 0.05 * reference.abs().max()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---- the CUDA fast path's wiring, on CPU -----------------------------------------------------------
+
+HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def require(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(f"fused-kernel twin: {what}")
+
+
+def selective_scan_twin(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """mamba_ssm's ``selective_scan_fn`` on CPU: its input checks (dtypes and shapes as its C++ binding
+    demands them) and its contract (float32 math, output in u's dtype, float32 last state)."""
+    batch, dim, length = u.shape
+    require(u.dtype in HALF_OR_FLOAT and delta.dtype == B.dtype == C.dtype == u.dtype, "u, delta, B, C: one dtype")
+    require(A.dtype == torch.float32 and A.shape[0] == dim, "A: float32 (dim, N)")
+    require(delta.shape == u.shape and B.shape == C.shape == (batch, A.shape[1], length), "shapes")
+    require(all(t is None or (t.dtype == torch.float32 and t.shape == (dim,)) for t in (D, delta_bias)), "D, delta_bias")
+    out = exact_selective_scan(u.float(), delta.float(), A, B.float(), C.float(), D, z, delta_bias,
+                               delta_softplus, return_last_state)
+    y, last = out if return_last_state else (out, None)
+    return (y.to(u.dtype), last) if return_last_state else y.to(u.dtype)
+
+
+def causal_conv1d_twin(x, weight, bias=None, activation=None, **_):
+    """causal_conv1d's ``causal_conv1d_fn`` on CPU: its checks and contract (output in x's dtype)."""
+    dim, width = weight.shape
+    require(x.dtype in HALF_OR_FLOAT and weight.dtype in HALF_OR_FLOAT, "x, weight: float, half or bfloat16")
+    require(x.dim() == 3 and x.shape[1] == dim and 2 <= width <= 4, "x (batch, dim, L), weight (dim, 2..4)")
+    require(bias is None or bias.dtype == weight.dtype, "bias in weight's dtype")
+    require(x.stride(2) == 1 or x.stride(1) == 1, "x contiguous in L or in dim")
+    out = F.conv1d(F.pad(x.to(weight.dtype), (width - 1, 0)), weight[:, None], bias, groups=dim)
+    return (F.silu(out) if activation in ("silu", "swish") else out).to(x.dtype)
+
+
+def loss_and_grads(model, ids, labels):
+    model.zero_grad()
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_fused_kernel_path_trains_like_the_torch_path(monkeypatch, autocast):
+    """What runs on CUDA with mamba_ssm / causal_conv1d installed, checked on CPU: the mixer hands the
+    fused kernels inputs they accept (also under bf16 autocast) and gets the torch path's loss and
+    gradients back, tree branch included."""
+    model = tiny_model().train()
+    ids = random_ids(2, 20)
+    labels = ids.clone()
+    labels[0, :7] = labels[1, :12] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, grads = loss_and_grads(model, ids, labels)
+        calls = []
+        monkeypatch.setattr(mixer_module, "fast_kernels", lambda x: calls.append(x.dtype) or (selective_scan_twin, causal_conv1d_twin))
+        fused_loss, fused_grads = loss_and_grads(model, ids, labels)
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_loss, loss, **tol)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_kernel_path_generates_like_the_torch_path(monkeypatch):
+    """The prefill takes the chain's last state from ``selective_scan_fn``; decoding goes on from it."""
+    model = tiny_model().eval()
+    ids = random_ids(2, 16)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    plain = model.generate(ids, attention_mask=mask, **settings)
+    monkeypatch.setattr(mixer_module, "fast_kernels", lambda x: (selective_scan_twin, causal_conv1d_twin))
+    fused = model.generate(ids, attention_mask=mask, **settings)
+    assert torch.equal(fused.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu

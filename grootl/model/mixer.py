@@ -21,7 +21,7 @@ from grootl.tree.graph import work_dtype
 
 
 @cache
-def _cuda_kernels() -> tuple:
+def _installed_kernels() -> tuple:
     """``(selective_scan_fn, causal_conv1d_fn)`` from mamba_ssm / causal_conv1d; None where not importable."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -32,6 +32,14 @@ def _cuda_kernels() -> tuple:
     except (ImportError, OSError):
         causal_conv1d_fn = None
     return selective_scan_fn, causal_conv1d_fn
+
+
+def fast_kernels(x: Tensor) -> tuple:
+    """The fused kernels for ``x``: ``(selective_scan_fn, causal_conv1d_fn)``, each None where the torch path
+    runs instead (CPU tensors, float64, or the package not installed)."""
+    if not x.is_cuda or x.dtype == torch.float64:
+        return None, None
+    return _installed_kernels()
 
 
 class GrootLMixer(MambaMixer):
@@ -83,8 +91,8 @@ class GrootLMixer(MambaMixer):
         length = x.shape[-1]
         if cache is not None:
             x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-        _, causal_conv1d_fn = _cuda_kernels() if x.is_cuda and x.dtype != torch.float64 else (None, None)
-        if causal_conv1d_fn is not None and self.activation in ("silu", "swish"):
+        _, causal_conv1d_fn = fast_kernels(x)
+        if causal_conv1d_fn is not None and self.activation in ("silu", "swish") and 2 <= self.conv_kernel_size <= 4:
             weight = self.conv1d.weight.squeeze(1)
             return causal_conv1d_fn(x.contiguous(), weight, self.conv1d.bias, activation=self.activation)[..., -length:]
         out = self.conv1d(x.to(self.conv1d.weight.dtype))[..., x.shape[-1] - length : x.shape[-1]]
@@ -93,7 +101,7 @@ class GrootLMixer(MambaMixer):
     def _full_scan(self, u, dt, dt_bias, delta, A, B, C, cache, context_lens, start) -> Tensor:
         """Chain scan (+ D skip) plus modulation * tree scan over a whole sequence; fills the cache."""
         keep_state = cache is not None
-        selective_scan_fn, _ = _cuda_kernels() if u.is_cuda and u.dtype != torch.float64 else (None, None)
+        selective_scan_fn, _ = fast_kernels(u)
         if selective_scan_fn is not None:
             chain = selective_scan_fn(
                 u,

@@ -22,12 +22,13 @@ RECIPES = REPO / "recipes"
 TRAIN_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name != "accelerate")
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
 PAPER_130M = {"grootl": RECIPES / "mamba-130m/alpaca-grootl.yaml", "lora": RECIPES / "mamba-130m/alpaca-lora.yaml"}
+SIZES = ("130m", "370m", "790m", "1.4b", "2.8b")
 
 
 def test_the_promised_recipes_are_shipped():
     names = {p.relative_to(RECIPES).as_posix() for p in TRAIN_RECIPES + ACCELERATE_CONFIGS}
-    assert {"mamba-130m/alpaca-grootl.yaml", "mamba-130m/alpaca-lora.yaml", "tiny/cpu-demo.yaml",
-            "accelerate/ddp.yaml", "accelerate/fsdp.yaml", "accelerate/deepspeed-zero2.yaml"} <= names
+    assert {"tiny/cpu-demo.yaml", "accelerate/ddp.yaml", "accelerate/fsdp.yaml", "accelerate/deepspeed-zero2.yaml"} <= names
+    assert {f"mamba-{size}/alpaca-{arm}.yaml" for size in SIZES for arm in ("grootl", "lora")} <= names
 
 
 @pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: p.relative_to(RECIPES).as_posix())
@@ -59,9 +60,59 @@ def test_paper_recipes_use_the_paper_settings():
         assert (recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout) == (8, 16, 0.0)
         assert sorted(recipe.lora.target_modules) == ["embeddings", "in_proj", "out_proj", "x_proj"]
         assert (recipe.grootl.modulation, recipe.grootl.k) == (0.3, 3)
-    grootl, lora = (dataclasses.asdict(arms[m]) for m in ("grootl", "lora"))
-    differing = {key for key in grootl if grootl[key] != lora[key]}
-    assert differing == {"method", "output_dir"}  # the arms differ only in the scan
+
+
+def differences(a: Recipe, b: Recipe, prefix: str = "") -> set[str]:
+    """The dotted keys where two recipes differ."""
+    a, b = (dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in (a, b))
+    keys = set()
+    for key in a:
+        if isinstance(a[key], dict) and isinstance(b[key], dict) and a[key] and b[key]:
+            keys |= differences(a[key], b[key], f"{prefix}{key}.")
+        elif a[key] != b[key]:
+            keys.add(prefix + key)
+    return keys
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_every_size_runs_both_arms_with_the_paper_settings(size):
+    """The arms differ only in the scan; a larger size differs from 130M only in its checkpoint."""
+    grootl, lora = (load_recipe(RECIPES / f"mamba-{size}/alpaca-{arm}.yaml") for arm in ("grootl", "lora"))
+    assert (grootl.method, lora.method) == ("grootl", "lora")
+    assert differences(grootl, lora) == {"method", "output_dir"}
+    assert grootl.model.name_or_path == f"state-spaces/mamba-{size}-hf"
+    assert Path(grootl.output_dir).name == f"mamba-{size}-alpaca-grootl" and Path(lora.output_dir).name == f"mamba-{size}-alpaca-lora"
+    if size != "130m":
+        assert differences(grootl, load_recipe(PAPER_130M["grootl"])) == {"model.name_or_path", "output_dir"}
+
+
+def test_extends_lays_a_recipe_over_its_base(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base/data.jsonl").write_text("")
+    (tmp_path / "base/base.yaml").write_text(
+        "output_dir: runs/base\nmodel: {name_or_path: org/model}\ndata: {path: data.jsonl, max_length: 64}\n"
+        "train: {lr: 1.0e-3, batch_size: 8}\nlora: {target_modules: [in_proj, out_proj]}\n")
+    (tmp_path / "child.yaml").write_text(
+        "extends: base/base.yaml\noutput_dir: runs/child\ntrain: {lr: 5.0e-4}\nlora: {target_modules: [x_proj]}\n")
+    child = load_recipe(tmp_path / "child.yaml")
+    assert child.train.lr == 5e-4 and child.train.batch_size == 8  # section by section
+    assert child.data.path == str(tmp_path / "base/data.jsonl") and child.data.max_length == 64  # the base's folder
+    assert child.lora.target_modules == ["x_proj"] and child.output_dir.endswith("runs/child")  # lists replace
+    assert load_recipe(tmp_path / "child.yaml", ["train.batch_size=2"]).train.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("extends: missing.yaml\n", r"recipe file .*missing.yaml does not exist \(extended by .*r.yaml\)"),
+        ("extends: r.yaml\n", r"r.yaml: extends: makes a cycle through .*r.yaml"),
+        ("extends: [a.yaml]\n", r"extends must be the path of another recipe file; got \['a.yaml'\]"),
+    ],
+)
+def test_bad_extends_is_named(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(tmp_path / "r.yaml")
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)

@@ -1,5 +1,8 @@
 """Training recipes: YAML files checked against typed sections, with ``key=value`` overrides.
 
+A recipe may start from another: ``extends: path/to/base.yaml`` takes the base's values and lays the
+file's own over them, section by section (see :func:`read_recipe_file`).
+
 Paths: relative paths *inside a recipe file* (``model.name_or_path``, ``model.tokenizer``, ``data.path``,
 ``data.eval_path``) resolve against the recipe file's folder; paths given as command-line overrides
 and ``output_dir`` resolve against the current directory. A value that is not a local path (see
@@ -213,19 +216,41 @@ def apply_override(values: dict, key: str, value: Any) -> None:
     node[name] = value
 
 
+def _merge(base: dict, values: dict) -> dict:
+    """``values`` over ``base``, mapping by mapping (a list or scalar replaces the base's)."""
+    merged = dict(base)
+    for key, value in values.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def read_recipe_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file's values, its relative paths resolved against its folder, over the values of the
+    recipe it names in ``extends:`` (a path relative to it), so one file can state only what differs."""
+    where = f" (extended by {chain[-1]})" if chain else ""
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist{where}")
+    if path in chain:
+        raise RecipeError(f"recipe {chain[-1]}: extends: makes a cycle through {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(values).__name__}")
+    _resolve_paths(values, path.parent)
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends must be the path of another recipe file; got {parent!r}")
+    return _merge(read_recipe_file((path.parent / parent).resolve(), (*chain, path)), values)
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] = (), values: dict | None = None) -> Recipe:
     """A checked :class:`Recipe` from a YAML file (or a dict) plus ``key=value`` overrides."""
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise RecipeError(f"{path}: not valid YAML ({error})") from error
-        if not isinstance(values, dict):
-            raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(values).__name__}")
-        _resolve_paths(values, path.resolve().parent)
+        values = read_recipe_file(Path(path).resolve())
     values = dict(values or {})
     for text in overrides:
         key, value = parse_override(text)

@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "train": ("grootl.train", "Fine-tune a Mamba model from a YAML recipe (GrootL, LoRA or full)."),
     "eval": ("grootl.evaluation.run", "Zero-shot lm-eval suites on a model, adapter or run directory."),
+    "generate": ("grootl.evaluation.generate", "A model's response to an instruction, printed as it is generated."),
     "compare": ("grootl.evaluation.compare", "Side-by-side table and chart of saved eval results."),
     "build-kernels": ("grootl.tree.native", "Compile the native tree-scan kernels now (CPU, and CUDA if present)."),
 }

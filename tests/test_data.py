@@ -88,13 +88,13 @@ def test_hub_ids_go_to_load_dataset(monkeypatch):
     ("./data", True), ("../data", True), ("/abs/data", True), ("~/data", True), (".hidden/x", True),  # leading . / ~
     ("alpaca", True), ("a/b/c", True), ("a/", True), ("a b/c", True), ("C:\\data", True), ("C:/data", True),
     ("data/train.jsonl", True), ("org/set.JSON", True), ("org/set.parquet", True),  # a data file, not a repo
-    ("org/here", True),  # exists under the base folder
+    ("org/here", True), ("org/typo", True),  # exists under the base folder, or its folder does
 ])
 def test_is_local_path(tmp_path, monkeypatch, name, local):
     (tmp_path / "org/here").mkdir(parents=True)
     monkeypatch.chdir(tmp_path.parent)
     assert is_local_path(name, tmp_path) is local
-    assert is_local_path(name) is (local and name != "org/here")  # base: the current directory
+    assert is_local_path(name) is (local and name not in ("org/here", "org/typo"))  # base: the current directory
 
 
 def test_missing_local_sources_are_not_looked_up_on_the_hub(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from grootl.evaluation.tasks import PAPER_SUITE, missing_data_files, render_offline_tasks
-from grootl.paths import is_local_path
+from grootl.paths import PathError, missing_path_error, resolve_model
 
 
 class EvalError(Exception):
@@ -67,32 +67,10 @@ def _task_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def _missing_local_path(name: str, what: str) -> EvalError | None:
-    """An error for a path that does not exist, unless it can be a hub id (owner/name, online)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    if is_local_path(name) or offline:
-        return EvalError(f"{what} {name} does not exist" + (" (and HF_HUB_OFFLINE is set)" if offline else ""))
-    return None
-
-
-def _resolve_model(model: str) -> str:
-    """The model directory or hub id to load; a ``grootl train`` run directory means its ``final/``."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        if error := _missing_local_path(model, "model path"):
-            raise error
-        return model
-    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-        return model
-    if (path / "final" / "config.json").is_file():
-        return str(path / "final")
-    raise EvalError(f"model path {model} holds no model (config.json), adapter (adapter_config.json) or run (final/)")
-
-
 def _check_adapter(adapter: str) -> None:
     path = Path(adapter).expanduser()
     if not path.exists():
-        if error := _missing_local_path(adapter, "--peft"):
+        if error := missing_path_error(adapter, "--peft"):
             raise error
     elif not (path / "adapter_config.json").is_file():
         raise EvalError(f"--peft {adapter} holds no adapter_config.json")
@@ -153,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        args.model = _resolve_model(args.model)
+        args.model = resolve_model(args.model)
         if args.peft:
             _check_adapter(args.peft)
         for path in args.include_path:
@@ -164,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.data_dir:
                 include_paths.insert(0, render_offline_tasks(args.data_dir, rendered))
             results = evaluate(args, include_paths)
-    except (EvalError, FileNotFoundError) as error:
+    except (EvalError, PathError, FileNotFoundError) as error:
         print(f"grootl eval: error: {error}", file=sys.stderr)
         return 2
     from lm_eval.utils import handle_non_serializable, make_table

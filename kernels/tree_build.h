@@ -182,32 +182,33 @@ GROOTL_HD void spanning_tree(Par& par, const acc_t* weight, int L, int k, int64_
       if (w == s.key[a]) atomic_min(&s.best[a], e);
       if (w == s.key[b]) atomic_min(&s.best[b], e);
     });
-    par.each(L, [&](int c) {  // every component joins the one across its cheapest edge
+    // every component joins the one across its cheapest edge; two that chose each other chose the same edge
+    // (the cheapest between them in the (weight, id) order): the smaller label stays a root and adds the edge
+    par.each(L, [&](int c) {
       if (s.comp[c] != c) return;
       const int e = s.best[c];
       if (e == E) {
         s.next[c] = c;
         return;
       }
-      s.in_tree[e] = 1;
       const int t = e / k, j = e % k + 1, a = s.comp[t - j], b = s.comp[t];
-      s.next[c] = a == c ? b : a;
+      const int n = a == c ? b : a;
+      const bool mutual = s.best[n] == e;
+      s.next[c] = mutual && c < n ? c : n;
+      if (!mutual || c < n) s.in_tree[e] = 1;
     });
-    par.each(L, [&](int c) {  // two that chose each other: the smaller label becomes the root (only it writes)
-      if (s.comp[c] != c) return;
-      const int n = s.next[c];
-      if (n != c && c < n && s.next[n] == c) s.next[c] = c;
-    });
+    // pointer jumping to the roots, double-buffered through best (free until the next round): no thread reads
+    // a pointer another thread writes in the same phase
     bool jumped;
-    do {  // pointer jumping to the roots; a racing read sees an older pointer, still on the path to the root
+    do {
       jumped = false;
       par.each(L, [&](int c) {
-        if (s.comp[c] != c) return;
-        const int n = s.next[c], nn = s.next[n];
-        if (nn != n) {
-          s.next[c] = nn;
-          jumped = true;
-        }
+        if (s.comp[c] == c) s.best[c] = s.next[s.next[c]];
+      });
+      par.each(L, [&](int c) {
+        if (s.comp[c] != c || s.best[c] == s.next[c]) return;
+        s.next[c] = s.best[c];
+        jumped = true;
       });
     } while (par.any(jumped));
     par.each(L, [&](int v) { s.comp[v] = s.next[s.comp[v]]; });

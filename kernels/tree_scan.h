@@ -149,30 +149,26 @@ struct SerialPar {
 //   sizes[0..2]         max forward stack depth, max backward stack depth, total checkpoint entries
 // in data-parallel phases: flags from each node's children, the stacks' depths as prefix sums over the
 // preorder steps. work: plan_work_ints(L).
-GROOTL_HD int64_t plan_work_ints(int L) { return 4 * (int64_t)L; }
+GROOTL_HD int64_t plan_work_ints(int L) { return 3 * (int64_t)L; }
 template <typename Par>
 GROOTL_HD void plan_phases(Par& par, const int64_t* parent, const int64_t* order, int L, uint8_t* flags,
                            int32_t* ckpt_offset, int32_t* sizes, int32_t* work) {
   int32_t* pos = work;              // preorder step of each node
-  int32_t* has_children = work + L;
-  int32_t* last = work + 2 * L;     // step of each node's last child
-  int32_t* run = work + 3 * L;      // a running sum over the steps
+  int32_t* last = work + L;         // step of each node's last child (-1: a leaf)
+  int32_t* run = work + 2 * L;      // a running sum over the steps
   const int chunks = num_chunks(L);
   par.each(L, [&](int i) {
     pos[order[i]] = i;
-    has_children[i] = 0;
     last[i] = -1;
   });
   par.each(L, [&](int v) {
     const int64_t p = parent[v];
-    if (p < 0) return;
-    has_children[p] = 1;
-    atomic_max(&last[p], pos[v]);
+    if (p >= 0) atomic_max(&last[p], pos[v]);
   });
   // the forward stack, swept from step L-1 down: a last child opens its parent's entry, a parent closes it
   par.each(L, [&](int i) {
     const int64_t v = order[i], p = parent[v];
-    const int f = (has_children[v] ? kHasChildren : 0) | (p >= 0 && last[p] == i ? kLastChild : 0);
+    const int f = (last[v] >= 0 ? kHasChildren : 0) | (p >= 0 && last[p] == i ? kLastChild : 0);
     flags[i] = (uint8_t)f;
     run[L - 1 - i] = ((f & kLastChild) ? 1 : 0) - ((f & kHasChildren) ? 1 : 0);
   });

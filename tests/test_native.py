@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import importlib.util
+import os
 import random
 import subprocess
 import sys
@@ -422,6 +423,30 @@ def test_emulated_cuda_plans_match_stack_simulation(emulated_cuda, length):
 
 def test_emulated_cuda_runs_are_identical(emulated_cuda):
     check_runs_identical(emulated_cuda, (2, 40, 16, 37))
+
+
+def tsan_runtime() -> str | None:
+    """gcc's ThreadSanitizer runtime, where there is one."""
+    try:
+        found = subprocess.run(["gcc", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return found if found and Path(found).is_file() else None
+
+
+@pytest.mark.skipif(tsan_runtime() is None, reason="no ThreadSanitizer runtime (gcc's libtsan.so)")
+def test_emulated_cuda_kernels_have_no_data_races(tmp_path):
+    """Every kernel's block-level phases (build, plan, scan forward and backward) under ThreadSanitizer:
+    no two threads touch one word in the same phase unless both only read or both use atomics."""
+    env = {**os.environ, "LD_PRELOAD": tsan_runtime(),
+           "TSAN_OPTIONS": "ignore_noninstrumented_modules=1 report_signal_unsafe=0 halt_on_error=0"}
+    script = [sys.executable, str(REPO / "tests/kernels/race_check.py"), str(tmp_path)]
+    done = subprocess.run(script, capture_output=True, text=True, env=env)
+    output = done.stdout + done.stderr
+    if "FATAL: ThreadSanitizer" in output:
+        pytest.skip(f"ThreadSanitizer cannot start here: {output.strip().splitlines()[-1]}")
+    assert "WARNING: ThreadSanitizer" not in output, output[output.index("WARNING: ThreadSanitizer"):][:6000]
+    assert done.returncode == 0 and "race check: kernels ran" in output, output[-4000:]
 
 
 def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch):

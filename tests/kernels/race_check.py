@@ -1,0 +1,61 @@
+"""The emulated CUDA extension's kernels under ThreadSanitizer: a block's threads are OS threads there, so a
+missing barrier, or two threads writing one word in the same phase, is reported even where the numbers come
+out right. Run by tests/test_native.py:
+
+    LD_PRELOAD=$(gcc -print-file-name=libtsan.so) python race_check.py BUILD_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]
+os.environ.pop("LD_PRELOAD", None)  # this process keeps the sanitizer; the compiler it starts must not
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+from grootl.tree import build_tree, native, tree_scan_ref  # noqa: E402
+from scan_inputs import random_inputs  # noqa: E402
+
+# N=16 (16 lanes), N=64 (32 lanes x 2), N=5 (idle lanes); D not a multiple of a block's channels
+SHAPES = [(2, 17, 16, 41), (1, 3, 64, 20), (2, 7, 5, 33)]
+
+
+def extension(build_dir: Path):
+    return cpp_extension.load(
+        name="grootl_cuda_emulated_tsan",
+        sources=[str(HERE / "cuda_emulated.cpp")],
+        extra_cflags=["-O1", "-g", "-std=c++20", "-fsanitize=thread"],
+        extra_ldflags=["-fsanitize=thread"],
+        extra_include_paths=[str(native.KERNELS), str(HERE)],
+        build_directory=str(build_dir),
+    )
+
+
+def run(ext) -> None:
+    """Build trees on the device, plan trees made elsewhere, and scan forward and backward."""
+    native._module_for = lambda device: ext
+    for batch, d, n, length in SHAPES:
+        u, delta, A, B, C = random_inputs(batch, d, n, length, torch.float32, seed=length)
+        context = torch.tensor([length // 2, length])[:batch]
+        device_tree = native.build_tree(u, delta, B, context)
+        os.environ["GROOTL_NATIVE"] = "0"
+        torch_tree = build_tree(u, delta, B, context)  # no plan: the check and plan kernels make it
+        del os.environ["GROOTL_NATIVE"]
+        assert torch.equal(device_tree.parent, torch_tree.parent), "device tree != torch tree"
+        for tree in (device_tree, torch_tree):
+            leaves = [x.clone().requires_grad_() for x in (u, delta, A, B, C)]
+            native.tree_scan(*leaves, tree).square().sum().backward()
+            ref = [x.clone().requires_grad_() for x in (u, delta, A, B, C)]
+            tree_scan_ref(*ref, tree).square().sum().backward()
+            for a, b in zip(leaves, ref):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+    print("race check: kernels ran", flush=True)
+
+
+if __name__ == "__main__":
+    run(extension(Path(sys.argv[1])))

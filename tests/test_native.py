@@ -425,28 +425,42 @@ def test_emulated_cuda_runs_are_identical(emulated_cuda):
     check_runs_identical(emulated_cuda, (2, 40, 16, 37))
 
 
-def tsan_runtime() -> str | None:
-    """gcc's ThreadSanitizer runtime, where there is one."""
+def gcc_file(name: str) -> str | None:
+    """A runtime library of the gcc on PATH (e.g. a sanitizer's), where there is one."""
     try:
-        found = subprocess.run(["gcc", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+        found = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return None
-    return found if found and Path(found).is_file() else None
+    return found if Path(found).is_absolute() and Path(found).is_file() else None
 
 
-@pytest.mark.skipif(tsan_runtime() is None, reason="no ThreadSanitizer runtime (gcc's libtsan.so)")
-def test_emulated_cuda_kernels_have_no_data_races(tmp_path):
-    """Every kernel's block-level phases (build, plan, scan forward and backward) under ThreadSanitizer:
-    no two threads touch one word in the same phase unless both only read or both use atomics."""
-    env = {**os.environ, "LD_PRELOAD": tsan_runtime(),
-           "TSAN_OPTIONS": "ignore_noninstrumented_modules=1 report_signal_unsafe=0 halt_on_error=0"}
-    script = [sys.executable, str(REPO / "tests/kernels/race_check.py"), str(tmp_path)]
+# per sanitizer: its name in reports, the runtimes to preload (libstdc++ too for ASan, so that it can intercept
+# C++ throws), its options variable and options
+SANITIZERS = {
+    "thread": ("ThreadSanitizer", ["libtsan.so"], "TSAN_OPTIONS",
+               "ignore_noninstrumented_modules=1 report_signal_unsafe=0 halt_on_error=0"),
+    "address": ("AddressSanitizer", ["libasan.so", "libstdc++.so"], "ASAN_OPTIONS", "detect_leaks=0"),
+}
+
+
+@pytest.mark.parametrize("sanitizer", SANITIZERS)
+def test_emulated_cuda_kernels_under_sanitizer(tmp_path, sanitizer):
+    """Every kernel (build, plan, scan forward and backward) instrumented. thread: no two threads touch one
+    word in the same phase unless both only read or both use atomics. address: no access outside a tensor,
+    a shared array or the scratch."""
+    tag, libraries, options_variable, options = SANITIZERS[sanitizer]
+    preload = [gcc_file(name) for name in libraries]
+    if None in preload:
+        pytest.skip(f"no {tag} runtime ({', '.join(libraries)}) for this gcc")
+    env = {**os.environ, "LD_PRELOAD": " ".join(preload), options_variable: options}
+    script = [sys.executable, str(REPO / "tests/kernels/sanitizer_check.py"), sanitizer, str(tmp_path)]
     done = subprocess.run(script, capture_output=True, text=True, env=env)
     output = done.stdout + done.stderr
-    if "FATAL: ThreadSanitizer" in output:
-        pytest.skip(f"ThreadSanitizer cannot start here: {output.strip().splitlines()[-1]}")
-    assert "WARNING: ThreadSanitizer" not in output, output[output.index("WARNING: ThreadSanitizer"):][:6000]
-    assert done.returncode == 0 and "race check: kernels ran" in output, output[-4000:]
+    if f"FATAL: {tag}" in output or f"{tag}: CHECK failed" in output:
+        pytest.skip(f"{tag} cannot start here: {output.strip().splitlines()[-1]}")
+    for report in (f"WARNING: {tag}", f"ERROR: {tag}"):
+        assert report not in output, output[output.index(report):][:6000]
+    assert done.returncode == 0 and "sanitizer check: kernels ran" in output, output[-4000:]
 
 
 def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch):

@@ -1,8 +1,9 @@
-"""The emulated CUDA extension's kernels under ThreadSanitizer: a block's threads are OS threads there, so a
-missing barrier, or two threads writing one word in the same phase, is reported even where the numbers come
-out right. Run by tests/test_native.py:
+"""The emulated CUDA extension's kernels under a sanitizer, reported even where the numbers come out right:
+``thread`` (a block's threads are OS threads there: a missing barrier, or two threads writing one word in the
+same phase) or ``address`` (a read or write past a tensor, a shared array or the scratch). Run by
+tests/test_native.py with the sanitizer's runtime preloaded:
 
-    LD_PRELOAD=$(gcc -print-file-name=libtsan.so) python race_check.py BUILD_DIR
+    LD_PRELOAD=$(gcc -print-file-name=libtsan.so) python sanitizer_check.py thread BUILD_DIR
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from scan_inputs import random_inputs  # noqa: E402
 SHAPES = [(2, 17, 16, 41), (1, 3, 64, 20), (2, 7, 5, 33)]
 
 
-def extension(build_dir: Path):
+def extension(sanitizer: str, build_dir: Path):
     return cpp_extension.load(
-        name="grootl_cuda_emulated_tsan",
+        name=f"grootl_cuda_emulated_{sanitizer}_sanitizer",
         sources=[str(HERE / "cuda_emulated.cpp")],
-        extra_cflags=["-O1", "-g", "-std=c++20", "-fsanitize=thread"],
-        extra_ldflags=["-fsanitize=thread"],
+        extra_cflags=["-O1", "-g", "-std=c++20", f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer"],
+        extra_ldflags=[f"-fsanitize={sanitizer}"],
         extra_include_paths=[str(native.KERNELS), str(HERE)],
         build_directory=str(build_dir),
     )
@@ -54,8 +55,8 @@ def run(ext) -> None:
             tree_scan_ref(*ref, tree).square().sum().backward()
             for a, b in zip(leaves, ref):
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
-    print("race check: kernels ran", flush=True)
+    print("sanitizer check: kernels ran", flush=True)
 
 
 if __name__ == "__main__":
-    run(extension(Path(sys.argv[1])))
+    run(extension(sys.argv[1], Path(sys.argv[2])))

@@ -109,6 +109,13 @@ def test_bad_input_is_one_line(run_dir, tmp_path, capsys, args, message):
     assert err.startswith("grootl generate: error: ") and message.format(tmp=tmp_path) in err and "Traceback" not in err
 
 
+def test_a_broken_run_file_is_named(tmp_path, run_dir, capsys):
+    (tmp_path / "final").symlink_to(run_dir / "final")
+    (tmp_path / "run.json").write_text("{not json")
+    assert cli_main(["generate", str(tmp_path), "x", "--device", "cpu"]) == 2
+    assert f"{tmp_path / 'run.json'} names no prompt template" in capsys.readouterr().err
+
+
 def test_an_adapter_is_sent_to_the_merged_model(tmp_path, capsys):
     (tmp_path / "adapter_config.json").write_text("{}")
     assert cli_main(["generate", str(tmp_path), "x"]) == 2

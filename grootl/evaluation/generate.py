@@ -42,7 +42,10 @@ def run_template(model_dir: str) -> str | None:
     run_file = Path(model_dir).expanduser().resolve().parent / "run.json"
     if Path(model_dir).name != "final" or not run_file.is_file():
         return None
-    return json.loads(run_file.read_text()).get("recipe", {}).get("data", {}).get("template")
+    try:
+        return json.loads(run_file.read_text())["recipe"]["data"]["template"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise PathError(f"{run_file} names no prompt template (recipe.data.template): {error!r}") from error
 
 
 def build_prompt(args: argparse.Namespace, model_dir: str) -> str:

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_template(model_dir: str) -> str | None:
     """The prompt template of the ``grootl train`` run that exported ``model_dir`` (its ``final/``), if any."""
-    run_file = Path(model_dir).expanduser().resolve().parent / "run.json"
+    run_file = Path(model_dir).expanduser().parent / "run.json"
     if Path(model_dir).name != "final" or not run_file.is_file():
         return None
     try:

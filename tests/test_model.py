@@ -467,6 +467,22 @@ def causal_conv1d_twin(x, weight, bias=None, activation=None, **_):
     return (F.silu(out) if activation in ("silu", "swish") else out).to(x.dtype)
 
 
+def state_update_twin(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """mamba_ssm's ``selective_state_update`` on CPU: its shape checks and contract (state updated in place,
+    float32 math, output in x's dtype)."""
+    batch, dim, n = state.shape
+    require(x.shape == dt.shape == (batch, dim) and A.shape == (dim, n), "state (b, dim, N), x, dt (b, dim), A (dim, N)")
+    require(B.shape == C.shape == (batch, n) and (D is None or D.shape == (dim,)), "B, C (b, N), D (dim,)")
+    dt = dt.float() + (0 if dt_bias is None else dt_bias.float())
+    dt = F.softplus(dt) if dt_softplus else dt
+    state.copy_(torch.exp(dt[..., None] * A) * state.float() + (dt * x.float())[..., None] * B.float()[:, None])
+    out = (state.float() * C.float()[:, None]).sum(-1) + (0 if D is None else D * x.float())
+    return (out if z is None else out * F.silu(z.float())).to(x.dtype)
+
+
+TWINS = mixer_module.FusedKernels(selective_scan_twin, causal_conv1d_twin, state_update_twin)
+
+
 def loss_and_grads(model, ids, labels):
     model.zero_grad()
     loss = model(ids, labels=labels).loss
@@ -486,7 +502,7 @@ def test_fused_kernel_path_trains_like_the_torch_path(monkeypatch, autocast):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss, grads = loss_and_grads(model, ids, labels)
         calls = []
-        monkeypatch.setattr(mixer_module, "fast_kernels", lambda x: calls.append(x.dtype) or (selective_scan_twin, causal_conv1d_twin))
+        monkeypatch.setattr(mixer_module, "fast_kernels", lambda x: calls.append(x.dtype) or TWINS)
         fused_loss, fused_grads = loss_and_grads(model, ids, labels)
     assert len(calls) == 2 * model.config.num_hidden_layers
     tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
@@ -496,15 +512,19 @@ def test_fused_kernel_path_trains_like_the_torch_path(monkeypatch, autocast):
 
 
 def test_fused_kernel_path_generates_like_the_torch_path(monkeypatch):
-    """The prefill takes the chain's last state from ``selective_scan_fn``; decoding goes on from it."""
+    """The prefill takes the chain's last state from ``selective_scan_fn``; each decoded position goes through
+    ``selective_state_update`` with B scaled by 1+λ."""
     model = tiny_model().eval()
     ids = random_ids(2, 16)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     plain = model.generate(ids, attention_mask=mask, **settings)
-    monkeypatch.setattr(mixer_module, "fast_kernels", lambda x: (selective_scan_twin, causal_conv1d_twin))
+    updates = []
+    twins = TWINS._replace(state_update=lambda *a, **k: updates.append(1) or state_update_twin(*a, **k))
+    monkeypatch.setattr(mixer_module, "fast_kernels", lambda x: twins)
     fused = model.generate(ids, attention_mask=mask, **settings)
+    assert len(updates) == 5 * model.config.num_hidden_layers  # every decoded position after the prefill
     assert torch.equal(fused.sequences, plain.sequences)
     torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-5)
 

@@ -8,6 +8,7 @@ and each decoded token updates ``S = Ā*S + (1 + modulation)*X`` (response posit
 from __future__ import annotations
 
 from functools import cache
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,25 +21,33 @@ from grootl.tree import build_tree, chain_scan, tree_scan
 from grootl.tree.graph import work_dtype
 
 
+class FusedKernels(NamedTuple):
+    """mamba_ssm's and causal-conv1d's CUDA kernels the mixer uses; None where the torch path runs instead."""
+
+    selective_scan: Callable | None = None  # mamba_ssm selective_scan_fn: the chain over a sequence
+    causal_conv1d: Callable | None = None  # causal_conv1d_fn
+    state_update: Callable | None = None  # mamba_ssm selective_state_update: one decoded position
+
+
 @cache
-def _installed_kernels() -> tuple:
-    """``(selective_scan_fn, causal_conv1d_fn)`` from mamba_ssm / causal_conv1d; None where not importable."""
+def _installed_kernels() -> FusedKernels:
+    """The fused kernels importable here."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     except (ImportError, OSError):
-        selective_scan_fn = None
+        selective_scan_fn = selective_state_update = None
     try:
         from causal_conv1d import causal_conv1d_fn
     except (ImportError, OSError):
         causal_conv1d_fn = None
-    return selective_scan_fn, causal_conv1d_fn
+    return FusedKernels(selective_scan_fn, causal_conv1d_fn, selective_state_update)
 
 
-def fast_kernels(x: Tensor) -> tuple:
-    """The fused kernels for ``x``: ``(selective_scan_fn, causal_conv1d_fn)``, each None where the torch path
-    runs instead (CPU tensors, float64, or the package not installed)."""
+def fast_kernels(x: Tensor) -> FusedKernels:
+    """The fused kernels for ``x``: those installed for CUDA tensors below float64, none otherwise."""
     if not x.is_cuda or x.dtype == torch.float64:
-        return None, None
+        return FusedKernels()
     return _installed_kernels()
 
 
@@ -91,7 +100,7 @@ class GrootLMixer(MambaMixer):
         length = x.shape[-1]
         if cache is not None:
             x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-        _, causal_conv1d_fn = fast_kernels(x)
+        causal_conv1d_fn = fast_kernels(x).causal_conv1d
         if causal_conv1d_fn is not None and self.activation in ("silu", "swish") and 2 <= self.conv_kernel_size <= 4:
             weight = self.conv1d.weight.squeeze(1)
             return causal_conv1d_fn(x.contiguous(), weight, self.conv1d.bias, activation=self.activation)[..., -length:]
@@ -101,7 +110,7 @@ class GrootLMixer(MambaMixer):
     def _full_scan(self, u, dt, dt_bias, delta, A, B, C, cache, context_lens, start) -> Tensor:
         """Chain scan (+ D skip) plus modulation * tree scan over a whole sequence; fills the cache."""
         keep_state = cache is not None
-        selective_scan_fn, _ = fast_kernels(u)
+        selective_scan_fn = fast_kernels(u).selective_scan
         if selective_scan_fn is not None:
             chain = selective_scan_fn(
                 u,
@@ -138,15 +147,21 @@ class GrootLMixer(MambaMixer):
 
     def _recurrent_scan(self, state: Tensor, u, delta, A, B, C, cache) -> Tensor:
         """Continue from the cached state one position at a time: ``S = Ā*S + (1+λ)*X``,
-        ``y = C·S + D*u``; stores the new state in the cache."""
+        ``y = C·S + D*u`` (mamba_ssm's ``selective_state_update`` with B scaled by 1+λ where installed);
+        stores the new state in the cache."""
         scale = 1 + self.grootl.modulation if self.grootl.active else 1.0
+        state_update = None if torch.is_grad_enabled() else fast_kernels(u).state_update  # in place: no autograd
         ct = state.dtype
         s, D = state, self.D.float()
         ys = []
         for t in range(u.shape[-1]):
             u_t = u[..., t].to(ct)
             d_t = delta[..., t].to(ct)
-            s = torch.exp(d_t[..., None] * A.to(ct)) * s + (scale * d_t * u_t)[..., None] * B[:, None, :, t].to(ct)
+            B_t = B[:, :, t].to(ct)
+            if state_update is not None:  # updates s in place
+                ys.append(state_update(s, u_t, d_t, A, scale * B_t, C[:, :, t].to(ct), D=D).to(ct))
+                continue
+            s = torch.exp(d_t[..., None] * A.to(ct)) * s + (scale * d_t * u_t)[..., None] * B_t[:, None]
             ys.append((s @ C[:, :, t, None].to(ct)).squeeze(-1) + D * u_t)
         cache.update_recurrent_state(s, self.layer_idx)
         return torch.stack(ys, -1)

@@ -292,6 +292,21 @@ def test_cli_paper_suite_offline_then_compare(models, tmp_path, capsys, monkeypa
     assert (tmp_path / "chart.png").stat().st_size > 0
 
 
+def test_cli_keeps_existing_results_unless_told(models, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "kept.json"
+    output.write_text('{"results": "from an earlier run"}')
+    argv = [models["stock"], "--tasks", "piqa", "--data-dir", str(FIXTURES), "--limit", "1", "--device", "cpu",
+            "--output", str(output)]
+    monkeypatch.setattr(run, "evaluate", lambda *a: pytest.fail("evaluated although the output exists"))
+    assert run.main(argv) == 2
+    assert f"{output} already exists: pass --overwrite" in capsys.readouterr().err
+    assert output.read_text() == '{"results": "from an earlier run"}'
+    monkeypatch.undo()
+    assert run.main([*argv, "--overwrite"]) == 0
+    assert set(json.loads(output.read_text())["results"]) == {"piqa"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]  # no partial file left behind
+
+
 def test_cli_offline_on_shared_data(models, shared_data, tmp_path):
     output = tmp_path / "shared.json"
     tasks = [t for t in PAPER_SUITE if t != "race"]

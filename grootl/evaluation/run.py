@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:0 ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the checkpoint's)")
     parser.add_argument("--output", type=Path, help="results JSON (default: <model name>.results.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing results JSON")
     parser.add_argument("--data-dir", type=Path, help="offline: folder of <task>_<split>.jsonl files for eval/ YAMLs")
     parser.add_argument("--include-path", type=Path, action="append", default=[], help="extra task YAML folder")
     return parser
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         args.model = resolve_model(args.model)
+        output = args.output or _default_output(args.model)
+        if output.exists() and not args.overwrite:  # said before hours of evaluation, not after
+            raise EvalError(f"{output} already exists: pass --overwrite to replace it, or another --output")
         if args.peft:
             _check_adapter(args.peft)
         for path in args.include_path:
@@ -147,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lm_eval.utils import handle_non_serializable, make_table
 
-    output = args.output or _default_output(args.model)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    partial = output.with_name(f".{output.name}.partial")
+    partial.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    partial.replace(output)  # a crash while writing leaves no half-written results under the real name
     print(make_table(results))
     print(f"results written to {output}")
     return 0

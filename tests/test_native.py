@@ -463,8 +463,10 @@ def test_emulated_cuda_kernels_under_sanitizer(tmp_path, sanitizer):
     assert done.returncode == 0 and "sanitizer check: kernels ran" in output, output[-4000:]
 
 
-def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch):
-    """A GrootL model's loss and gradients are the same whichever extension serves its tree ops."""
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch, autocast):
+    """A GrootL model's loss and gradients are the same whichever extension serves its tree ops (under bf16
+    autocast the scans get bf16 u and float32 delta: both extensions take them in float32)."""
     from grootl.model import tiny_model
 
     model = tiny_model()
@@ -473,7 +475,8 @@ def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch):
 
     def loss_and_grads():
         model.zero_grad()
-        loss = model(ids, context_lens=lens, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, context_lens=lens, labels=ids).loss
         loss.backward()
         return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 

@@ -57,6 +57,28 @@ def test_table_reproduces_the_papers_averages_and_chart_is_written(tmp_path, cap
     assert image.shape[0] > 200 and image.shape[1] > 400
 
 
+def test_paper_rows_sit_beside_a_run_with_the_papers_averages(tmp_path, capsys):
+    """The published rows' values give the published averages (45.7, 46.1, 47.2), computed here."""
+    run = tmp_path / "mine.json"
+    run.write_text(json.dumps(lm_eval_results({"piqa": 60.0, "sst2": 70.0})))
+    assert compare.main([str(run), "--paper", "--chart", str(tmp_path / "c.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and " run " not in line}
+    assert list(rows) == ["mine", "paper: Mamba-130M", "paper: +LoRA", "paper: +GrootL"]
+    assert rows["paper: +GrootL"].startswith("| paper: +GrootL | 65.0 | 49.8 | 69.5 | 51.1 | 15.9 | 28.9 | 19.2 |")
+    assert "avg acc over the acc tasks all runs share: piqa, sst2" in lines  # mine has two tasks
+    acc_tasks = [t for t in compare.PAPER_SUITE if t not in compare.PERPLEXITY_TASKS]
+    averages = [f"{compare.average_acc(scores, acc_tasks):.1f}" for scores in compare.paper_scores().values()]
+    assert averages == [PAPER_AVERAGES[k] for k in ("base", "lora", "grootl")]
+
+
+def test_a_run_named_like_a_paper_row_is_an_error(tmp_path, capsys):
+    run = tmp_path / "mine.json"
+    run.write_text(json.dumps(lm_eval_results({"piqa": 60.0})))
+    assert compare.main([str(run), "--labels", "paper: +LoRA", "--paper", "--chart", str(tmp_path / "c.png")]) == 2
+    assert "are the paper's rows' names" in capsys.readouterr().err
+
+
 def test_labels_option_and_missing_tasks(tmp_path, capsys):
     full = tmp_path / "a.json"
     full.write_text(json.dumps(lm_eval_results({"piqa": 60.0, "sst2": 70.0})))

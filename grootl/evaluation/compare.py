@@ -25,6 +25,12 @@ TASK_LABELS = {
     "openbookqa": "OBQA",
 }
 PERPLEXITY_TASKS = {"lambada_openai"}
+# The published zero-shot results on Mamba-130M (arXiv 2406.02395): acc in %, LAMBADA perplexity.
+PAPER_ROWS = {
+    "paper: Mamba-130M": (64.5, 48.0, 65.6, 51.8, 16.1, 27.4, 16.8),
+    "paper: +LoRA": (64.7, 48.3, 65.1, 52.2, 17.7, 28.6, 17.8),
+    "paper: +GrootL": (65.0, 49.8, 69.5, 51.1, 15.9, 28.9, 19.2),
+}
 
 
 class CompareError(Exception):
@@ -78,6 +84,17 @@ def load_scores(path: Path) -> dict[str, Score]:
     if not scores:
         raise CompareError(f"{path}: its 'results' hold no numeric 'metric,filter' entries, as lm-eval writes them")
     return scores
+
+
+def paper_scores() -> dict[str, dict[str, Score]]:
+    """The paper's rows as scores (acc as a fraction, as lm-eval stores it; no stderr)."""
+    return {
+        label: {
+            task: Score("perplexity", value, None) if task in PERPLEXITY_TASKS else Score("acc", value / 100, None)
+            for task, value in zip(PAPER_SUITE, values, strict=True)
+        }
+        for label, values in PAPER_ROWS.items()
+    }
 
 
 def _label(path: Path) -> str:
@@ -176,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", help="comma-separated run names (default: the file names)")
     parser.add_argument("--output", type=Path, help="also write the markdown table here")
     parser.add_argument("--chart", type=Path, default=Path("comparison.png"), help="bar chart PNG path")
+    parser.add_argument("--paper", action="store_true", help="add the paper's Mamba-130M rows for reference")
     return parser
 
 
@@ -188,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(labels)) != len(labels):
             raise CompareError(f"run labels repeat ({', '.join(labels)}); name them with --labels")
         runs = {label: load_scores(path) for label, path in zip(labels, args.results)}
+        if args.paper:
+            if taken := sorted(set(runs) & set(PAPER_ROWS)):
+                raise CompareError(f"run label(s) {taken} are the paper's rows' names; name them with --labels")
+            runs |= paper_scores()
     except CompareError as error:
         print(f"grootl compare: error: {error}", file=sys.stderr)
         return 2

@@ -180,6 +180,8 @@ def bar_chart(runs: dict[str, dict[str, Score]], path: Path) -> None:
             axis.bar(positions, values, bar, yerr=errors, capsize=2, label=label)
         axis.set_xticks(range(len(names)), names)
         axis.set_title(title)
+        if not with_average:
+            axis.set_yscale("log")  # perplexities of a weak and a strong model differ by orders of magnitude
     axes[0][0].legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

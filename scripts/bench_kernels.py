@@ -3,7 +3,7 @@
 CPU: the C++ kernel against the plain oracle ``tree_scan_ref`` and the PyTorch ``tree_scan``, forward +
 backward, plus the tree build (C++ vs PyTorch). GPU (CUDA): tree build + tree scan forward + backward
 against the same kernels on the chain and mamba_ssm's ``selective_scan_fn`` (when installed) on the same
-inputs, time and peak memory, and the fraction of the copy bandwidth the least traffic would need.
+inputs (called as the GrootL mixer calls them: ``check_values=False``), time and peak memory, and the fraction of the copy bandwidth the least traffic would need.
 
     python scripts/bench_kernels.py --device cpu --out benchmarks/kernels_cpu.json
     python scripts/bench_kernels.py --device cuda --out benchmarks/kernels_gpu.json
@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -130,24 +131,24 @@ def bench_cuda(args, device: str = "cuda"):
             for length in args.lengths:
                 u, delta, A, B, C = inputs(batch, d, n, length, device, torch.bfloat16)
                 context = torch.full((batch,), length // 2, device=device)
-                tree = native.build_tree(u, delta, B, context)
+                build = partial(native.build_tree, check_values=False)  # as the GrootL mixer calls them
+                scan = partial(native.tree_scan, check_values=False)
+                tree = build(u, delta, B, context)
                 chain = Tree.chain(batch, length, device=device)
                 row = {"size": size, "batch": batch, "L": length, "D": d, "N": n, "dtype": "bf16"}
 
                 def ours():
                     xs = [x.detach().requires_grad_() for x in (u, delta, A, B, C)]
-                    t = native.build_tree(xs[0].detach(), xs[1].detach(), xs[3].detach(), context)
-                    y = native.tree_scan(*xs, t)
+                    y = scan(*xs, build(xs[0].detach(), xs[1].detach(), xs[3].detach(), context))
                     y.backward(torch.ones_like(y))
 
-                row["build_s"] = timed(lambda: native.build_tree(u, delta, B, context), device, args.repeats)
+                row["build_s"] = timed(lambda: build(u, delta, B, context), device, args.repeats)
                 ext = native._module_for(u.device)
                 row["checked_plan_s"] = timed(lambda: native._Plan.checked(ext, tree), device, args.repeats)
                 with torch.no_grad():  # forward_s includes reading the plan's sizes (the host sync)
-                    row["forward_s"] = timed(lambda: native.tree_scan(u, delta, A, B, C, tree), device, args.repeats)
+                    row["forward_s"] = timed(lambda: scan(u, delta, A, B, C, tree), device, args.repeats)
                 row["ours_s"], row["ours_peak_mib"] = timed_peak(ours, args.repeats, device)
-                row["chain_s"], row["chain_peak_mib"] = timed_peak(fwd_bwd(native.tree_scan, u, delta, A, B, C, chain),
-                                                                   args.repeats, device)
+                row["chain_s"], row["chain_peak_mib"] = timed_peak(fwd_bwd(scan, u, delta, A, B, C, chain), args.repeats, device)
                 row["ours_vs_chain"] = row["ours_s"] / row["chain_s"]
                 # the least traffic a fused fwd + bwd needs: read u, delta, B, C (twice: forward and backward)
                 # and gy, write y, du, d_delta, dB, dC

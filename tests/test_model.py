@@ -432,6 +432,23 @@ def test_autocast_trains_close_to_float32(dtype):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_blocks_run_no_per_layer_value_checks(monkeypatch):
+    """The tree ops skip the value checks (passes over the activations, host syncs on CUDA): the model checks
+    context_lens once per forward, and diverged activations come out as a non-finite loss, the same on every
+    process, rather than an error raised on one of them."""
+    import grootl.tree.validation as validation
+
+    model = tiny_model()
+    ids = random_ids(2, 20)
+    monkeypatch.setattr(validation, "_check_finite", lambda **_: pytest.fail("a per-layer value check ran"))
+    assert torch.isfinite(model(ids, labels=ids).loss)
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.x_proj.weight[0, 0] = float("nan")
+    assert not torch.isfinite(model(ids, labels=ids).loss)
+    with pytest.raises(ValueError, match=r"context_lens\[1\] = 21 is outside \[0, 20\]"):
+        model(ids, context_lens=[3, 21])
+
+
 # ---- the CUDA fast path's wiring, on CPU -----------------------------------------------------------
 
 HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)

@@ -254,3 +254,32 @@ def test_bad_input_names_the_argument():
             call()
         assert message in str(err.value)
         assert isinstance(err.value, NonFiniteInputError) == ("NaN" in message)
+
+
+def test_unchecked_values_skip_the_value_checks_and_stay_safe():
+    """check_values=False (the mixer's call): shapes are still checked; NaN inputs still give a valid tree
+    (a spanning tree rooted at L-1) and NaN outputs rather than an error or a crash."""
+    u, delta, A, B, C = random_inputs(2, 4, 3, 9)
+    ctx = torch.tensor([9, 5])
+    with pytest.raises(ValueError, match="B must be"):
+        build_tree(u, delta, B[:1], ctx, check_values=False)
+    nan_u = u.clone()
+    nan_u[0, :, 3] = float("nan")
+    tree = build_tree(nan_u, delta, B, ctx, check_values=False)
+    assert_spanning_tree_rooted_at_end(tree)
+    y = tree_scan(nan_u, delta, A, B, C, tree, check_values=False)
+    assert y[0].isnan().any() and torch.isfinite(y[1]).all()  # row 1 holds no NaN
+    same = build_tree(u, delta, B, ctx, check_values=False)
+    assert torch.equal(same.parent, build_tree(u, delta, B, ctx).parent)
+    torch.testing.assert_close(chain_scan(u, delta, A, B, C, check_values=False), chain_scan(u, delta, A, B, C))
+
+
+def assert_spanning_tree_rooted_at_end(tree: Tree) -> None:
+    for parent in tree.parent.tolist():
+        length = len(parent)
+        assert parent[-1] == -1 and sum(p == -1 for p in parent) == 1
+        for v in range(length):  # every node reaches the root
+            seen, w = 0, v
+            while parent[w] != -1 and seen <= length:
+                w, seen = parent[w], seen + 1
+            assert w == length - 1

@@ -21,7 +21,6 @@ from transformers import AutoTokenizer, get_scheduler
 from grootl.data import (IGNORE_INDEX, DataError, DataReport, SFTCollator, load_records, make_dataloader,
                          tokenize_records)
 from grootl.train import rundir
-from grootl.tree import NonFiniteInputError
 from grootl.train.modeling import BASE_DIR, build_base, build_model, export_final
 from grootl.train.recipe import Recipe, RecipeError
 
@@ -259,10 +258,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                     loader.set_epoch(state["epoch"])
                 for batch in loader:
                     with accelerator.accumulate(model):
-                        try:
-                            loss = model(**batch).loss
-                        except NonFiniteInputError as error:  # the scan refuses non-finite activations
-                            raise TrainingError(diverged(f"activations are not finite ({error})")) from None
+                        loss = model(**batch).loss
                         accelerator.backward(loss)
                         step_loss += loss.detach()
                         step_tokens += batch["attention_mask"].sum()

@@ -98,14 +98,19 @@ def build_tree(
     k: int = 3,
     distance: str = "cosine",
     start: Tensor | None = None,
+    *,
+    check_values: bool = True,
 ) -> Tree:
     """Minimum spanning tree of the token graph of each row, rooted at position ``L - 1``.
 
     u, delta: (batch, D, L); B: (batch, N, L); context_lens: (batch,) ints in [0, L], positions below it
     form the prompt; start: optional (batch,) number of left-padding positions, kept out of the
     k-neighbour edges. Not differentiable.
+    check_values: False skips the checks that read the values (NaN or inf inputs, lengths outside [0, L]),
+    each a pass over the inputs and a host sync on CUDA, for callers that ensure them (the GrootL mixer:
+    the model checks context_lens once per forward, and non-finite activations show in the loss).
     """
-    context_lens, start = check_tree_inputs(u, delta, B, context_lens, k, distance, start)
+    context_lens, start = check_tree_inputs(u, delta, B, context_lens, k, distance, start, check_values)
     # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves u.device
     from grootl.tree import native
 

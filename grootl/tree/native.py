@@ -265,10 +265,11 @@ class _NativeTreeScan(torch.autograd.Function):
         return du.to(t_u), d_delta.to(t_delta), dA.sum(0).to(t_A), dB.to(t_B), dC.to(t_C), None, None, None
 
 
-def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False):
+def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False,
+              *, check_values: bool = True):
     """:func:`grootl.tree.tree_scan` on the native kernel of the tensors' device; same arguments and results.
     Raises RuntimeError when no kernel is available there (see :func:`available`)."""
-    check_scan_inputs(u, delta, A, B, C, tree)
+    check_scan_inputs(u, delta, A, B, C, tree, check_values)
     return _tree_scan(u, delta, A, B, C, tree, return_root_state)
 
 
@@ -291,9 +292,12 @@ def build_tree(
     k: int = 3,
     distance: str = "cosine",
     start: Tensor | None = None,
+    *,
+    check_values: bool = True,
 ) -> Tree:
-    """:func:`grootl.tree.build_tree` on the native kernel of the tensors' device (no host sync on CUDA)."""
-    context_lens, start = check_tree_inputs(u, delta, B, context_lens, k, distance, start)
+    """:func:`grootl.tree.build_tree` on the native kernel of the tensors' device (no host sync on CUDA
+    with ``check_values=False``)."""
+    context_lens, start = check_tree_inputs(u, delta, B, context_lens, k, distance, start, check_values)
     return _build_tree(u, delta, B, context_lens, k, distance, start)
 
 

@@ -113,14 +113,18 @@ class _TreeScan(torch.autograd.Function):
         )
 
 
-def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False):
+def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False,
+              *, check_values: bool = True):
     """Single-root tree scan contracted with C: (batch, D, L) in u's dtype.
 
     u, delta (batch, D, L) with delta after softplus; A (D, N); B, C (batch, N, L); tree from
     :func:`build_tree`. With ``return_root_state`` also returns the root's state H (batch, D, N),
     float32 (float64 for float64 inputs). Differentiable in u, delta, A, B, C.
+    check_values: False skips the checks that read the values (NaN or inf inputs, lengths outside [0, L]),
+    each a pass over the inputs and a host sync on CUDA, for callers that ensure them (the GrootL mixer:
+    the model checks context_lens once per forward, and non-finite activations show in the loss).
     """
-    check_scan_inputs(u, delta, A, B, C, tree)
+    check_scan_inputs(u, delta, A, B, C, tree, check_values)
     # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves u.device
     from grootl.tree import native
 
@@ -131,10 +135,11 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
     return (y, root) if return_root_state else y
 
 
-def chain_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, return_last_state: bool = False):
+def chain_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, return_last_state: bool = False,
+               *, check_values: bool = True):
     """Plain Mamba selective scan without the D skip (the tree scan on the chain)."""
     tree = Tree.chain(u.shape[0], u.shape[-1], u.device)
-    return tree_scan(u, delta, A, B, C, tree, return_root_state=return_last_state)
+    return tree_scan(u, delta, A, B, C, tree, return_root_state=return_last_state, check_values=check_values)
 
 
 def tree_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False):

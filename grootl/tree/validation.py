@@ -42,7 +42,7 @@ def check_features(u: Tensor, delta: Tensor, B: Tensor) -> tuple[int, int, int, 
     return batch, d, B.shape[1], length
 
 
-def _check_lengths(name: str, x, batch: int, length: int, device) -> Tensor:
+def _check_lengths(name: str, x, batch: int, length: int, device, check_range: bool) -> Tensor:
     if not isinstance(x, Tensor):
         try:
             x = torch.as_tensor(x)
@@ -54,26 +54,30 @@ def _check_lengths(name: str, x, batch: int, length: int, device) -> Tensor:
     )
     _require(x.shape == (batch,), f"{name} must have shape ({batch},) (one per row); got {_shape(x)}")
     x = x.to(device=device, dtype=torch.long)
-    if batch:
+    if batch and check_range:
         lo, hi = int(x.min()), int(x.max())
         _require(lo >= 0 and hi <= length, f"{name} must lie in [0, L={length}]; got values from {lo} to {hi}")
     return x
 
 
-def check_tree_inputs(u, delta, B, context_lens, k, distance, start) -> tuple[Tensor, Tensor | None]:
+def check_tree_inputs(u, delta, B, context_lens, k, distance, start, check_values: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Shapes, types and settings always; with ``check_values`` also what needs the values (finite inputs,
+    lengths in [0, L]): a pass over the inputs and, on CUDA, a host sync."""
     from grootl.tree.graph import DISTANCES
 
     batch, _, _, length = check_features(u, delta, B)
     _require(isinstance(k, int) and k >= 1, f"k must be a positive int; got {k!r}")
     _require(distance in DISTANCES, f"distance must be one of {DISTANCES}; got {distance!r}")
-    _check_finite(u=u, delta=delta, B=B)
-    context_lens = _check_lengths("context_lens", context_lens, batch, length, u.device)
+    if check_values:
+        _check_finite(u=u, delta=delta, B=B)
+    context_lens = _check_lengths("context_lens", context_lens, batch, length, u.device, check_values)
     if start is not None:
-        start = _check_lengths("start", start, batch, length, u.device)
+        start = _check_lengths("start", start, batch, length, u.device, check_values)
     return context_lens, start
 
 
-def check_scan_inputs(u, delta, A, B, C, tree) -> None:
+def check_scan_inputs(u, delta, A, B, C, tree, check_values: bool = True) -> None:
+    """Shapes and types always; with ``check_values`` also finite inputs (a pass over them, a host sync on CUDA)."""
     from grootl.tree.graph import Tree
 
     batch, d, n, length = check_features(u, delta, B)
@@ -84,4 +88,5 @@ def check_scan_inputs(u, delta, A, B, C, tree) -> None:
         tree.parent.shape == (batch, length) and tree.order.shape == (batch, length),
         f"tree must be for (batch, L) = ({batch}, {length}); got parent {_shape(tree.parent)}, order {_shape(tree.order)}",
     )
-    _check_finite(u=u, delta=delta, A=A, B=B, C=C)
+    if check_values:
+        _check_finite(u=u, delta=delta, A=A, B=B, C=C)

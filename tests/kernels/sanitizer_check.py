@@ -4,6 +4,10 @@ same phase) or ``address`` (a read or write past a tensor, a shared array or the
 tests/test_native.py with the sanitizer's runtime preloaded:
 
     LD_PRELOAD=$(gcc -print-file-name=libtsan.so) python sanitizer_check.py thread BUILD_DIR
+
+On a GPU the same calls run the real CUDA kernels, under NVIDIA's compute-sanitizer (scripts/gpu_check.sh):
+
+    compute-sanitizer --tool racecheck --error-exitcode 1 python sanitizer_check.py cuda
 """
 
 from __future__ import annotations
@@ -37,12 +41,11 @@ def extension(sanitizer: str, build_dir: Path):
     )
 
 
-def run(ext) -> None:
+def run(device: str) -> None:
     """Build trees on the device, plan trees made elsewhere, and scan forward and backward."""
-    native._module_for = lambda device: ext
     for batch, d, n, length in SHAPES:
-        u, delta, A, B, C = random_inputs(batch, d, n, length, torch.float32, seed=length)
-        context = torch.tensor([length // 2, length])[:batch]
+        u, delta, A, B, C = random_inputs(batch, d, n, length, torch.float32, seed=length, device=device)
+        context = torch.tensor([length // 2, length], device=device)[:batch]
         device_tree = native.build_tree(u, delta, B, context)
         os.environ["GROOTL_NATIVE"] = "0"
         torch_tree = build_tree(u, delta, B, context)  # no plan: the check and plan kernels make it
@@ -59,4 +62,9 @@ def run(ext) -> None:
 
 
 if __name__ == "__main__":
-    run(extension(sys.argv[1], Path(sys.argv[2])))
+    if sys.argv[1] == "cuda":
+        run("cuda")
+    else:
+        emulated = extension(sys.argv[1], Path(sys.argv[2]))
+        native._module_for = lambda device: emulated
+        run("cpu")

@@ -19,7 +19,7 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: grootl <command> [args...]", "", "commands:"]
+    lines = ["usage: grootl <command> [args...] | grootl --version", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `grootl <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from grootl import __version__
+
+        print(f"grootl {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -21,10 +21,13 @@ DEFAULT_TEMPLATE = "grootl"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grootl generate", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    parser.add_argument("model", help="GrootL model dir, `grootl train` run dir (its final/) or stock Mamba checkpoint (dir or hub id)")
+    parser.add_argument(
+        "model", help="GrootL model dir, `grootl train` run dir (its final/) or stock Mamba checkpoint (dir or hub id)"
+    )
     parser.add_argument("instruction", help="the instruction (or, with --raw, the whole prompt)")
     parser.add_argument("--input", default="", help="the record's optional input field")
-    parser.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: the run's, else grootl)")
+    parser.add_argument("--template", choices=sorted(TEMPLATES),
+                        help="prompt template (default: the run's, else grootl)")
     parser.add_argument("--raw", action="store_true", help="use INSTRUCTION as the prompt, no template")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -60,7 +60,9 @@ def _check_lengths(name: str, x, batch: int, length: int, device, check_range: b
     return x
 
 
-def check_tree_inputs(u, delta, B, context_lens, k, distance, start, check_values: bool = True) -> tuple[Tensor, Tensor | None]:
+def check_tree_inputs(
+    u, delta, B, context_lens, k, distance, start, check_values: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """Shapes, types and settings always; with ``check_values`` also what needs the values (finite inputs,
     lengths in [0, L]): a pass over the inputs and, on CUDA, a host sync."""
     from grootl.tree.graph import DISTANCES

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from grootl.cli import main as cli_main

@@ -324,7 +324,7 @@ def test_pretrained_init_from_a_local_checkpoint(tmp_path):
     """The code path of the 130M recipes (model.init: pretrained), on a saved tiny stock-Mamba checkpoint."""
     from transformers import MambaForCausalLM
 
-    from grootl.model import ADAPTER_SETTINGS, tiny_config
+    from grootl.model import tiny_config
 
     stock = tmp_path / "stock-mamba"
     MambaForCausalLM(tiny_config()).save_pretrained(stock)

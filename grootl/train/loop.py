@@ -18,7 +18,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
-from grootl.data import (IGNORE_INDEX, DataError, DataReport, SFTCollator, load_records, make_dataloader,
+from grootl.data import (IGNORE_INDEX, DataError, SFTCollator, load_records, make_dataloader,
                          tokenize_records)
 from grootl.train import rundir
 from grootl.train.modeling import BASE_DIR, build_base, build_model, export_final

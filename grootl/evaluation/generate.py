@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from grootl.data.templates import TEMPLATES
+from grootl.evaluation.run import modulation_arg
 from grootl.paths import PathError, resolve_model
 
 DEFAULT_TEMPLATE = "grootl"
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--modulation", type=float, help="λ of y_chain + λ·y_tree (default: the model's own)")
+    parser.add_argument("--modulation", type=modulation_arg, help="λ of y_chain + λ·y_tree (default: the model's own)")
     parser.add_argument("--no-tree", action="store_true", help="plain Mamba scan")
     parser.add_argument("--device", help="cpu, cuda, cuda:0 ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the checkpoint's)")
@@ -100,8 +101,8 @@ def generate(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name, low in (("max_new_tokens", 1), ("top_p", 1e-9), ("temperature", 0), ("modulation", 0)):
-        if getattr(args, name) is not None and not getattr(args, name) >= low:
+    for name, low in (("max_new_tokens", 1), ("top_p", 1e-9), ("temperature", 0)):
+        if not getattr(args, name) >= low:
             print(f"grootl generate: error: --{name.replace('_', '-')} must be >= {low:g}; got {getattr(args, name)}",
                   file=sys.stderr)
             return 2

@@ -21,7 +21,8 @@ class EvalError(Exception):
     """Bad input to ``grootl eval``, reported as one line."""
 
 
-def _modulation(text: str) -> float:
+def modulation_arg(text: str) -> float:
+    """argparse type of ``--modulation`` (grootl eval, grootl generate): a number >= 0."""
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"λ must be a number >= 0; got {text}")
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--suite", choices=["paper"], help=f"paper: {', '.join(PAPER_SUITE)}")
     parser.add_argument("--peft", help="PEFT adapter dir to apply on MODEL")
     parser.add_argument("--tokenizer", help="tokenizer dir (default: the model's)")
-    parser.add_argument("--modulation", type=_modulation, help="λ of y_chain + λ·y_tree (default: the model's own, else 0.3)")
+    parser.add_argument("--modulation", type=modulation_arg, help="λ of y_chain + λ·y_tree (default: the model's own, else 0.3)")
     parser.add_argument("--no-tree", action="store_true", help="plain Mamba scan (the LoRA / base arms)")
     parser.add_argument("--limit", type=float, help="examples per task (a fraction if < 1); for quick checks only")
     parser.add_argument("--batch-size", type=_batch_size, default=1, help="int, 'auto' or 'auto:N'")

@@ -48,12 +48,15 @@ def test_shipped_tokenizer_matches_gpt_neox_conventions(tokenizer):
     assert tokenizer.decode(ids) == text and len(ids) < 0.75 * len(text)  # byte-level round trip, real merges
 
 
-def test_grootl_template_matches_the_paper():
+def test_grootl_template_matches_the_published_code():
     template = get_template("grootl")
     assert template.format("Add the numbers.") == "### Instruction:\nAdd the numbers.\n\n### Response:"
-    assert template.format("Add the numbers.", "2 and 3") == "### Instruction:\nAdd the numbers.\n2 and 3\n\n### Response:"
+    assert (template.format("Add the numbers.", "2 and 3")
+            == "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:")
     assert template.format("Add the numbers.", "   ") == template.format("Add the numbers.")
-    assert "### Input:\n2 and 3" in get_template("grootl-input").format("Add.", "2 and 3")
+    inline = get_template("grootl-inline")
+    assert inline.format("Add.", "2 and 3") == "### Instruction:\nAdd.\n2 and 3\n\n### Response:"
+    assert inline.format("Add.") == template.format("Add.")
     assert get_template("alpaca").format("Add.").startswith("Below is an instruction")
     with pytest.raises(ValueError, match="unknown prompt template 'chatml'.*grootl"):
         get_template("chatml")
@@ -134,9 +137,31 @@ def test_unreadable_sources_are_named(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
         load_records(tmp_path / "notes.txt")
-    (tmp_path / "broken.jsonl").write_text('{"instruction": "A", "output": \n')
-    with pytest.raises(DataError, match="broken.jsonl: could not read as json"):
-        load_records(tmp_path / "broken.jsonl")
+
+
+GOOD_LINE = '{"instruction": "A.", "output": "a"}\n'
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("empty.jsonl", "", "empty.jsonl: the file is empty"),
+        ("blank.json", "\n  \n", "blank.json: the file is empty"),
+        ("none.json", "[]", "none.json: holds no records"),
+        ("broken.jsonl", GOOD_LINE * 2 + '{"instruction": "C.", "output": \n' + GOOD_LINE,
+         r"broken.jsonl: line 3: not valid JSON \(Expecting value at column 33\)"),
+        ("gap.jsonl", GOOD_LINE + "\n" + "{'instruction': 'B.'}\n", r"gap.jsonl: line 3: not valid JSON"),
+        ("list.jsonl", GOOD_LINE + '["B.", "b"]\n', r"list.jsonl: line 2: a JSON list, not a record"),
+        ("array.json", '[{"instruction": "A.", "output": "a"},\n {"instruction": "B." "output": "b"}]',
+         r"array.json: line 2, column 23: not valid JSON \(Expecting ',' delimiter\)"),
+    ],
+)
+def test_unreadable_json_names_file_and_line(tmp_path, capfd, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message) as error:
+        load_records(tmp_path / name)
+    assert "\n" not in str(error.value)
+    assert capfd.readouterr().err == ""  # no second report (datasets logs a 0-based row)
 
 
 def test_tokenisation_masks_the_prompt_and_ends_with_eos(tokenizer):

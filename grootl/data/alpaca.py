@@ -3,7 +3,9 @@ and tokenise into prompt + response with per-row context lengths."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,9 @@ from grootl.paths import FILE_BUILDERS, is_local_path
 REQUIRED_FIELDS = ("instruction", "output")
 DROP_EMPTY_OUTPUT = "empty output"
 DROP_LONG_PROMPT = "prompt leaves no room for a response within max_length"
+# Below these sizes loading and tokenising take seconds: no progress bars.
+LARGE_FILE_BYTES = 50 << 20
+LARGE_RECORD_COUNT = 20_000
 
 
 class DataError(ValueError):
@@ -40,10 +45,14 @@ def load_records(source: str | Path, split: str = "train") -> datasets.Dataset:
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+        if path.stat().st_size == 0 or builder == "json" and not _first_text(path):
+            raise DataError(f"{path}: the file is empty; it needs one Alpaca record per line (JSONL) or a JSON list")
         try:
-            records = datasets.load_dataset(builder, data_files=str(path), split="train")
+            with _progress_bars(path.stat().st_size > LARGE_FILE_BYTES), _datasets_log_quiet():
+                records = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as error:
-            raise DataError(f"{path}: could not read as {builder} ({type(error).__name__}: {error})") from error
+            problem = _json_problem(path) if builder == "json" else None
+            raise DataError(f"{path}: {problem or f'could not read as {builder} ({type(error).__name__}: {error})'}") from error
     elif is_local_path(name):
         raise DataError(f"{path}: no such file or folder")
     else:
@@ -56,9 +65,63 @@ def load_records(source: str | Path, split: str = "train") -> datasets.Dataset:
     return records
 
 
+@contextmanager
+def _progress_bars(show: bool):
+    """datasets' progress bars on (large data: they show it is moving) or off (small data: noise)."""
+    was_shown = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if show and was_shown else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was_shown else datasets.disable_progress_bars)()
+
+
+@contextmanager
+def _datasets_log_quiet():
+    """No datasets log lines (a parse error's, with a 0-based row): the DataError says it, once."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _first_text(path: Path, chunk: int = 1 << 16) -> str:
+    """The first non-whitespace characters of ``path`` ('' for a file of blanks)."""
+    with path.open("rb") as file:
+        while block := file.read(chunk):
+            if text := block.decode("utf-8", "replace").strip():
+                return text
+    return ""
+
+
+def _json_problem(path: Path) -> str | None:
+    """Why ``path`` is neither a JSON document nor JSON Lines, naming the 1-based line; None if it reads."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        document = json.loads(text)
+        return "holds no records" if document in ([], {}) else None  # else what is wrong is not its syntax
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):
+            return f"line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}: not valid JSON ({error.msg} at column {error.colno})"
+        if not isinstance(record, dict):
+            return f"line {number}: a JSON {type(record).__name__}, not a record ({{\"instruction\": ..., \"output\": ...}})"
+    return None
+
+
 def check_records(records: datasets.Dataset, name: str) -> None:
     """Raise :class:`DataError` naming ``name`` and the 1-based record number for a record whose
     ``instruction`` or ``output`` is missing or not text, or whose ``input`` is not text."""
+    if len(records) == 0:
+        raise DataError(f"{name}: holds no records")
     missing = [key for key in REQUIRED_FIELDS if key not in records.column_names]
     if missing:
         raise DataError(f"{name}: records have no {missing} field(s); found fields {records.column_names}; "
@@ -131,10 +194,11 @@ def tokenize_records(
             rows["status"].append(status)
         return rows
 
-    encoded = records.map(encode, batched=True, remove_columns=records.column_names, num_proc=num_proc,
-                          desc="Tokenizing")
-    counts = Counter(encoded["status"])
-    kept = encoded.filter(lambda status: status in ("kept", "trimmed"), input_columns="status").remove_columns("status")
+    with _progress_bars(len(records) > LARGE_RECORD_COUNT):
+        encoded = records.map(encode, batched=True, remove_columns=records.column_names, num_proc=num_proc,
+                              desc="Tokenizing")
+        counts = Counter(encoded["status"])
+        kept = encoded.filter(lambda status: status in ("kept", "trimmed"), input_columns="status").remove_columns("status")
     report = DataReport(
         total=len(records), kept=len(kept), trimmed=counts["trimmed"], max_length=max_length,
         dropped={reason: n for reason, n in counts.items() if reason not in ("kept", "trimmed")},

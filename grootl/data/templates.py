@@ -4,14 +4,14 @@ A template turns a record into the *prompt* (the context, no loss); the *respons
 ``output`` followed by the tokenizer's EOS token, appended right after the prompt with no separator
 (as the published GrootL code does). Templates by name:
 
-``grootl`` (default; the paper's template, arXiv 2406.02395)::
+``grootl`` (default; the published GrootL code's prompts, arXiv 2406.02395)::
 
     ### Instruction:\\n{instruction}\\n\\n### Response:
-    ### Instruction:\\n{instruction}\\n{input}\\n\\n### Response:        (when input is non-empty)
+    ### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:   (when input is non-empty)
 
-``grootl-input``: the published code's variant, with the input in its own block::
+``grootl-inline``: the same without the input block, the input on the line after the instruction::
 
-    ### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:
+    ### Instruction:\\n{instruction}\\n{input}\\n\\n### Response:
 
 ``alpaca``: the original Stanford Alpaca template, with its one-sentence preamble.
 
@@ -40,11 +40,11 @@ _ALPACA_PREAMBLE = "Below is an instruction that describes a task{}. Write a res
 
 TEMPLATES: dict[str, PromptTemplate] = {
     "grootl": PromptTemplate(
-        with_input="### Instruction:\n{instruction}\n{input}\n\n### Response:",
+        with_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
         without_input="### Instruction:\n{instruction}\n\n### Response:",
     ),
-    "grootl-input": PromptTemplate(
-        with_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+    "grootl-inline": PromptTemplate(
+        with_input="### Instruction:\n{instruction}\n{input}\n\n### Response:",
         without_input="### Instruction:\n{instruction}\n\n### Response:",
     ),
     "alpaca": PromptTemplate(

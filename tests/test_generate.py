@@ -99,6 +99,9 @@ def test_sampling_is_seeded(run_dir, capsys):
         (["{run}", "x", "--temperature", "-1"], "--temperature must be >= 0; got -1.0"),
         (["{run}", "x", "--modulation", "-2"], "argument --modulation: λ must be a number >= 0; got -2"),
         (["{run}", "x", "--dtype", "float99"], "--dtype float99 is not a torch dtype"),
+        (["{run}", ""], "the instruction is empty"),
+        (["{run}", " \n\t "], "the instruction is empty"),
+        (["{run}", "", "--raw"], "the instruction is empty"),
     ],
 )
 def test_bad_input_is_one_line(run_dir, tmp_path, capsys, args, message):

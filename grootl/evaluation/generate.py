@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from grootl.data.templates import TEMPLATES
+from grootl.data.templates import TEMPLATES, get_template
 from grootl.evaluation.run import modulation_arg
 from grootl.paths import PathError, resolve_model
 
@@ -56,7 +56,7 @@ def build_prompt(args: argparse.Namespace, model_dir: str) -> str:
     if args.raw:
         return args.instruction
     template = args.template or run_template(model_dir) or DEFAULT_TEMPLATE
-    return TEMPLATES[template].format(args.instruction, args.input)
+    return get_template(template).format(args.instruction, args.input)
 
 
 def generate(args: argparse.Namespace) -> str:
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"grootl generate: error: --{name.replace('_', '-')} must be >= {low:g}; got {getattr(args, name)}",
                   file=sys.stderr)
             return 2
+    if not args.instruction.strip():
+        print("grootl generate: error: the instruction is empty; give the text to respond to", file=sys.stderr)
+        return 2
     try:
         generate(args)
     except (PathError, ValueError) as error:

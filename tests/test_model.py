@@ -214,8 +214,12 @@ def test_each_block_runs_the_chain_scan_once_and_the_tree_once(monkeypatch):
         monkeypatch.setattr(mixer_module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     model = tiny_model(num_hidden_layers=3).eval()
     with torch.no_grad():
-        model(random_ids(2, 10), use_cache=True)
+        model(random_ids(2, 10), use_cache=True, context_lens=[6, 10])
     assert sorted(calls) == ["chain_scan"] * 3 + ["tree_scan"] * 3
+    calls.clear()
+    with torch.no_grad():  # no prompt: the tree is the chain, nothing more to scan
+        model(random_ids(2, 10), use_cache=True)
+    assert calls == ["chain_scan"] * 3
 
 
 # ---- context lengths ------------------------------------------------------------------------------
@@ -278,20 +282,52 @@ def test_bad_context_lens_names_the_value(context_lens, message):
 def test_cached_decoding_equals_a_full_forward_with_the_prompt_as_context():
     model = tiny_model().to(F64).eval()
     prompt, steps = random_ids(2, 9), random_ids(2, 5, seed=1)
+    whole_prompt = torch.tensor([9, 9])
     with torch.no_grad():
-        out = model(prompt, use_cache=True, output_hidden_states=True)
+        out = model(prompt, use_cache=True, output_hidden_states=True, context_lens=whole_prompt)
         decoded = [out.hidden_states[-1][:, -1]]
         for t in range(steps.shape[1]):
             out = model(steps[:, t : t + 1], cache=out.cache, use_cache=True, output_hidden_states=True)
             decoded.append(out.hidden_states[-1][:, -1])
-        prefill = model(prompt, use_cache=True)
+        prefill = model(prompt, use_cache=True, context_lens=whole_prompt)
         chunk = model(steps, cache=prefill.cache, use_cache=True, output_hidden_states=True).hidden_states[-1]
     full_ids = torch.cat([prompt, steps], 1)
-    full = last_hidden(model, full_ids, context_lens=torch.tensor([9, 9]))
+    full = last_hidden(model, full_ids, context_lens=whole_prompt)
     torch.testing.assert_close(torch.stack(decoded, 1), full[:, 8:], rtol=0, atol=1e-10)
     torch.testing.assert_close(chunk, full[:, 9:], rtol=0, atol=1e-10)  # several new tokens in one call
-    # without the context length the tree would also mix the response in: a different function
+    # without the context length the prompt is empty (no tree mixing): a different function
     assert (last_hidden(model, full_ids)[:, 9:] - full[:, 9:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("attention_mask", [False, True])
+def test_without_labels_or_context_lens_no_position_sees_a_later_one(attention_mask):
+    """The default prompt is empty: changing tokens 12+ changes no logit before 12, and the result is
+    the tree over an empty prompt (the chain scaled as in decoding), not plain Mamba."""
+    model = tiny_model().to(F64).eval()
+    ids = random_ids(2, 20)
+    edited = ids.clone()
+    edited[:, 12:] = random_ids(2, 8, seed=5)
+    extra = {"attention_mask": torch.ones_like(ids)} if attention_mask else {}
+    with torch.no_grad():
+        logits, logits_edited = model(ids, **extra).logits, model(edited, **extra).logits
+        empty_prompt = model(ids, context_lens=[0, 0]).logits
+        plain = model(ids, context_lens=[20, 20]).logits
+        model.set_grootl(GrootLConfig(enabled=False))
+        no_tree = model(ids).logits
+    assert torch.equal(logits[:, :12], logits_edited[:, :12])
+    torch.testing.assert_close(logits, empty_prompt, rtol=1e-10, atol=1e-10)
+    assert (logits - no_tree).abs().max() > 1e-6 and (logits - plain).abs().max() > 1e-6
+
+
+def test_old_cache_params_name_is_the_cache():
+    """Stock Mamba still accepts ``cache_params=`` (deprecated name of ``cache``): same meaning here."""
+    model = tiny_model().to(F64).eval()
+    prompt, step = random_ids(2, 9), random_ids(2, 1, seed=1)
+    with torch.no_grad():
+        new = model(step, cache=model(prompt, use_cache=True).cache, use_cache=True).logits
+        with pytest.warns(FutureWarning):
+            old = model(step, cache_params=model(prompt, use_cache=True).cache, use_cache=True).logits
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
 
 
 def test_decoding_accepts_the_attention_mask_of_the_whole_sequence():
@@ -306,9 +342,11 @@ def test_decoding_accepts_the_attention_mask_of_the_whole_sequence():
     torch.testing.assert_close(masked, plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("context_lens", [None, torch.tensor([3, 10])])
-def test_generate_logits_equal_full_forward(context_lens):
-    """generate() prefills with the tree (context: the whole prompt unless given), then decodes."""
+def test_generate_logits_equal_full_forward(context_lens, use_cache):
+    """generate() gives the tree the prompt (the whole prompt unless given), then decodes; without the
+    cache every step re-runs the same prompt tree, so both ways give the same logits."""
     model = tiny_model().to(F64).eval()
     prompt = random_ids(2, 10)
     extra = {} if context_lens is None else {"context_lens": context_lens}
@@ -320,6 +358,7 @@ def test_generate_logits_equal_full_forward(context_lens):
         output_logits=True,
         return_dict_in_generate=True,
         pad_token_id=0,
+        use_cache=use_cache,
         **extra,
     )
     with torch.no_grad():

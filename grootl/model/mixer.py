@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.mamba.modeling_mamba import MambaMixer, apply_mask_to_padding_states
+from transformers.utils.deprecation import deprecate_kwarg
 
 from grootl.model.config import GrootLConfig
 from grootl.tree import build_tree, chain_scan, tree_scan
@@ -56,10 +57,18 @@ class GrootLMixer(MambaMixer):
     chain scan with the GrootL tree scan. ``grootl`` holds the :class:`GrootLConfig` in use."""
 
     def __init__(self, config, layer_idx: int, initialize_mixer_weights: bool = True):
+        # use_associative_scan (on by default) only picks how stock Mamba's torch path runs the chain under
+        # torch.compile; GrootL's chain scan gives the same results, so it is accepted and has no effect
+        if getattr(config, "use_mambapy", False):
+            raise ValueError(
+                "GrootL does not support use_mambapy=True (stock Mamba's mambapy chain scan; GrootL runs its own "
+                "chain and tree scans, or mamba-ssm's where installed): set use_mambapy=False"
+            )
         super().__init__(config, layer_idx, initialize_mixer_weights=initialize_mixer_weights)
         self.grootl = GrootLConfig.coerce(getattr(config, "grootl", None))
 
-    @force_accelerate_hooks(["conv1d"])
+    @force_accelerate_hooks(["conv1d", "dt_proj"])
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: Tensor,
@@ -69,8 +78,8 @@ class GrootLMixer(MambaMixer):
         start: Tensor | None = None,
         **kwargs,
     ) -> Tensor:
-        """hidden_states (batch, L, hidden). context_lens (batch,): prompt length per row (default L);
-        start (batch,): left-padding count per row. Both only matter where the tree runs, i.e. on a
+        """hidden_states (batch, L, hidden). context_lens (batch,): prompt length per row (default: no
+        prompt, the tree is the chain); start (batch,): left-padding count per row. Both only matter where the tree runs, i.e. on a
         sequence without a previous recurrent state in ``cache``."""
         dtype = hidden_states.dtype
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
@@ -126,19 +135,21 @@ class GrootLMixer(MambaMixer):
         else:
             chain = chain_scan(u, delta, A, B, C, return_last_state=keep_state, check_values=False)
         y, h_last = chain if keep_state else (chain, None)
+        skip = u * self.D.float()[:, None]
         if selective_scan_fn is None:
-            y = y + u * self.D.float()[:, None]
+            y = y + skip
 
         if self.grootl.active:
             lam = self.grootl.modulation
-            if context_lens is None:
-                context_lens = torch.full((u.shape[0],), u.shape[-1], dtype=torch.long, device=u.device)
-            # values unchecked (no per-layer passes or host syncs): the model checks context_lens once per
-            # forward and start comes from the attention mask; non-finite activations show in the loss
-            tree = build_tree(u.detach(), delta.detach(), B.detach(), context_lens, self.grootl.k,
-                              self.grootl.distance, start, check_values=False)
-            tree_out = tree_scan(u, delta, A, B, C, tree, return_root_state=keep_state, check_values=False)
-            y_tree, h_root = tree_out if keep_state else (tree_out, None)
+            if context_lens is None:  # no prompt: the tree is the chain, so H = h and y_tree = C·h
+                y_tree, h_root = y - skip, h_last
+            else:
+                # values unchecked (no per-layer passes or host syncs): the model checks context_lens once per
+                # forward and start comes from the attention mask; non-finite activations show in the loss
+                tree = build_tree(u.detach(), delta.detach(), B.detach(), context_lens, self.grootl.k,
+                                  self.grootl.distance, start, check_values=False)
+                tree_out = tree_scan(u, delta, A, B, C, tree, return_root_state=keep_state, check_values=False)
+                y_tree, h_root = tree_out if keep_state else (tree_out, None)
             y = y + lam * y_tree
             if keep_state:
                 h_last = h_last.to(h_root.dtype) + lam * h_root

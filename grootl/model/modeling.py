@@ -1,5 +1,10 @@
 """GrootL Mamba models: transformers' Mamba classes with :class:`GrootLMixer` blocks and an explicit
-``context_lens`` argument threaded from ``forward`` down to every mixer."""
+``context_lens`` argument threaded from ``forward`` down to every mixer.
+
+The one rule for the prompt (the positions the tree may mix): ``context_lens`` when given, else the
+leading ``-100`` run of ``labels``, else **empty** (the tree is the chain: causal, exactly what
+decoding does). ``generate`` passes the prompt's length itself, with or without the cache.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.models.mamba.modeling_mamba import (
     MambaBlock,
     MambaCausalLMOutput,
@@ -68,6 +74,7 @@ class GrootLMambaBlock(MambaBlock):
         super().__init__(config, layer_idx)
         self.mixer = GrootLMixer(config, layer_idx=layer_idx, initialize_mixer_weights=False)
 
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(self, hidden_states, cache=None, attention_mask=None, context_lens=None, start=None, **kwargs):
         residual = hidden_states
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
@@ -97,6 +104,7 @@ class GrootLMambaModel(GrootLMambaPreTrainedModel, MambaModel):
         self._register_load_state_dict_pre_hook(self.load_hook)
         self.post_init()
 
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -110,8 +118,8 @@ class GrootLMambaModel(GrootLMambaPreTrainedModel, MambaModel):
         **kwargs,
     ) -> tuple | MambaOutput:
         """As ``MambaModel.forward``; ``context_lens`` (batch,) is each row's prompt length (default:
-        the whole sequence), ignored when ``cache`` already holds a state (decoding). Left padding in
-        ``attention_mask`` is kept out of the tree."""
+        none, the tree is the chain), ignored when ``cache`` already holds a state (decoding). Left
+        padding in ``attention_mask`` is kept out of the tree."""
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -160,8 +168,9 @@ class GrootLMambaForCausalLM(GrootLMambaPreTrainedModel, MambaForCausalLM):
     """``MambaForCausalLM`` whose blocks merge the chain and tree scans (:class:`GrootLConfig`).
 
     ``forward`` takes ``context_lens`` (batch,): positions below it are the prompt. When absent it
-    is the leading ``-100`` run of ``labels`` per row, else the whole sequence. ``generate`` works
-    as usual: the prompt is prefilled with the tree, then tokens are decoded from one state.
+    is the leading ``-100`` run of ``labels`` per row, else empty (no position sees a later one).
+    ``generate`` passes the prompt's length: the prompt gets the tree, then tokens are decoded from
+    one state (``use_cache=False`` re-runs the same prompt tree, so it gives the same tokens).
     A plain ``MambaConfig`` is accepted and converted (keeping its ``grootl`` entry, if any).
     """
 
@@ -187,6 +196,17 @@ class GrootLMambaForCausalLM(GrootLMambaPreTrainedModel, MambaForCausalLM):
             if isinstance(module, GrootLMixer):
                 module.grootl = grootl
 
+    def generate(self, inputs: Tensor | None = None, *args, **kwargs):
+        """``GenerationMixin.generate``, with ``context_lens`` defaulting to the prompt's length (its
+        left padding, from ``attention_mask``, stays out of the tree)."""
+        if kwargs.get("context_lens") is None:
+            prompt = next((x for x in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None),
+                          None)
+            if isinstance(prompt, Tensor) and prompt.dim() >= 2:
+                kwargs["context_lens"] = torch.full((prompt.shape[0],), prompt.shape[1], device=prompt.device)
+        return super().generate(inputs, *args, **kwargs)
+
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -201,7 +221,8 @@ class GrootLMambaForCausalLM(GrootLMambaPreTrainedModel, MambaForCausalLM):
         context_lens: Tensor | None = None,
         **kwargs,
     ) -> tuple | MambaCausalLMOutput:
-        """As ``MambaForCausalLM.forward`` plus ``context_lens`` (see the class docstring)."""
+        """As ``MambaForCausalLM.forward`` plus ``context_lens`` (see the class docstring; without it
+        and without ``labels`` the prompt is empty)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if context_lens is None and labels is not None:
             context_lens = context_lens_from_labels(labels)

@@ -8,6 +8,8 @@ decoding does). ``generate`` passes the prompt's length itself, with or without 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
@@ -143,6 +145,12 @@ class GrootLMambaModel(GrootLMambaPreTrainedModel, MambaModel):
         else:
             if context_lens is not None:
                 context_lens = check_context_lens(context_lens, batch, length, inputs_embeds.device)
+            elif self.training and self.config.grootl_config.active:
+                warnings.warn(
+                    "GrootL: a training forward without labels or context_lens reads an empty prompt (the tree is "
+                    "the chain); in TRL's SFTTrainer or transformers' Trainer use grootl.integrations.give_prompts",
+                    stacklevel=2,
+                )
             start = left_padding(attention_mask)
 
         hidden_states = inputs_embeds

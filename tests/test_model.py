@@ -4,6 +4,7 @@ decoding), single-row runs (for batching), and PEFT / checkpointing / saving rou
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -128,6 +129,20 @@ def test_load_stock_checkpoint_keeps_weights_and_parameter_count(tmp_path):
     for name, value in stock.state_dict().items():
         assert torch.equal(model.state_dict()[name], value.to(F64)), name
     assert load_model(tmp_path, grootl={"modulation": 0.1}).grootl.modulation == 0.1
+
+
+def test_load_model_takes_a_run_directory_and_refuses_missing_local_paths_at_once(tmp_path, monkeypatch):
+    model = tiny_model(grootl=GrootLConfig(modulation=0.2))
+    model.save_pretrained(tmp_path / "runs" / "demo" / "final")
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model("runs/demo")  # a grootl train run directory: its final/ model
+    assert loaded.grootl == GrootLConfig(modulation=0.2)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # no hub retries either way: the path looks local
+    for missing in ("./no-such-model", "runs/no-such-run", str(tmp_path / "absent")):
+        with pytest.raises(ValueError, match=f"^model path {re.escape(missing)} does not exist$"):
+            load_model(missing)
 
 
 def test_load_model_rejects_what_is_not_a_mamba_checkpoint(tmp_path):

@@ -7,6 +7,7 @@ from transformers import AutoConfig, MambaConfig
 
 from grootl.model.config import GrootLConfig, GrootLMambaConfig, tiny_config
 from grootl.model.modeling import GrootLMambaForCausalLM
+from grootl.paths import resolve_model
 
 
 def load_model(
@@ -23,8 +24,11 @@ def load_model(
     (``"grootl"`` in its config.json) are used, and a stock checkpoint gets ``GrootLConfig()``.
     dtype: passed to ``from_pretrained`` (e.g. ``torch.bfloat16`` or ``"auto"``); device: where the
     model is moved. Other keyword arguments go to ``from_pretrained`` (``revision``, ``cache_dir``,
-    config overrides, ...). Raises ValueError when the path holds no Mamba checkpoint.
+    config overrides, ...). A ``grootl train`` run directory means its ``final/`` model. Raises
+    ValueError when the path holds no Mamba checkpoint, or at once (no hub retries) when a local-looking
+    path (``./x``, ``runs/x``, ``/abs``) does not exist.
     """
+    name_or_path = resolve_model(str(name_or_path))
     try:
         config, model_kwargs = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
     except (OSError, ValueError) as err:

@@ -76,7 +76,7 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fixture_tasks(tmp_path_factory) -> TaskManager:
-    """The eval/ YAMLs rendered for the fixture splits (offline only: no default task index)."""
+    """The offline task YAMLs rendered for the fixture splits (offline only: no default task index)."""
     rendered = render_offline_tasks(FIXTURES, tmp_path_factory.mktemp("tasks"))
     return TaskManager(include_path=str(rendered), include_defaults=False)
 
@@ -246,7 +246,11 @@ def assert_offline_matches_standard(task: str, data_dir: Path, tmp_path: Path) -
     standard.pop("tag", None)
     standard.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {split: str(hub_file)}})
     standard.update(training_split=None, validation_split="validation" if split == "validation" else None)
-    assert offline[f"{split}_split"] == split and offline.get("metric_list") == standard.get("metric_list")
+    assert offline[f"{split}_split"] == split
+    # The same metrics, each with its aggregation and direction spelt out (lm-eval warns where one is not).
+    assert [m["metric"] for m in offline["metric_list"]] == [m["metric"] for m in standard["metric_list"]]
+    for ours, theirs in zip(offline["metric_list"], standard["metric_list"]):
+        assert {"aggregation", "higher_is_better"} <= set(ours) and ours.items() >= theirs.items()
     assert offline["metadata"] == standard["metadata"]
     built = _requests(offline)
     assert len(built) > len(docs)

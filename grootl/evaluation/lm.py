@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,7 +85,9 @@ class GrootLLM(HFLM):
         if peft:
             from peft import PeftModel
 
-            self._model = PeftModel.from_pretrained(self._model, peft, revision=revision)
+            with warnings.catch_warnings():  # PEFT asks transformers a deprecated question: not the user's to fix
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                self._model = PeftModel.from_pretrained(self._model, peft, revision=revision)
 
     @property
     def grootl_config(self) -> GrootLConfig:

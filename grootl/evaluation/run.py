@@ -1,7 +1,7 @@
 """``grootl eval``: zero-shot lm-eval tasks on a GrootL model, a stock model or a PEFT adapter.
 
-Online: standard lm-eval tasks from the hub. Offline (``--data-dir DIR``): the task YAMLs of ``eval/``
-read ``DIR/<task>_<split>.jsonl`` under the same task names. Writes lm-eval's results JSON.
+Online: standard lm-eval tasks from the hub. Offline (``--data-dir DIR``): the task YAMLs that ship in
+``grootl/evaluation/offline_tasks/`` read ``DIR/<task>_<split>.jsonl`` under the same task names. Writes lm-eval's results JSON.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 from grootl.evaluation.tasks import PAPER_SUITE, missing_data_files, render_offline_tasks
 from grootl.paths import PathError, missing_path_error, resolve_model
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the checkpoint's)")
     parser.add_argument("--output", type=Path, help="results JSON (default: <model name>.results.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing results JSON")
-    parser.add_argument("--data-dir", type=Path, help="offline: folder of <task>_<split>.jsonl files for eval/ YAMLs")
+    parser.add_argument("--data-dir", type=Path, help="offline: folder of <task>_<split>.jsonl files (piqa_validation.jsonl, ...)")
     parser.add_argument("--include-path", type=Path, action="append", default=[], help="extra task YAML folder")
     return parser
 
@@ -84,9 +86,20 @@ def _default_output(model: str) -> Path:
     return Path(f"{parts[-1] if parts else 'model'}.results.json")
 
 
+def _git_commit() -> str | None:
+    """``git describe --always`` of the working directory, None outside a repository or without git."""
+    try:
+        described = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return described.stdout.strip()
+
+
 def evaluate(args: argparse.Namespace, include_paths: list[Path]) -> dict:
     """Run lm-eval with the ``grootl`` model; returns lm-eval's results dict."""
+    import datasets
     import lm_eval
+    import lm_eval.evaluator
     import torch
     from lm_eval.tasks import TaskManager
 
@@ -113,15 +126,19 @@ def evaluate(args: argparse.Namespace, include_paths: list[Path]) -> dict:
     if args.no_tree:
         model_args["grootl_enabled"] = False
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    results = lm_eval.simple_evaluate(
-        model="grootl",
-        model_args=model_args,
-        tasks=tasks,
-        batch_size=args.batch_size,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        limit=limit,
-        task_manager=manager,
-    )
+    datasets.disable_progress_bars()  # the benchmark splits load in seconds; lm-eval's own bars stay
+    # lm-eval records the working directory's git commit by running git with its stderr open: outside a
+    # repository that prints "fatal: not a git repository". Same record, asked quietly.
+    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", _git_commit):
+        results = lm_eval.simple_evaluate(
+            model="grootl",
+            model_args=model_args,
+            tasks=tasks,
+            batch_size=args.batch_size,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            limit=limit,
+            task_manager=manager,
+        )
     results.pop("samples", None)
     return results
 

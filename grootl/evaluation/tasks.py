@@ -1,6 +1,6 @@
-"""The paper's zero-shot suite and the offline task YAMLs in ``eval/``.
+"""The paper's zero-shot suite and the offline task YAMLs (package data in ``offline_tasks/``).
 
-Each YAML in ``eval/`` is lm-eval's standard task (same name, prompt, choices and metrics) reading a
+Each YAML in ``offline_tasks/`` is lm-eval's standard task (same name, prompt, choices and metrics) reading a
 local JSONL file ``__DATA_DIR__/<task>_<split>.jsonl``. lm-eval needs absolute data paths, so
 :func:`render_offline_tasks` writes copies with the data directory filled in, for ``--include_path``.
 """
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 PAPER_SUITE = ("piqa", "arc_easy", "sst2", "winogrande", "lambada_openai", "race", "openbookqa")
-TASK_TEMPLATES = Path(__file__).resolve().parents[2] / "eval"
+TASK_TEMPLATES = Path(__file__).resolve().parent / "offline_tasks"
 DATA_DIR_TOKEN = "__DATA_DIR__"
 
 
@@ -22,10 +22,7 @@ def render_offline_tasks(data_dir: str | Path, dest: str | Path, templates: Path
         raise FileNotFoundError(f"--data-dir {data_dir} is not a directory")
     yamls = sorted(Path(templates).glob("*.yaml"))
     if not yamls:
-        raise FileNotFoundError(
-            f"no offline task YAMLs in {templates} (they ship in the source checkout's eval/ folder); "
-            "pass --include-path to a folder of task YAMLs instead"
-        )
+        raise FileNotFoundError(f"no offline task YAMLs in {templates}")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     # JSON string escapes are valid inside the YAMLs' double-quoted scalars.

@@ -57,19 +57,72 @@ def test_table_reproduces_the_papers_averages_and_chart_is_written(tmp_path, cap
     assert image.shape[0] > 200 and image.shape[1] > 400
 
 
-def test_paper_rows_sit_beside_a_run_with_the_papers_averages(tmp_path, capsys):
-    """The published rows' values give the published averages (45.7, 46.1, 47.2), computed here."""
+def table_rows(out: str) -> dict[str, str]:
+    return {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ") and " run " not in line}
+
+
+def test_paper_rows_keep_their_published_averages_beside_a_partial_run(tmp_path, capsys):
+    """A run without all six acc tasks: every row's average is recomputed over the shared tasks and
+    marked so, and the paper's rows also show their published averages, as published."""
     run = tmp_path / "mine.json"
     run.write_text(json.dumps(lm_eval_results({"piqa": 60.0, "sst2": 70.0})))
     assert compare.main([str(run), "--paper", "--chart", str(tmp_path / "c.png")]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and " run " not in line}
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("| OBQA acc | avg acc* | published avg acc |")
+    rows = table_rows(out)
     assert list(rows) == ["mine", "paper: Mamba-130M", "paper: +LoRA", "paper: +GrootL"]
-    assert rows["paper: +GrootL"].startswith("| paper: +GrootL | 65.0 | 49.8 | 69.5 | 51.1 | 15.9 | 28.9 | 19.2 |")
-    assert "avg acc over the acc tasks all runs share: piqa, sst2" in lines  # mine has two tasks
+    assert rows["mine"].endswith("| 65.0 | — |")
+    assert rows["paper: +GrootL"] == "| paper: +GrootL | 65.0 | 49.8 | 69.5 | 51.1 | 15.9 | 28.9 | 19.2 | 67.2 | 47.2 |"
+    assert rows["paper: Mamba-130M"].endswith(f"| {(64.5 + 65.6) / 2:.1f} | 45.7 |")
+    assert ("* avg acc over the acc tasks all runs share: piqa, sst2 (recomputed for the paper's rows; published: "
+            "over piqa, arc_easy, sst2, winogrande, race, openbookqa)") in out
+
+
+def test_paper_rows_beside_a_full_run_show_the_published_averages(tmp_path, capsys):
+    run = tmp_path / "mine.json"
+    run.write_text(json.dumps(lm_eval_results(dict(zip(compare.PAPER_SUITE, [60, 50, 70, 50, 20, 30, 20])))))
+    assert compare.main([str(run), "--paper", "--chart", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("| OBQA acc | avg acc |") and "*" not in out
+    rows = table_rows(out)
+    assert rows["mine"].endswith(f"| {(60 + 50 + 70 + 50 + 30 + 20) / 6:.1f} |")
+    for label, (name, average) in zip(compare.PAPER_ROWS, PAPER_AVERAGES.items()):
+        assert rows[label].endswith(f"| {average} |"), name
+    # The published averages are what the published rows give (so the column means one thing).
     acc_tasks = [t for t in compare.PAPER_SUITE if t not in compare.PERPLEXITY_TASKS]
-    averages = [f"{compare.average_acc(scores, acc_tasks):.1f}" for scores in compare.paper_scores().values()]
-    assert averages == [PAPER_AVERAGES[k] for k in ("base", "lora", "grootl")]
+    for label, scores in compare.paper_scores().items():
+        assert compare.average_acc(scores, acc_tasks) == pytest.approx(compare.PAPER_AVERAGES[label], abs=0.051)
+
+
+def test_chart_legend_covers_no_bars(tmp_path, monkeypatch):
+    import matplotlib.pyplot
+
+    figures = []
+    monkeypatch.setattr(matplotlib.pyplot, "close", figures.append)
+    runs = {"mine": compare.load_scores(write_paper_runs(tmp_path)[0]), **compare.paper_scores()}
+    compare.bar_chart(runs, tmp_path / "c.png")
+    (figure,) = figures
+    figure.canvas.draw()
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == list(runs)
+    box = legend.get_window_extent()
+    assert all(not box.overlaps(axis.get_window_extent()) for axis in figure.axes)
+
+
+def test_existing_outputs_are_kept_unless_told(tmp_path, capsys):
+    run = tmp_path / "mine.json"
+    run.write_text(json.dumps(lm_eval_results({"piqa": 60.0})))
+    for option in ("--output", "--chart"):
+        table, chart = tmp_path / "table.md", tmp_path / "chart.png"
+        args = [str(run), "--output", str(table), "--chart", str(chart)]
+        kept = tmp_path / ("table.md" if option == "--output" else "chart.png")
+        kept.write_text("earlier")
+        assert compare.main(args) == 2
+        assert f"{kept} already exists: pass --overwrite to replace it, or another {option}" in capsys.readouterr().err
+        assert kept.read_text() == "earlier" and not (tmp_path / "table.md" if option == "--chart" else chart).exists()
+        assert compare.main([*args, "--overwrite"]) == 0
+        assert "| mine | 60.0 ± 1.0 | 60.0 |" in table.read_text() and chart.read_bytes().startswith(b"\x89PNG")
+        table.unlink(), chart.unlink()
 
 
 def test_a_run_named_like_a_paper_row_is_an_error(tmp_path, capsys):

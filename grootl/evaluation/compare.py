@@ -31,6 +31,9 @@ PAPER_ROWS = {
     "paper: +LoRA": (64.7, 48.3, 65.1, 52.2, 17.7, 28.6, 17.8),
     "paper: +GrootL": (65.0, 49.8, 69.5, 51.1, 15.9, 28.9, 19.2),
 }
+# ... and their published average acc over the six acc tasks (LAMBADA perplexity aside).
+PAPER_AVERAGES = {"paper: Mamba-130M": 45.7, "paper: +LoRA": 46.1, "paper: +GrootL": 47.2}
+PAPER_ACC_TASKS = [task for task in PAPER_SUITE if task not in PERPLEXITY_TASKS]
 
 
 class CompareError(Exception):
@@ -131,19 +134,51 @@ def average_acc(scores: dict[str, Score], tasks: list[str]) -> float | None:
     return sum(scores[t].scaled()[0] for t in tasks) / len(tasks) if tasks else None
 
 
-def markdown_table(runs: dict[str, dict[str, Score]]) -> str:
-    """Runs as rows, tasks as columns (metric ± stderr), then the average acc."""
+@dataclass(frozen=True)
+class Averages:
+    """Each row's average acc over ``tasks`` (the acc tasks all rows share); ``partial`` when those are
+    not all the table's acc tasks. A paper row's average is the published one where ``tasks`` are the
+    paper's six, else recomputed like every other row's (and the published one is shown apart)."""
+
+    values: dict[str, float | None]
+    tasks: list[str]
+    partial: bool
+
+    @property
+    def published_apart(self) -> bool:
+        return any(label in PAPER_AVERAGES for label in self.values) and self.tasks != PAPER_ACC_TASKS
+
+
+def row_averages(runs: dict[str, dict[str, Score]]) -> Averages:
     tasks = _ordered_tasks(runs)
     averaged = _average_tasks(runs, tasks)
-    header = ["run", *(_metric_header(t, runs) for t in tasks), "avg acc"]
+    values = {label: PAPER_AVERAGES[label] if label in PAPER_AVERAGES and averaged == PAPER_ACC_TASKS
+              else average_acc(scores, averaged) for label, scores in runs.items()}
+    acc_tasks = [t for t in tasks if all(s[t].is_acc for s in runs.values() if t in s)]
+    return Averages(values, averaged, partial=averaged != acc_tasks)
+
+
+def markdown_table(runs: dict[str, dict[str, Score]]) -> str:
+    """Runs as rows, tasks as columns (metric ± stderr), then the average acc (marked * where it is over
+    fewer tasks than the table has; the paper's published averages then in a column of their own)."""
+    tasks = _ordered_tasks(runs)
+    averages = row_averages(runs)
+    header = ["run", *(_metric_header(t, runs) for t in tasks), "avg acc*" if averages.partial else "avg acc"]
+    if averages.published_apart:
+        header.append("published avg acc")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, scores in runs.items():
-        average = average_acc(scores, averaged)
+        average = averages.values[label]
         cells = [label, *(_cell(scores.get(t)) for t in tasks), "—" if average is None else f"{average:.1f}"]
+        if averages.published_apart:
+            cells.append(f"{PAPER_AVERAGES[label]:.1f}" if label in PAPER_AVERAGES else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    if averaged != [t for t in tasks if t not in PERPLEXITY_TASKS]:
+    if averages.partial or averages.published_apart:
         lines.append("")
-        lines.append(f"avg acc over the acc tasks all runs share: {', '.join(averaged) or 'none'}")
+        note = f"avg acc over the acc tasks all runs share: {', '.join(averages.tasks) or 'none'}"
+        if averages.published_apart:
+            note += f" (recomputed for the paper's rows; published: over {', '.join(PAPER_ACC_TASKS)})"
+        lines.append(("* " if averages.partial else "") + note)
     return "\n".join(lines) + "\n"
 
 
@@ -155,17 +190,19 @@ def bar_chart(runs: dict[str, dict[str, Score]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = _ordered_tasks(runs)
-    averaged = _average_tasks(runs, tasks)
+    averages = row_averages(runs)
+    average_name = f"avg* ({len(averages.tasks)} shared)" if averages.partial else "avg"
     panels = [
         ("accuracy (%)", [t for t in tasks if any(t in s and s[t].is_acc for s in runs.values())], True),
         ("perplexity ↓", [t for t in tasks if any(t in s and not s[t].is_acc for s in runs.values())], False),
     ]
     panels = [p for p in panels if p[1]]
     widths = [len(p[1]) + (1 if p[2] else 0) for p in panels]
-    figure, axes = plt.subplots(1, len(panels), figsize=(2 + 1.2 * sum(widths), 4), width_ratios=widths, squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.5 + 1.2 * sum(widths), 4), width_ratios=widths,
+                                squeeze=False, layout="constrained")
     bar = 0.8 / len(runs)
     for axis, (title, panel_tasks, with_average) in zip(axes[0], panels):
-        names = [TASK_LABELS.get(t, t) for t in panel_tasks] + (["avg"] if with_average else [])
+        names = [TASK_LABELS.get(t, t) for t in panel_tasks] + ([average_name] if with_average else [])
         for i, (label, scores) in enumerate(runs.items()):
             values, errors = [], []
             for task in panel_tasks:
@@ -173,20 +210,21 @@ def bar_chart(runs: dict[str, dict[str, Score]], path: Path) -> None:
                 values.append(value)
                 errors.append(stderr or 0.0)
             if with_average:
-                average = average_acc(scores, averaged)
+                average = averages.values[label]
                 values.append(math.nan if average is None else average)
                 errors.append(0.0)
             positions = [x + (i - (len(runs) - 1) / 2) * bar for x in range(len(names))]
-            axis.bar(positions, values, bar, yerr=errors, capsize=2, label=label)
+            axis.bar(positions, values, bar, yerr=errors if any(errors) else None, capsize=2, label=label)
         axis.set_xticks(range(len(names)), names)
         axis.set_title(title)
         if not with_average:
             axis.set_yscale("log")  # perplexities of a weak and a strong model differ by orders of magnitude
-    axes[0][0].legend()
-    figure.tight_layout()
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper")  # beside the bars, not on them
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    figure.savefig(partial, dpi=120)
     plt.close(figure)
+    partial.replace(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,12 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, help="also write the markdown table here")
     parser.add_argument("--chart", type=Path, default=Path("comparison.png"), help="bar chart PNG path")
     parser.add_argument("--paper", action="store_true", help="add the paper's Mamba-130M rows for reference")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output or --chart file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for option, path in (("--output", args.output), ("--chart", args.chart)):
+            if path is not None and path.exists() and not args.overwrite:
+                raise CompareError(f"{path} already exists: pass --overwrite to replace it, or another {option}")
         labels = args.labels.split(",") if args.labels else [_label(p) for p in args.results]
         if len(labels) != len(args.results):
             raise CompareError(f"--labels names {len(labels)} runs for {len(args.results)} results files")
@@ -219,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table, end="")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table)
+        partial = args.output.with_name(f".{args.output.name}.partial")
+        partial.write_text(table)
+        partial.replace(args.output)
     bar_chart(runs, args.chart)
     print(f"chart written to {args.chart}")
     return 0

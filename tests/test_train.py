@@ -27,7 +27,8 @@ from grootl.model import ADAPTER_SETTINGS, tiny_model
 from grootl.train import load_recipe, main, train
 from grootl.train.loop import TrainingError, prepare_data
 from grootl.train.modeling import build_model
-from grootl.train.rundir import RunDirError, check_output_dir, checkpoint_dirs, claim_output_dir, read_metrics
+from grootl.train.rundir import (RunDirError, RunLock, check_output_dir, checkpoint_dirs, claim_output_dir,
+                                 read_metrics, take_output_dir)
 
 from conftest import ASSETS, REPO
 
@@ -241,6 +242,8 @@ def test_output_dir_rules(tmp_path):
     out = tmp_path / "run"
     assert check_output_dir(out, recipe_dict, resume=False, overwrite=False) == "new"
     out.mkdir()
+    (out / ".lock").write_text("pid 1")  # a start killed right after locking
+    assert check_output_dir(out, recipe_dict, resume=True, overwrite=False) == "new"
     (out / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError, match="not empty and holds no grootl run"):
         check_output_dir(out, recipe_dict, resume=False, overwrite=True)
@@ -257,16 +260,29 @@ def test_output_dir_rules(tmp_path):
         check_output_dir(out, recipe_dict, resume=True, overwrite=True)
 
 
-def test_resume_discards_a_half_written_checkpoint(tmp_path):
+def claim(out, recipe_dict, resume=False, overwrite=False):
+    """What a training's main process does with its output_dir before training: lock, check, claim."""
+    lock = RunLock(out)
+    action = take_output_dir(out, recipe_dict, resume, overwrite, lock)
+    claim_output_dir(out, recipe_dict, action, lock)
+    lock.release()
+    return action
+
+
+def test_resume_removes_what_killed_writes_and_deletes_left(tmp_path):
     recipe_dict = recipe(tmp_path).to_dict()
     out = tmp_path / "run"
-    claim_output_dir(out, recipe_dict, "new")
+    claim(out, recipe_dict)
     (out / "checkpoints/step-2").mkdir(parents=True)
     (out / "checkpoints/step-2/trainer_state.json").write_text('{"step": 2}')
-    (out / "checkpoints/step-3").mkdir()  # no trainer state: never published
+    (out / "checkpoints/step-3").mkdir()  # no trainer state: never published (or half deleted by an older grootl)
     (out / "checkpoints/.tmp-step-4").mkdir()  # a save killed with SIGKILL
-    claim_output_dir(out, recipe_dict, check_output_dir(out, recipe_dict, resume=True, overwrite=False))
-    assert [p.name for p in checkpoint_dirs(out)] == ["step-2"] and not (out / "checkpoints/.tmp-step-4").exists()
+    (out / "checkpoints/.tmp-deleting-step-1").mkdir()  # pruning killed mid-way
+    (out / ".tmp-base").mkdir()  # base/ or final/ killed while written
+    (out / ".tmp-run.json").write_text("{")
+    assert claim(out, recipe_dict, resume=True) == "resume"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "run.json"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -274,7 +290,8 @@ def test_resume_discards_a_half_written_checkpoint(tmp_path):
     ("model.config.hidden_size=abc", "model.config is not a valid MambaConfig"),
     ("model.config.hidden_sise=32", "model.config has unknown MambaConfig field(s) ['hidden_sise']"),
     ("model.config.vocab_size=100", "the tokenizer has 512 tokens but the model's vocab_size is 100"),
-    ("model.tokenizer=/nonexistent/tokenizer", "model.tokenizer: cannot load a tokenizer from '/nonexistent/tokenizer'"),
+    ("model.tokenizer=/nonexistent/tokenizer", "recipe key model.tokenizer: /nonexistent/tokenizer does not exist"),
+    (f"model.tokenizer={ASSETS / 'alpaca_tiny.jsonl'}", "model.tokenizer: cannot load a tokenizer from"),
 ])
 def test_bad_recipe_values_are_clear_errors(tmp_path, capsys, override, message):
     assert main([str(DEMO), f"output_dir={tmp_path / 'run'}", *FAST, "train.max_steps=1", override]) == 1

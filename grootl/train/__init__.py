@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     from grootl.data import DataError
-    from grootl.train.loop import TrainingError
+    from grootl.train.loop import LaunchError, TrainingError
     from grootl.train.rundir import RunDirError
 
     try:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
         train(recipe, resume=args.resume, overwrite=args.overwrite)
-    except (RecipeError, DataError, RunDirError, TrainingError) as error:
+    except (RecipeError, DataError, RunDirError, TrainingError, LaunchError) as error:
         print(f"grootl train: error: {error}", file=sys.stderr)
         return 1
     return 0

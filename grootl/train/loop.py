@@ -6,22 +6,25 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
 from grootl.data import (IGNORE_INDEX, DataError, SFTCollator, load_records, make_dataloader,
                          tokenize_records)
+from grootl.paths import is_local_path
 from grootl.train import rundir
-from grootl.train.modeling import BASE_DIR, build_base, build_model, export_final
+from grootl.train.modeling import FINAL_DIR, build_base, build_model, export_final, save_base
 from grootl.train.recipe import Recipe, RecipeError
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
@@ -40,6 +43,56 @@ logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
 
 class TrainingError(RuntimeError):
     """Training stopped: a non-finite loss, or an interrupt. The message says where and what is kept."""
+
+
+class LaunchError(RuntimeError):
+    """The processes were not started the way training needs (the message names the launch and a fix)."""
+
+
+# Where launchers put the number of processes they started (the variables Accelerate reads).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+CPU_LAUNCH = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m grootl.train RECIPE"
+
+
+def check_launch(accelerator: Accelerator, log) -> None:
+    """Refuse processes that each train alone although the launcher started several: ``accelerate
+    launch --multi_gpu`` on a machine without GPUs starts N processes to which Accelerate gives a world
+    of one each (N independent trainings writing one folder). Say so when ``accelerate launch --cpu
+    --num_processes N`` started a single process (it ignores N)."""
+    launched = max(int(os.environ.get(name) or 1) for name in WORLD_SIZE_VARIABLES)
+    if launched > 1 and accelerator.num_processes == 1:
+        device = "no GPU is visible" if not torch.cuda.is_available() else "Accelerate did not join them"
+        raise LaunchError(f"the launcher started {launched} processes but each would train alone ({device}; "
+                          f"`accelerate launch --multi_gpu` without GPUs does this); on CPU run {CPU_LAUNCH}")
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ \
+            and accelerator.num_processes == 1:
+        log(f"one process: `accelerate launch --cpu` starts one whatever --num_processes says; for N CPU processes "
+            f"run {CPU_LAUNCH}")
+
+
+def check_sources(recipe: Recipe) -> None:
+    """A model or tokenizer path that looks local (see :func:`grootl.paths.is_local_path`) and is not
+    there is named in one line before anything loads (no hub look-up)."""
+    keys = ("model.name_or_path", "model.tokenizer") if recipe.model.init == "pretrained" else ("model.tokenizer",)
+    for key in keys:
+        name = getattr(recipe.model, key.split(".")[1])
+        if name and is_local_path(name) and not Path(name).expanduser().exists():
+            raise RecipeError(f"recipe key {key}: {name} does not exist")
+
+
+def on_main_process(accelerator: Accelerator, work):
+    """``work()`` on the main process only; its result, or its RunDirError raised again, on every
+    process (a failure on the main process alone would leave the others waiting for it forever)."""
+    outcome = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = work()
+        except rundir.RunDirError as error:
+            outcome[1] = str(error)
+    result, error = broadcast_object_list(outcome)
+    if error is not None:
+        raise rundir.RunDirError(error)
+    return result
 
 
 @contextlib.contextmanager
@@ -143,8 +196,32 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
         log_with=list(recipe.log.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    log = (lambda message: print(f"[grootl train] {message}", flush=True)) if accelerator.is_main_process else (lambda m: None)
-    action = rundir.check_output_dir(out, recipe.to_dict(), resume, overwrite)
+
+    def log(message: str) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(f"[grootl train] {message}")  # above a live progress bar, never into it
+            sys.stdout.flush()
+
+    check_launch(accelerator, log)
+    check_sources(recipe)
+    lock = rundir.RunLock(out)
+    try:
+        action = on_main_process(accelerator, lambda: rundir.take_output_dir(out, recipe.to_dict(), resume, overwrite, lock))
+        return _run(recipe, accelerator, action, lock, log)
+    finally:
+        lock.release()  # held by the main process only
+
+
+def _run(recipe: Recipe, accelerator: Accelerator, action: str, lock: rundir.RunLock, log) -> Path:
+    """The training itself, in ``recipe.output_dir`` locked by ``lock`` (main process) and checked as ``action``."""
+    out = Path(recipe.output_dir)
+    grad_accum = accelerator.gradient_accumulation_steps  # a DeepSpeed config may set it
+    layout = {"batch_size": recipe.train.batch_size, "grad_accum": grad_accum, "num_processes": accelerator.num_processes}
+    resuming = rundir.checkpoint_dirs(out) if action == "resume" else []
+    if resuming:
+        checkpoint_state = json.loads((resuming[-1] / rundir.STATE_FILE).read_text())
+        rundir.check_resume_layout(resuming[-1], checkpoint_state, **layout,
+                                   sharded=accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED))
     set_seed(recipe.seed)
 
     tokenizer_source = recipe.model.tokenizer or recipe.model.name_or_path
@@ -161,16 +238,19 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
     if len(tokenizer) > base.config.vocab_size:
         raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                           f"{base.config.vocab_size} (recipe key model.config.vocab_size or model.tokenizer)")
-    # claim output_dir only once tokenizer, data and model loaded: a bad recipe leaves no run behind
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        rundir.claim_output_dir(out, recipe.to_dict(), action)
-    accelerator.wait_for_everyone()
-    resuming = rundir.checkpoint_dirs(out) if action == "resume" else []
-    base_dir = out / BASE_DIR
-    if recipe.model.init == "random" and recipe.method != "full" and accelerator.is_main_process and not base_dir.is_dir():
-        base.save_pretrained(base_dir)  # the random base that the exported adapter applies to
-        tokenizer.save_pretrained(base_dir)
+
+    def claim() -> None:
+        # only once tokenizer, data and model loaded: a bad recipe leaves no run behind
+        rundir.claim_output_dir(out, recipe.to_dict(), action, lock)
+        if recipe.model.init == "random" and recipe.method != "full":
+            save_base(base, tokenizer, out)  # the random base that the exported adapter applies to
+
+    on_main_process(accelerator, claim)
+    final = out / FINAL_DIR
+    if action == "resume" and (final / "config.json").is_file():
+        log(f"the run in {out} is finished ({final} exported); nothing to resume (--overwrite trains it again)")
+        accelerator.end_training()
+        return final
     model = build_model(recipe, out, base)
     if recipe.train.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.24
@@ -187,7 +267,6 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                                    group_by_length=recipe.train.group_by_length, num_workers=recipe.train.num_workers)
     sampler = train_loader.sampler
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    grad_accum = accelerator.gradient_accumulation_steps  # a DeepSpeed config may set it
     steps_per_epoch = math.ceil(len(train_loader) / grad_accum)
     total_steps = recipe.train.max_steps or recipe.train.epochs * steps_per_epoch
     # Stepped once per optimizer step by hand (Accelerate's wrapper steps it num_processes times).
@@ -195,16 +274,20 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                               num_warmup_steps=recipe.train.warmup_steps, num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0}
+    # The data position is counted in samples: a global batch is one micro-batch on every process, taken
+    # in turn from one sampler order, so another process count with the same effective batch goes on exactly.
+    samples_per_batch = recipe.train.batch_size * accelerator.num_processes
+    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "tokens": 0}
     if resuming:
-        checkpoint = resuming[-1]
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / rundir.STATE_FILE).read_text())
-        if accelerator.is_main_process:
-            rundir.truncate_metrics(out, state["step"])
-        log(f"resumed from {checkpoint} (step {state['step']}, epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-    elif resume:
+        accelerator.load_state(str(resuming[-1]))
+        state = {key: checkpoint_state[key] for key in state}
+        log(f"resumed from {resuming[-1]} (step {state['step']}, epoch {state['epoch']}, sample "
+            f"{state['samples_in_epoch']} of the epoch)")
+    elif action == "resume":
         log(f"no checkpoint in {out} yet; starting from step 0")
+    if accelerator.is_main_process:  # lines logged after the checkpoint are logged again
+        rundir.truncate_metrics(out, checkpoint_state["metrics_bytes"] if resuming else 0)
+    batch_in_epoch = state["samples_in_epoch"] // samples_per_batch  # this process's micro-batches
     log(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch; {recipe.train.batch_size} x "
         f"{grad_accum} accumulation x {accelerator.num_processes} processes)")
     if recipe.log.trackers:
@@ -227,7 +310,8 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
             accelerator.save_state(str(staging))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                rundir.publish_checkpoint(staging, dict(state), recipe.checkpoint.keep)
+                rundir.publish_checkpoint(staging, {**state, **layout, "metrics_bytes": rundir.metrics_size(out)},
+                                          recipe.checkpoint.keep)
         except BaseException:
             if accelerator.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -253,7 +337,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
             while state["step"] < total_steps:
                 train_loader.set_epoch(state["epoch"])
                 sampler.set_epoch(state["epoch"])
-                loader = accelerator.skip_first_batches(train_loader, state["batch_in_epoch"]) if state["batch_in_epoch"] else train_loader
+                loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
                 if loader is not train_loader:
                     loader.set_epoch(state["epoch"])
                 for batch in loader:
@@ -263,7 +347,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                         step_loss += loss.detach()
                         step_tokens += batch["attention_mask"].sum()
                         window["micro"] += 1
-                        state["batch_in_epoch"] += 1
+                        batch_in_epoch += 1
                         grad_norm = None
                         if accelerator.sync_gradients:
                             mean_loss = accelerator.reduce(step_loss / window["micro"], reduction="mean")
@@ -276,6 +360,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                         optimizer.zero_grad(set_to_none=True)
                     if not accelerator.sync_gradients:
                         continue
+                    lr = scheduler.get_last_lr()[0]  # the rate this step used
                     scheduler.step()
                     tokens = int(accelerator.reduce(step_tokens, reduction="sum"))
                     state["step"] += 1
@@ -286,31 +371,32 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
                     window["micro"] = 0
                     step_loss.zero_()
                     step_tokens.zero_()
-                    progress.update(1)
 
                     if state["step"] % recipe.log.every == 0 or state["step"] == total_steps:
                         elapsed = time.time() - window["start"]
                         record = {
                             "step": state["step"], "epoch": state["epoch"],
-                            "loss": float(window["loss"] / window["steps"]), "lr": scheduler.get_last_lr()[0],
+                            "loss": float(window["loss"] / window["steps"]), "lr": lr,
                             "grad_norm": None if grad_norm is None else float(grad_norm),
                             "tokens": state["tokens"], "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                         }
                         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                             tok_s=f"{record['tokens_per_s']:.0f}")
+                                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)  # drawn by update()
                         if accelerator.is_main_process:
                             rundir.append_metrics(out, record)
                         accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=state["step"])
                         window.update(loss=torch.zeros((), device=accelerator.device), steps=0, tokens=0, start=time.time())
+                    progress.update(1)
                     if eval_rows is not None and recipe.eval.every and state["step"] % recipe.eval.every == 0 and state["step"] < total_steps:
                         log(f"step {state['step']}: eval loss {run_eval():.4f}")
+                    if batch_in_epoch == len(train_loader):  # the epoch's last step
+                        state["epoch"] += 1
+                        batch_in_epoch = 0
+                    state["samples_in_epoch"] = batch_in_epoch * samples_per_batch
                     if recipe.checkpoint.every and (state["step"] % recipe.checkpoint.every == 0 or state["step"] == total_steps):
                         last_checkpoint = save_checkpoint()
                     if state["step"] >= total_steps:
                         break
-                else:
-                    state["epoch"] += 1
-                    state["batch_in_epoch"] = 0
         except KeyboardInterrupt as interrupt:
             kept = f"newest complete checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
             raise TrainingError(f"interrupted ({interrupt or 'Ctrl-C'}) at optimizer step {state['step']}; {kept}; "
@@ -321,12 +407,11 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
     if eval_rows is not None:
         log(f"final eval loss {run_eval():.4f}")
     full_state = accelerator.get_state_dict(model)
-    final = out / "final"
     if accelerator.is_main_process:
         export_model = build_model(recipe, out)
         export_model.load_state_dict(full_state)
         final = export_final(export_model, tokenizer, out)
-        log(f"exported {final} ({report.kept} training records)")
+        log(f"exported {final} ({len(rows)} training records)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final

@@ -14,7 +14,7 @@ from transformers import MambaConfig
 
 from grootl.model import ADAPTER_SETTINGS, GrootLConfig, GrootLMambaConfig, GrootLMambaForCausalLM, load_model
 from grootl.train.recipe import Recipe, RecipeError
-from grootl.train.rundir import replace_dir
+from grootl.train.rundir import TMP_PREFIX, replace_dir
 
 BASE_DIR = "base"
 FINAL_DIR = "final"
@@ -38,7 +38,23 @@ def build_base(recipe: Recipe) -> GrootLMambaForCausalLM:
         except Exception as error:  # transformers raises TypeError, ValueError or its strict-dataclass errors
             raise RecipeError(f"recipe key model.config is not a valid MambaConfig: {error}") from error
         return GrootLMambaForCausalLM(config).to(dtype)
-    return load_model(recipe.model.name_or_path, grootl=grootl_settings(recipe), dtype=dtype)
+    try:
+        return load_model(recipe.model.name_or_path, grootl=grootl_settings(recipe), dtype=dtype)
+    except ValueError as error:  # load_model's one-line reasons: nothing there, no Mamba checkpoint, bad settings
+        raise RecipeError(f"recipe key model.name_or_path: {error}") from None
+
+
+def save_base(base: GrootLMambaForCausalLM, tokenizer, out: Path) -> None:
+    """Write ``out/base`` (the random init that a LoRA arm's adapter applies to) unless it is there
+    complete. Written under a temporary name and renamed, so a kill leaves no partial folder, and a
+    resume (which rebuilds the same seeded init) writes one that a kill prevented."""
+    base_dir, staging = out / BASE_DIR, out / f"{TMP_PREFIX}{BASE_DIR}"
+    if (base_dir / "config.json").is_file():
+        return
+    shutil.rmtree(staging, ignore_errors=True)
+    base.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    replace_dir(staging, base_dir)
 
 
 def add_lora(model: GrootLMambaForCausalLM, recipe: Recipe) -> PeftModel:
@@ -76,7 +92,7 @@ def export_final(model: torch.nn.Module, tokenizer, out: Path) -> Path:
     """Write ``out/final``: the merged model (GrootL settings in config.json) and tokenizer, plus
     ``final/adapter`` (the PEFT adapter) for the LoRA arms. ``model`` is a full (unsharded) copy
     on the main process; it is modified (merged). Written to a temporary folder, then renamed."""
-    final, staging = out / FINAL_DIR, out / f".tmp-{FINAL_DIR}"
+    final, staging = out / FINAL_DIR, out / f"{TMP_PREFIX}{FINAL_DIR}"
     shutil.rmtree(staging, ignore_errors=True)
     if isinstance(model, PeftModel):
         model.save_pretrained(staging / ADAPTER_DIR)

@@ -8,6 +8,7 @@ decoding does). ``generate`` passes the prompt's length itself, with or without 
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -203,6 +204,19 @@ class GrootLMambaForCausalLM(GrootLMambaPreTrainedModel, MambaForCausalLM):
         for module in self.modules():
             if isinstance(module, GrootLMixer):
                 module.grootl = grootl
+
+    # >>> grootl package only: the portable copy of this file saves as stock transformers does
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, plus the code that lets ``AutoModelForCausalLM.from_pretrained(
+        dir, trust_remote_code=True)`` load the directory where grootl is not installed (:mod:`grootl.model.portable`)."""
+        from grootl.model.portable import AUTO_MAP, write_portable_code
+
+        self.config.auto_map = dict(AUTO_MAP)
+        if kwargs.get("is_main_process", True):
+            os.makedirs(save_directory, exist_ok=True)
+            write_portable_code(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+    # <<< grootl package only
 
     def generate(self, inputs: Tensor | None = None, *args, **kwargs):
         """``GenerationMixin.generate``, with ``context_lens`` defaulting to the prompt's length (its

@@ -3,6 +3,7 @@ decoding), single-row runs (for batching), and PEFT / checkpointing / saving rou
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -15,7 +16,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Mamb
 
 import grootl
 import grootl.model.mixer as mixer_module
-from grootl.model import GrootLConfig, GrootLMambaForCausalLM, load_model, tiny_config, tiny_model
+from conftest import REPO
+from grootl.model import (GrootLConfig, GrootLMambaForCausalLM, load_model, merge_adapter, tiny_config,
+                          tiny_model)
 
 F64 = torch.float64
 LORA_TARGETS = ["x_proj", "embeddings", "in_proj", "out_proj"]
@@ -408,6 +411,40 @@ def test_tree_off_generation_equals_stock_generation():
 
 
 # ---- training features ----------------------------------------------------------------------------
+
+
+def test_merge_adapter_unties_the_output_layer_before_merging(tmp_path):
+    """Plain PEFT merging of a LoRA on the (tied) embeddings changes the output layer too; merge_adapter
+    keeps the adapted model's outputs, and the merged model saves and reloads as it is."""
+    model = tiny_model().to(F64).eval()
+    assert model.lm_head.weight is model.backbone.embeddings.weight  # tied, as in the Mamba checkpoints
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        adapted = get_peft_model(copy.deepcopy(model), config).eval()
+        expected = adapted(ids).logits
+        plain = copy.deepcopy(adapted).merge_and_unload()(ids).logits
+        merged = merge_adapter(adapted)
+        got = merged(ids).logits
+    assert (plain - expected).abs().max() > 1e-2  # the corruption merge_adapter avoids
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    merged.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path, dtype=F64).eval()(ids).logits, expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="PeftModel"):
+        merge_adapter(model)
+
+
+def test_portable_recipe_targets_what_stock_peft_accepts():
+    """recipes/mamba-130m/alpaca-grootl-portable.yaml: LoRA targets PEFT accepts on stock Mamba (no out_proj)."""
+    from grootl.train import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "mamba-130m" / "alpaca-grootl-portable.yaml")
+    assert recipe.method == "grootl" and "out_proj" not in recipe.lora.target_modules
+    stock = MambaForCausalLM(tiny_config())
+    get_peft_model(stock, LoraConfig(r=4, target_modules=recipe.lora.target_modules))
+    with pytest.raises(ValueError, match="out_proj"):  # why the published targets need a GrootL model
+        get_peft_model(MambaForCausalLM(tiny_config()), LoraConfig(r=4, target_modules=LORA_TARGETS))
 
 
 @pytest.mark.parametrize("enabled", [True, False])

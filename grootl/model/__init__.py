@@ -5,6 +5,7 @@ Importing this package registers the ``grootl_mamba`` model type with transforme
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from grootl.model.adapters import merge_adapter, untie_output_embeddings
 from grootl.model.config import ADAPTER_SETTINGS, GrootLConfig, GrootLMambaConfig, tiny_config
 from grootl.model.loading import load_model, tiny_model
 from grootl.model.mixer import GrootLMixer
@@ -23,6 +24,8 @@ __all__ = [
     "GrootLMixer",
     "context_lens_from_labels",
     "load_model",
+    "merge_adapter",
     "tiny_config",
     "tiny_model",
+    "untie_output_embeddings",
 ]

@@ -1,0 +1,102 @@
+"""GrootL for the Mamba families of transformers beyond Mamba-1: one :class:`Family` entry each.
+
+``load_model`` dispatches on a checkpoint's ``model_type`` (stock, e.g. ``mamba2``, or GrootL, e.g.
+``grootl_mamba2``); importing this package registers the GrootL model types with transformers' Auto
+classes. Mamba-1 (``mamba``) lives in ``grootl.model``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+from transformers.models.bamba.modeling_bamba import BambaMixer
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+from grootl.model.config import GrootLConfig
+from grootl.model.families.base import Family, GrootLCausalLMMixin, GrootLConfigMixin, make_family
+from grootl.model.families.ssd import GrootLSSDMixer
+
+_ATTENTION_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+FAMILIES: dict[str, Family] = {
+    family.model_type: family
+    for family in (
+        make_family(Mamba2Config, Mamba2ForCausalLM, Mamba2Mixer, GrootLSSDMixer,
+                    lora_targets=("embeddings", "in_proj", "out_proj"),
+                    examples=("AntonV/mamba2-130m-hf", "mistralai/Mamba-Codestral-7B-v0.1")),
+        make_family(BambaConfig, BambaForCausalLM, BambaMixer, GrootLSSDMixer,
+                    lora_targets=("embed_tokens", "in_proj", "out_proj") + _ATTENTION_MLP,
+                    examples=("ibm-ai-platform/Bamba-9B-v2",)),
+    )
+}
+_BY_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in (f.model_type, f.grootl_model_type)}
+
+for _family in FAMILIES.values():
+    AutoConfig.register(_family.grootl_model_type, _family.config, exist_ok=True)
+    AutoModelForCausalLM.register(_family.config, _family.causal_lm, exist_ok=True)
+
+
+def family_of(model_type: str) -> Family | None:
+    """The family of a stock or GrootL ``model_type``, or None."""
+    return _BY_MODEL_TYPE.get(model_type)
+
+
+def from_config(config, grootl: GrootLConfig | dict | None = None) -> GrootLCausalLMMixin:
+    """A randomly initialised GrootL model of a stock or GrootL config of a supported family."""
+    family = _require_family(config, "this config")
+    return family.causal_lm(family.config.from_stock(config, grootl))
+
+
+def load_model(name_or_path: str, grootl: GrootLConfig | dict | None = None, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None, **kwargs) -> GrootLCausalLMMixin:
+    """A GrootL model from a hub id or directory holding a stock or GrootL checkpoint of a supported
+    family (the weights load as they are). ``grootl``: an explicit value wins, else the checkpoint's
+    stored settings, else ``GrootLConfig()``. Other keyword arguments go to ``from_pretrained``."""
+    try:
+        config, model_kwargs = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load a checkpoint from {name_or_path!r}: {err}") from err
+    family = _require_family(config, repr(name_or_path))
+    try:
+        config = family.config.from_stock(config, None if grootl is None else GrootLConfig.coerce(grootl))
+    except ValueError as err:
+        raise ValueError(f"{name_or_path!r}: bad 'grootl' settings in its config.json: {err}") from err
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    model = family.causal_lm.from_pretrained(name_or_path, config=config, **model_kwargs)
+    return model if device is None else model.to(device)
+
+
+def _require_family(config, what: str) -> Family:
+    family = family_of(getattr(config, "model_type", None))
+    if family is None:
+        raise ValueError(
+            f"{what} has model_type={getattr(config, 'model_type', None)!r}, not a supported family: "
+            f"{sorted(_BY_MODEL_TYPE)}"
+        )
+    return family
+
+
+TINY_CONFIGS = {
+    "mamba2": lambda: Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, expand=2, n_groups=2, state_size=16,
+                                   num_hidden_layers=2, vocab_size=512, conv_kernel=4, chunk_size=8,
+                                   tie_word_embeddings=False),
+    "bamba": lambda: BambaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, attn_layer_indices=[1],
+                                 num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=8,
+                                 mamba_expand=2, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8,
+                                 vocab_size=512, tie_word_embeddings=False, initializer_range=0.2),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    """A tiny stock config of a family (hidden 32, a few layers, vocab 512) for tests and CPU demos."""
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for model_type={model_type!r}; known: {sorted(TINY_CONFIGS)}")
+    config = TINY_CONFIGS[model_type]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+__all__ = ["FAMILIES", "Family", "GrootLCausalLMMixin", "GrootLConfigMixin", "family_of", "from_config", "load_model",
+           "tiny_config"]

@@ -1,0 +1,143 @@
+"""What every GrootL family shares: the config that stores the GrootL settings, and the causal-LM wrapper
+that turns stock mixers into GrootL mixers and hands each forward's prompt lengths to them.
+
+A family is the stock transformers config, causal LM and mixer class plus the GrootL mixer class that
+replaces the mixer; :func:`make_family` derives the GrootL config and model classes from them, so a
+new family is one :class:`Family` entry (``grootl.model.families``), not a copied model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from torch import Tensor
+from transformers import PretrainedConfig
+
+from grootl.model.config import GrootLConfig
+from grootl.model.modeling import check_context_lens, context_lens_from_labels, left_padding
+
+
+class GrootLConfigMixin:
+    """Put before a stock config class: adds the ``grootl`` dict (the :class:`GrootLConfig` fields)."""
+
+    grootl: dict | None = None
+
+    @property
+    def grootl_config(self) -> GrootLConfig:
+        return GrootLConfig.coerce(self.grootl)
+
+    @classmethod
+    def from_stock(cls, config: PretrainedConfig, grootl: GrootLConfig | dict | None = None):
+        """Copy of a stock (or GrootL) config with ``grootl`` (None keeps the config's own, else the defaults)."""
+        values = config.to_dict()
+        for key in ("model_type", "transformers_version", "architectures"):
+            values.pop(key, None)
+        if grootl is None:
+            grootl = values.get("grootl")
+        values["grootl"] = GrootLConfig.coerce(grootl).to_dict()
+        return cls(**values)
+
+
+class GrootLCausalLMMixin:
+    """Put before a stock ``*ForCausalLM``: every stock mixer (``stock_mixer``) becomes ``grootl_mixer``
+    in place (same parameters and names: stock weights load, state dicts match), attention, MLP and MoE
+    layers stay as they are. ``forward`` also takes ``context_lens`` (batch,): each row's prompt length;
+    without it the leading ``-100`` run of ``labels``, else no prompt (the tree is the chain)."""
+
+    stock_mixer: type
+    grootl_mixer: type
+
+    def __init__(self, config):
+        if not isinstance(config, GrootLConfigMixin):
+            config = self.config_class.from_stock(config)
+        config.grootl = config.grootl_config.to_dict()  # validated, and never None in a saved config
+        super().__init__(config)
+        grootl = config.grootl_config
+        for module in self.modules():
+            if type(module) is self.stock_mixer:
+                module.__class__ = self.grootl_mixer
+                module.grootl = grootl
+
+    @property
+    def grootl(self) -> GrootLConfig:
+        """The GrootL settings every mixer uses."""
+        return self.config.grootl_config
+
+    def grootl_mixers(self) -> list:
+        return [m for m in self.modules() if isinstance(m, self.grootl_mixer)]
+
+    def set_grootl(self, grootl: GrootLConfig | dict) -> None:
+        """Switch the GrootL settings of every mixer (and of the saved config) in place."""
+        grootl = GrootLConfig.coerce(grootl)
+        self.config.grootl = grootl.to_dict()
+        for mixer in self.grootl_mixers():
+            mixer.grootl = grootl
+
+    def forward(self, *args, context_lens: Tensor | None = None, **kwargs):
+        """The stock forward; ``context_lens`` and left padding (from ``attention_mask``) go to the mixers."""
+        named = inspect.signature(super().forward).bind_partial(*args, **kwargs).arguments
+        embeds = named.get("input_ids", named.get("inputs_embeds"))
+        labels, mask = named.get("labels"), named.get("attention_mask")
+        mixers = self.grootl_mixers()
+        if embeds is not None and mixers and not _continues(named, mixers[0].layer_idx):
+            batch, length = embeds.shape[:2]
+            if context_lens is None and labels is not None:
+                context_lens = context_lens_from_labels(labels)
+            if context_lens is not None:
+                context_lens = check_context_lens(context_lens, batch, length, embeds.device)
+            start = left_padding(mask[:, -length:]) if mask is not None and mask.dim() == 2 else None
+            for mixer in mixers:
+                mixer.tree_inputs = (context_lens, start)
+        return super().forward(*args, **kwargs)
+
+
+def _continues(named: dict, layer_idx: int) -> bool:
+    """Whether the forward continues from a cache that already holds a recurrent state (decoding)."""
+    cache = next((named[k] for k in ("cache", "past_key_values", "cache_params") if named.get(k) is not None), None)
+    if cache is None or len(getattr(cache, "layers", ())) <= layer_idx:
+        return False
+    return cache.get_recurrent_state(layer_idx) is not None
+
+
+@dataclass(frozen=True)
+class Family:
+    """A stock model family and its GrootL classes. ``lora_targets``: the module names LoRA adapts."""
+
+    model_type: str  # the stock checkpoint's
+    config: type  # GrootL config class (model_type ``grootl_<stock>``)
+    causal_lm: type  # GrootL causal LM class
+    lora_targets: tuple[str, ...]
+    examples: tuple[str, ...] = ()  # hub ids of real checkpoints
+
+    @property
+    def grootl_model_type(self) -> str:
+        return self.config.model_type
+
+
+def make_family(stock_config: type, stock_causal_lm: type, stock_mixer: type, grootl_mixer_base: type,
+                lora_targets: tuple[str, ...], examples: tuple[str, ...] = ()) -> Family:
+    """Derive a family's GrootL classes (named ``GrootL<Stock...>``) from its stock classes."""
+    module = __name__.rsplit(".", 1)[0]
+    config = type("GrootL" + stock_config.__name__, (GrootLConfigMixin, stock_config), {
+        "model_type": "grootl_" + stock_config.model_type, "__module__": module,
+        "__annotations__": {"grootl": dict | None},
+        "__doc__": f"``{stock_config.__name__}`` plus the GrootL settings (``grootl``).",
+    })
+    mixer = type("GrootL" + stock_mixer.__name__, (grootl_mixer_base, stock_mixer), {"__module__": module})
+
+    def forward(self, *args, context_lens: Tensor | None = None, **kwargs):
+        return GrootLCausalLMMixin.forward(self, *args, context_lens=context_lens, **kwargs)
+
+    # the stock signature plus context_lens: generate() passes only the inputs a forward's signature names
+    stock = inspect.signature(stock_causal_lm.forward)
+    params = [p for p in stock.parameters.values() if p.kind != p.VAR_KEYWORD]
+    params += [inspect.Parameter("context_lens", inspect.Parameter.KEYWORD_ONLY, default=None)]
+    params += [p for p in stock.parameters.values() if p.kind == p.VAR_KEYWORD]
+    forward.__signature__ = stock.replace(parameters=params)
+    forward.__doc__ = GrootLCausalLMMixin.forward.__doc__
+    causal_lm = type("GrootL" + stock_causal_lm.__name__, (GrootLCausalLMMixin, stock_causal_lm), {
+        "config_class": config, "stock_mixer": stock_mixer, "grootl_mixer": mixer, "__module__": module,
+        "forward": forward, "__doc__": f"``{stock_causal_lm.__name__}`` whose mixers merge the GrootL tree scan.",
+    })
+    return Family(stock_config.model_type, config, causal_lm, lora_targets, examples)

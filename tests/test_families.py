@@ -1,0 +1,141 @@
+"""GrootL on the Mamba-2 families (grootl.model.families), each on a tiny random config on CPU: the
+stock model at λ=0, causality where the loss is taken, per-row prompts and left padding, one-state
+decoding, save/load, PEFT LoRA on the family's projections, gradient checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from grootl.model import GrootLConfig
+from grootl.model import families
+from grootl.model.families import FAMILIES
+
+FAMILY_TYPES = sorted(FAMILIES)
+TREE = GrootLConfig(modulation=0.5)
+
+
+def stock_and_grootl(model_type: str, grootl: GrootLConfig = TREE):
+    """A random stock model of the family and the GrootL model holding the same weights (eval mode)."""
+    family = FAMILIES[model_type]
+    config = families.tiny_config(model_type)
+    stock = family.causal_lm.__mro__[2](config).eval()  # the stock *ForCausalLM class
+    model = families.from_config(config, grootl).eval()
+    model.load_state_dict(stock.state_dict())
+    return stock, model
+
+
+def ids(batch, length, seed=0):
+    return torch.randint(1, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_modulation_zero_is_the_stock_model(model_type):
+    stock, model = stock_and_grootl(model_type, GrootLConfig(modulation=0.0))
+    assert model.config.model_type == "grootl_" + model_type
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in stock.parameters())
+    assert model.state_dict().keys() == stock.state_dict().keys()
+    x = ids(2, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, context_lens=torch.tensor([9, 13])).logits, stock(x).logits)
+    generate = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(x, **generate), stock.generate(x, **generate))
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_tree_changes_outputs_only_where_it_reaches(model_type):
+    stock, model = stock_and_grootl(model_type)
+    x, prompt = ids(1, 14), torch.tensor([8])
+    with torch.no_grad():
+        base = model(x, context_lens=prompt).logits
+        assert not torch.allclose(base, stock(x).logits, atol=1e-4), "λ > 0 changes the outputs"
+        later = x.clone()
+        later[0, 10] = (later[0, 10] + 1) % 512  # a response token
+        changed = model(later, context_lens=prompt).logits
+        torch.testing.assert_close(changed[:, :10], base[:, :10])
+        assert not torch.allclose(changed[:, 10:], base[:, 10:])
+        inside = x.clone()
+        inside[0, 6] = (inside[0, 6] + 1) % 512  # a prompt token reaches earlier prompt positions via the tree
+        assert not torch.allclose(model(inside, context_lens=prompt).logits[:, :6], base[:, :6], atol=1e-6)
+        # labels give the prompt too: its leading -100 run
+        labels = torch.where(torch.arange(14) < 8, -100, x)
+        torch.testing.assert_close(model(x, labels=labels).logits, base)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_a_row_in_a_left_padded_batch_equals_the_row_alone(model_type):
+    _, model = stock_and_grootl(model_type)
+    rows, prompts = [ids(1, 12, seed=1)[0], ids(1, 8, seed=2)[0]], [7, 3]
+    length = max(len(r) for r in rows)
+    batch = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, length - len(r):], mask[i, length - len(r):] = r, 1
+    pad = torch.tensor([length - len(r) for r in rows])
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask, context_lens=pad + torch.tensor(prompts)).logits
+        for i, r in enumerate(rows):
+            alone = model(r[None], context_lens=torch.tensor([prompts[i]])).logits
+            torch.testing.assert_close(out[i, int(pad[i]):], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_cached_generation_equals_a_full_forward_with_the_prompt_as_context(model_type):
+    _, model = stock_and_grootl(model_type)
+    x = ids(2, 10, seed=3)
+    prompt = torch.tensor([10, 10])
+    with torch.no_grad():
+        out = model.generate(x, context_lens=prompt, max_new_tokens=5, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        full = model(out.sequences, context_lens=prompt).logits
+    torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 9:-1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.sequences[:, 10:], full[:, 9:-1].argmax(-1))
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_save_and_load_round_trip(model_type, tmp_path):
+    stock, model = stock_and_grootl(model_type)
+    stock.save_pretrained(tmp_path / "stock")
+    loaded = families.load_model(str(tmp_path / "stock"), grootl=TREE)
+    model.save_pretrained(tmp_path / "grootl")
+    again = families.load_model(str(tmp_path / "grootl"))
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "grootl")
+    x, prompt = ids(1, 9), torch.tensor([6])
+    with torch.no_grad():
+        want = model(x, context_lens=prompt).logits
+        for other in (loaded, again, auto):
+            assert type(other) is type(model) and other.grootl == TREE
+            torch.testing.assert_close(other.eval()(x, context_lens=prompt).logits, want)
+    with pytest.raises(ValueError, match="not a supported family"):
+        families.from_config(families.tiny_config("mamba2").__class__.__base__())
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_lora_and_gradient_checkpointing(model_type):
+    _, model = stock_and_grootl(model_type)
+    x = ids(2, 12, seed=4)
+    labels = torch.where(torch.arange(12) < 7, -100, x)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(FAMILIES[model_type].lora_targets)))
+    adapted = {n.split(".lora_")[0] for n, _ in lora.named_parameters() if "lora_" in n}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == set(FAMILIES[model_type].lora_targets)
+    lora.train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora.zero_grad()
+        lora(x, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad})
+    assert all(g.abs().sum() > 0 for n, g in grads[0].items() if "lora_B" in n)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_context_lens_are_named():
+    _, model = stock_and_grootl("mamba2")
+    with pytest.raises(ValueError, match=r"context_lens\[1\] = 20 is outside \[0, 9\]"):
+        model(ids(2, 9), context_lens=torch.tensor([3, 20]))
+    with pytest.raises(ValueError, match="unknown GrootL config field"):
+        families.from_config(families.tiny_config("mamba2"), {"lambda": 0.3})

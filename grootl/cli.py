@@ -14,6 +14,7 @@ COMMANDS = {
     "eval": ("grootl.evaluation.run", "Zero-shot lm-eval suites on a model, adapter or run directory."),
     "generate": ("grootl.evaluation.generate", "A model's response to an instruction, printed as it is generated."),
     "compare": ("grootl.evaluation.compare", "Side-by-side table and chart of saved eval results."),
+    "reproduce": ("grootl.reproduce", "The paper's Mamba-130M table: train both arms, evaluate, compare (--smoke: tiny, CPU)."),
     "build-kernels": ("grootl.tree.native", "Compile the native tree-scan kernels now (CPU, and CUDA if present)."),
 }
 

@@ -101,6 +101,7 @@ def evaluate(args: argparse.Namespace, include_paths: list[Path]) -> dict:
     import lm_eval
     import lm_eval.evaluator
     import torch
+    import transformers
     from lm_eval.tasks import TaskManager
 
     import grootl.evaluation.lm  # noqa: F401  (registers the "grootl" model)
@@ -126,7 +127,9 @@ def evaluate(args: argparse.Namespace, include_paths: list[Path]) -> dict:
     if args.no_tree:
         model_args["grootl_enabled"] = False
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    datasets.disable_progress_bars()  # the benchmark splits load in seconds; lm-eval's own bars stay
+    # The benchmark splits and the model load in seconds: no bars for them (lm-eval's request bars stay).
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     # lm-eval records the working directory's git commit by running git with its stderr open: outside a
     # repository that prints "fatal: not a git repository". Same record, asked quietly.
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", _git_commit):

@@ -8,11 +8,18 @@ local JSONL file ``__DATA_DIR__/<task>_<split>.jsonl``. lm-eval needs absolute d
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 PAPER_SUITE = ("piqa", "arc_easy", "sst2", "winogrande", "lambada_openai", "race", "openbookqa")
 TASK_TEMPLATES = Path(__file__).resolve().parent / "offline_tasks"
 DATA_DIR_TOKEN = "__DATA_DIR__"
+
+
+def offline_data_files(templates: Path = TASK_TEMPLATES) -> dict[str, list[str]]:
+    """Task name → the ``<task>_<split>.jsonl`` file names its offline YAML reads from ``--data-dir``."""
+    return {path.stem: re.findall(rf"{DATA_DIR_TOKEN}/([^\"'\s]+)", path.read_text())
+            for path in sorted(Path(templates).glob("*.yaml"))}
 
 
 def render_offline_tasks(data_dir: str | Path, dest: str | Path, templates: Path = TASK_TEMPLATES) -> Path:

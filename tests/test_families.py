@@ -85,11 +85,11 @@ def test_a_row_in_a_left_padded_batch_equals_the_row_alone(model_type):
 def test_cached_generation_equals_a_full_forward_with_the_prompt_as_context(model_type):
     _, model = stock_and_grootl(model_type)
     x = ids(2, 10, seed=3)
-    prompt = torch.tensor([10, 10])
+    greedy = dict(max_new_tokens=5, do_sample=False)
     with torch.no_grad():
-        out = model.generate(x, context_lens=prompt, max_new_tokens=5, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-        full = model(out.sequences, context_lens=prompt).logits
+        out = model.generate(x, output_logits=True, return_dict_in_generate=True, **greedy)  # the tree over x
+        full = model(out.sequences, context_lens=torch.tensor([10, 10])).logits
+        assert torch.equal(model.generate(x, use_cache=False, **greedy), out.sequences)
     torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 9:-1], rtol=1e-4, atol=1e-4)
     assert torch.equal(out.sequences[:, 10:], full[:, 9:-1].argmax(-1))
 

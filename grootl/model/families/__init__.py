@@ -15,6 +15,7 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from grootl.model.config import GrootLConfig
 from grootl.model.families.base import Family, GrootLCausalLMMixin, GrootLConfigMixin, make_family
 from grootl.model.families.ssd import GrootLSSDMixer
+from grootl.paths import resolve_model
 
 _ATTENTION_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -51,7 +52,9 @@ def load_model(name_or_path: str, grootl: GrootLConfig | dict | None = None, dty
                device: torch.device | str | None = None, **kwargs) -> GrootLCausalLMMixin:
     """A GrootL model from a hub id or directory holding a stock or GrootL checkpoint of a supported
     family (the weights load as they are). ``grootl``: an explicit value wins, else the checkpoint's
-    stored settings, else ``GrootLConfig()``. Other keyword arguments go to ``from_pretrained``."""
+    stored settings, else ``GrootLConfig()``. Other keyword arguments go to ``from_pretrained``. A
+    ``grootl train`` run directory means its ``final/`` model."""
+    name_or_path = resolve_model(str(name_or_path))
     try:
         config, model_kwargs = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
     except (OSError, ValueError) as err:

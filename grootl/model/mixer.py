@@ -87,9 +87,7 @@ class GrootLMixer(MambaMixer):
         hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
         x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
         u = apply_mask_to_padding_states(self._conv(x, cache).transpose(1, 2), attention_mask)
-        time_step, B, C = torch.split(
-            self.x_proj(u), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
-        )
+        time_step, B, C = self._time_step_B_C(u)
         u, B, C = u.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)  # (batch, D|N, L)
         ct = work_dtype(hidden_states)
         dt = self.dt_proj.weight @ time_step.transpose(1, 2)  # (batch, D, L), before bias and softplus
@@ -103,6 +101,11 @@ class GrootLMixer(MambaMixer):
             y = self._full_scan(u, dt, dt_bias, delta, A, B, C, cache, context_lens, start)
         y = y * F.silu(gate)
         return self.out_proj(y.transpose(1, 2).to(dtype))
+
+    def _time_step_B_C(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x_proj(u)`` split into (time_step, B, C), each (batch, L, ·); a family's mixer may normalise
+        them (Falcon-Mamba: RMS norms on all three)."""
+        return torch.split(self.x_proj(u), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
 
     def _conv(self, x: Tensor, cache) -> Tensor:
         """Causal depthwise conv1d + activation over the new positions (the cache supplies the past)."""

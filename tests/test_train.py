@@ -338,3 +338,45 @@ def test_pretrained_init_from_a_local_checkpoint(tmp_path):
     assert json.loads((final / "config.json").read_text())["grootl"]["enabled"] is False  # the LoRA arm: plain scan
     adapted = PeftModel.from_pretrained(load_model(str(stock), grootl={"enabled": False}), final / "adapter").eval()
     torch.testing.assert_close(logits(adapted), logits(load_model(str(final)).eval()), atol=1e-4, rtol=1e-4)
+
+
+def test_missing_local_model_path_is_one_line_before_any_loading(tmp_path, capsys):
+    run = [str(REPO / "recipes/mamba-130m/alpaca-lora.yaml"), f"output_dir={tmp_path / 'run'}"]
+    assert main([*run, "model.name_or_path=./no-such-model"]) == 1
+    error = capsys.readouterr().err
+    assert error == f"grootl train: error: recipe key model.name_or_path: {Path.cwd() / 'no-such-model'} does not exist\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_log(tmp_path, monkeypatch, capsys):
+    """Messages go above the progress bar (tqdm.write), the bar is drawn once per step showing that step's
+    loss, the logged lr is the one the step used, and the export names the records trained on."""
+    from tqdm.std import tqdm
+
+    class Bar(tqdm):
+        shown, written = [], []
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1})  # draw on every update
+
+        def display(self, *args, **kwargs):
+            Bar.shown.append((self.n, dict(item.split("=") for item in (self.postfix or "").split(", ") if item)))
+            return super().display(*args, **kwargs)
+
+        @classmethod
+        def write(cls, message, *args, **kwargs):
+            Bar.written.append(message)
+            super().write(message, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    train(recipe(tmp_path, "train.max_steps=4", "train.warmup_steps=2", "train.lr=0.01", "log.progress=true",
+                 "data.eval_size=4", "eval.every=2"))
+    metrics = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert [m["lr"] for m in metrics] == pytest.approx([0.0, 0.005, 0.01, 0.01])  # warm-up from 0
+    shown = [(n, postfix) for n, postfix in Bar.shown if n > 0]
+    # once per step (step 2 again below its eval line, step 4 when closed), always with that step's values
+    assert [n for n, _ in shown].count(1) == [n for n, _ in shown].count(3) == 1
+    for n, postfix in shown:
+        assert postfix["loss"] == f"{metrics[n - 1]['loss']:.4f}" and postfix["lr"] == f"{metrics[n - 1]['lr']:.2e}"
+    assert any("step 2: eval loss" in message for message in Bar.written)
+    assert "(100 training records)" in Bar.written[-1]  # 104 kept, 4 held out for eval

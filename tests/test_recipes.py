@@ -128,6 +128,23 @@ def test_accelerate_configs_load(path):
         assert config.deepspeed_config["gradient_clipping"] == load_recipe(PAPER_130M["grootl"]).train.max_grad_norm
 
 
+def documented_launches() -> list[str]:
+    """Every `accelerate launch --config_file recipes/accelerate/...` command in the README and the configs' comments."""
+    texts = [(REPO / "README.md").read_text(), *(path.read_text() for path in ACCELERATE_CONFIGS)]
+    lines = "\n".join(texts).replace("\\\n", " ").splitlines()
+    return [line.lstrip("# ").split("#")[0] for line in lines if "launch --config_file recipes/accelerate/" in line]
+
+
+@pytest.mark.parametrize("command", documented_launches())
+def test_documented_launches_keep_the_papers_effective_batch(command):
+    words = command.split()
+    config = ClusterConfig.from_yaml_file(str(REPO / words[words.index("--config_file") + 1]))
+    processes = int(words[words.index("--num_processes") + 1]) if "--num_processes" in words else config.num_processes
+    recipe_at = words.index("grootl.train") + 1
+    run = load_recipe(REPO / words[recipe_at], words[recipe_at + 1:])
+    assert run.train.batch_size * run.train.grad_accum * processes == 16
+
+
 def test_unknown_key_lists_the_valid_keys(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("output_dir: out\nmodel: {name_or_path: a/b}\ntrain: {learning_rate: 0.1}\n")

@@ -8,12 +8,15 @@ classes. Mamba-1 (``mamba``) lives in ``grootl.model``.
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, FalconMambaConfig,
+                          FalconMambaForCausalLM, Mamba2Config, Mamba2ForCausalLM)
 from transformers.models.bamba.modeling_bamba import BambaMixer
+from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from grootl.model.config import GrootLConfig
 from grootl.model.families.base import Family, GrootLCausalLMMixin, GrootLConfigMixin, make_family
+from grootl.model.families.mamba1 import GrootLFalconMambaMixerBase
 from grootl.model.families.ssd import GrootLSSDMixer
 from grootl.paths import resolve_model
 
@@ -25,6 +28,9 @@ FAMILIES: dict[str, Family] = {
         make_family(Mamba2Config, Mamba2ForCausalLM, Mamba2Mixer, GrootLSSDMixer,
                     lora_targets=("embeddings", "in_proj", "out_proj"),
                     examples=("AntonV/mamba2-130m-hf", "mistralai/Mamba-Codestral-7B-v0.1")),
+        make_family(FalconMambaConfig, FalconMambaForCausalLM, FalconMambaMixer, GrootLFalconMambaMixerBase,
+                    lora_targets=("embeddings", "in_proj", "x_proj", "out_proj"),
+                    examples=("tiiuae/falcon-mamba-7b", "tiiuae/falcon-mamba-7b-instruct")),
         make_family(BambaConfig, BambaForCausalLM, BambaMixer, GrootLSSDMixer,
                     lora_targets=("embed_tokens", "in_proj", "out_proj") + _ATTENTION_MLP,
                     examples=("ibm-ai-platform/Bamba-9B-v2",)),
@@ -81,6 +87,9 @@ def _require_family(config, what: str) -> Family:
 
 
 TINY_CONFIGS = {
+    "falcon_mamba": lambda: FalconMambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=512,
+                                              expand=2, conv_kernel=4,
+                                              tie_word_embeddings=False),
     "mamba2": lambda: Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, expand=2, n_groups=2, state_size=16,
                                    num_hidden_layers=2, vocab_size=512, conv_kernel=4, chunk_size=8,
                                    tie_word_embeddings=False),

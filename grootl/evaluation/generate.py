@@ -62,6 +62,7 @@ def build_prompt(args: argparse.Namespace, model_dir: str) -> str:
 def generate(args: argparse.Namespace) -> str:
     """Load the model, print the response as it comes, and return it."""
     import torch
+    import transformers
     from transformers import AutoTokenizer, TextStreamer
 
     from grootl.model import load_model
@@ -74,6 +75,7 @@ def generate(args: argparse.Namespace) -> str:
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype, None)
     if not isinstance(dtype, (str, torch.dtype)):
         raise ValueError(f"--dtype {args.dtype} is not a torch dtype")
+    transformers.utils.logging.disable_progress_bar()  # loading takes seconds; the response is what to watch
     model = load_model(model_dir, dtype=dtype, device=device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -134,6 +134,22 @@ def test_lora_and_gradient_checkpointing(model_type):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6)
 
 
+def test_shipped_recipes_adapt_modules_their_family_has():
+    from conftest import REPO
+    from grootl.train import load_recipe
+
+    checkpoints = {example: family for family in FAMILIES.values() for example in family.examples}
+    recipes = [load_recipe(p) for p in sorted((REPO / "recipes").rglob("alpaca-*.yaml"))]
+    covered = set()
+    for recipe in recipes:
+        family = checkpoints.get(recipe.model.name_or_path)
+        if family is not None:
+            model = families.from_config(families.tiny_config(family.model_type))
+            assert set(recipe.lora.target_modules) <= {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+            covered.add(family.model_type)
+    assert covered == set(FAMILIES), "every family ships a recipe for a real checkpoint"
+
+
 def test_bad_context_lens_are_named():
     _, model = stock_and_grootl("mamba2")
     with pytest.raises(ValueError, match=r"context_lens\[1\] = 20 is outside \[0, 9\]"):

@@ -27,10 +27,10 @@ FAMILIES: dict[str, Family] = {
     for family in (
         make_family(Mamba2Config, Mamba2ForCausalLM, Mamba2Mixer, GrootLSSDMixer,
                     lora_targets=("embeddings", "in_proj", "out_proj"),
-                    examples=("AntonV/mamba2-130m-hf", "mistralai/Mamba-Codestral-7B-v0.1")),
+                    examples=("AntonV/mamba2-130m-hf", "AntonV/mamba2-2.7b-hf")),
         make_family(FalconMambaConfig, FalconMambaForCausalLM, FalconMambaMixer, GrootLFalconMambaMixerBase,
                     lora_targets=("embeddings", "in_proj", "x_proj", "out_proj"),
-                    examples=("tiiuae/falcon-mamba-7b", "tiiuae/falcon-mamba-7b-instruct")),
+                    examples=("tiiuae/falcon-mamba-7b",)),
         make_family(BambaConfig, BambaForCausalLM, BambaMixer, GrootLSSDMixer,
                     lora_targets=("embed_tokens", "in_proj", "out_proj") + _ATTENTION_MLP,
                     examples=("ibm-ai-platform/Bamba-9B-v2",)),

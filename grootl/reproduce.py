@@ -68,7 +68,8 @@ def _available_tasks(data_dir: Path) -> list[str]:
     files = offline_data_files()
     tasks = [t for t in PAPER_SUITE if all((data_dir / name).is_file() for name in files[t])]
     if not tasks:
-        raise ReproduceError(f"--data-dir {data_dir} holds none of {', '.join(n for t in PAPER_SUITE for n in files[t])}")
+        names = ", ".join(name for task in PAPER_SUITE for name in files[task])
+        raise ReproduceError(f"--data-dir {data_dir} holds none of {names}")
     if skipped := [t for t in PAPER_SUITE if t not in tasks]:
         print(f"[grootl reproduce] no data in {data_dir} for {', '.join(skipped)}: evaluating {', '.join(tasks)}")
     return tasks
@@ -84,7 +85,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ReproduceError(f"no recipe {missing[0]}: grootl reproduce uses the recipes of a source checkout "
                              f"(git clone the project, or pass --recipes DIR)")
     out = (args.out or Path("runs/paper-smoke" if args.smoke else "runs/paper")).expanduser()
-    data_dir = args.data_dir or (next(d for d in SMOKE_DATA_DIRS if d.is_dir()) if args.smoke else None)
+    data_dir = args.data_dir or (next((d for d in SMOKE_DATA_DIRS if d.is_dir()), None) if args.smoke else None)
+    if args.smoke and data_dir is None:
+        raise ReproduceError(f"no offline eval data in {' or '.join(map(str, SMOKE_DATA_DIRS))}: pass --data-dir DIR")
     tasks = _available_tasks(data_dir.expanduser()) if data_dir else list(PAPER_SUITE)
     limit = args.limit if args.limit is not None else (4 if args.smoke else None)
     eval_options = ["--batch-size", args.batch_size or ("4" if args.smoke else "auto")]

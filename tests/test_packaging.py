@@ -32,8 +32,8 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(REPO / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"),
-                    str(source)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(root / "dist"), str(source)], check=True, capture_output=True)
     (built,) = (root / "dist").glob("grootl-*.whl")
     return built
 
@@ -80,8 +80,8 @@ def test_offline_eval_runs_from_the_installed_package(installed, tmp_path):
     located = subprocess.run([sys.executable, "-c", "import grootl; print(grootl.__file__)"], cwd=tmp_path,
                              env={**os.environ, "PYTHONPATH": str(installed)}, capture_output=True, text=True)
     assert Path(located.stdout.strip()).is_relative_to(installed)  # not the checkout's package
-    done = run_installed(installed, tmp_path, "eval", "model", "--tasks", "piqa,sst2", "--data-dir", str(ASSETS / "eval"),
-                         "--limit", "2", "--device", "cpu", "--output", "out.json")
+    done = run_installed(installed, tmp_path, "eval", "model", "--tasks", "piqa,sst2",
+                         "--data-dir", str(ASSETS / "eval"), "--limit", "2", "--device", "cpu", "--output", "out.json")
     assert done.returncode == 0, done.stderr
     assert set(json.loads((tmp_path / "out.json").read_text())["results"]) == {"piqa", "sst2"}
     for noise in ("fatal: not a git repository", "Traceback", "Warning", "WARNING", "Loading weights", "Generating"):

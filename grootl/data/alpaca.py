@@ -52,7 +52,8 @@ def load_records(source: str | Path, split: str = "train") -> datasets.Dataset:
                 records = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as error:
             problem = _json_problem(path) if builder == "json" else None
-            raise DataError(f"{path}: {problem or f'could not read as {builder} ({type(error).__name__}: {error})'}") from error
+            problem = problem or f"could not read as {builder} ({type(error).__name__}: {error})"
+            raise DataError(f"{path}: {problem}") from error
     elif is_local_path(name):
         raise DataError(f"{path}: no such file or folder")
     else:
@@ -113,7 +114,7 @@ def _json_problem(path: Path) -> str | None:
         except json.JSONDecodeError as error:
             return f"line {number}: not valid JSON ({error.msg} at column {error.colno})"
         if not isinstance(record, dict):
-            return f"line {number}: a JSON {type(record).__name__}, not a record ({{\"instruction\": ..., \"output\": ...}})"
+            return f"line {number}: a JSON {type(record).__name__}, not a record (an object with instruction, output)"
     return None
 
 

@@ -1,7 +1,8 @@
 """``grootl eval``: zero-shot lm-eval tasks on a GrootL model, a stock model or a PEFT adapter.
 
 Online: standard lm-eval tasks from the hub. Offline (``--data-dir DIR``): the task YAMLs that ship in
-``grootl/evaluation/offline_tasks/`` read ``DIR/<task>_<split>.jsonl`` under the same task names. Writes lm-eval's results JSON.
+``grootl/evaluation/offline_tasks/`` read ``DIR/<task>_<split>.jsonl`` under the same task names. Writes
+lm-eval's results JSON.
 """
 
 from __future__ import annotations

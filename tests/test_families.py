@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import grootl
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -99,7 +101,7 @@ def test_cached_generation_equals_a_full_forward_with_the_prompt_as_context(mode
 def test_save_and_load_round_trip(model_type, tmp_path):
     stock, model = stock_and_grootl(model_type)
     stock.save_pretrained(tmp_path / "stock")
-    loaded = families.load_model(str(tmp_path / "stock"), grootl=TREE)
+    loaded = grootl.load_model(str(tmp_path / "stock"), grootl=TREE)  # dispatches on the model type
     model.save_pretrained(tmp_path / "grootl")
     again = families.load_model(str(tmp_path / "grootl"))
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "grootl")

@@ -15,6 +15,8 @@ AutoConfig.register(GrootLMambaConfig.model_type, GrootLMambaConfig, exist_ok=Tr
 AutoModel.register(GrootLMambaConfig, GrootLMambaModel, exist_ok=True)
 AutoModelForCausalLM.register(GrootLMambaConfig, GrootLMambaForCausalLM, exist_ok=True)
 
+from grootl.model import families  # noqa: E402  (registers the other families' GrootL model types)
+
 __all__ = [
     "ADAPTER_SETTINGS",
     "GrootLConfig",
@@ -23,6 +25,7 @@ __all__ = [
     "GrootLMambaModel",
     "GrootLMixer",
     "context_lens_from_labels",
+    "families",
     "load_model",
     "merge_adapter",
     "tiny_config",

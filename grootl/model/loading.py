@@ -34,6 +34,10 @@ def load_model(
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a Mamba checkpoint from {name_or_path!r}: {err}") from err
     if not isinstance(config, MambaConfig):
+        from grootl.model import families
+
+        if families.family_of(config.model_type) is not None:  # Mamba-2, Falcon-Mamba, hybrids
+            return families.load_model(name_or_path, grootl=grootl, dtype=dtype, device=device, **kwargs)
         raise ValueError(
             f"{name_or_path!r} is not a Mamba checkpoint: its config has model_type={config.model_type!r}, "
             f"expected 'mamba' or {GrootLMambaConfig.model_type!r}"

@@ -131,3 +131,20 @@ def test_metrics_hold_each_line_once_after_a_resume(tmp_path):
     shutil.rmtree(tmp_path / "no-checkpoints/final")
     train(run, resume=True)
     assert [m["step"] for m in read_metrics(tmp_path / "no-checkpoints")] == [1, 2]
+
+
+def test_resume_at_and_after_an_epoch_boundary_is_exact(tmp_path):
+    run = recipe(tmp_path, "data.limit=24", "train.max_steps=7", "checkpoint.every=2", "checkpoint.keep=5")
+    train(run)
+    out = tmp_path / "run"
+    straight = read_metrics(out)
+    assert {m["epoch"] for m in straight} == {0, 1, 2}  # 3 steps per epoch: step-6 ends one, step-4 is inside one
+    for newest in ("step-6", "step-4"):
+        for later in checkpoint_dirs(out)[[p.name for p in checkpoint_dirs(out)].index(newest) + 1:]:
+            shutil.rmtree(later)
+        shutil.rmtree(out / "final")
+        train(run, resume=True)
+        resumed = read_metrics(out)
+        assert [m["step"] for m in resumed] == list(range(1, 8))
+        assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], abs=1e-6)
+        assert [m["epoch"] for m in resumed] == [m["epoch"] for m in straight]

@@ -158,3 +158,33 @@ def test_bad_context_lens_are_named():
         model(ids(2, 9), context_lens=torch.tensor([3, 20]))
     with pytest.raises(ValueError, match="unknown GrootL config field"):
         families.from_config(families.tiny_config("mamba2"), {"lambda": 0.3})
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_grootl_train_runs_the_family_recipe_on_a_local_checkpoint(model_type, tmp_path):
+    """The code path of the family's shipped recipe, on a saved tiny stock checkpoint: train, export, reload."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from conftest import ASSETS, REPO
+    from grootl.train import load_recipe, train
+
+    family = FAMILIES[model_type]
+    stock = tmp_path / "stock"
+    family.causal_lm.__mro__[2](families.tiny_config(model_type)).save_pretrained(stock)
+    AutoTokenizer.from_pretrained(ASSETS / "tokenizer").save_pretrained(stock)
+    shipped = next(p for p in sorted((REPO / "recipes").rglob("alpaca-grootl.yaml"))
+                   if load_recipe(p).model.name_or_path in family.examples)
+    run = load_recipe(shipped, [
+        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={stock}", "model.dtype=float32",
+        f"data.path={ASSETS / 'alpaca_tiny.jsonl'}", "data.max_length=48", "train.batch_size=4", "train.grad_accum=1",
+        "train.max_steps=2", "train.lr=1e-2", "train.mixed_precision=no", "train.gradient_checkpointing=true",
+        "log.progress=false", "log.trackers=[]", "checkpoint.every=null"])
+    final = train(run)
+    merged = grootl.load_model(str(final)).eval()
+    assert merged.config.model_type == family.grootl_model_type and merged.grootl.active
+    adapted = PeftModel.from_pretrained(grootl.load_model(str(stock), grootl=merged.grootl), final / "adapter").eval()
+    x, prompt = ids(2, 12, seed=5), torch.tensor([7, 12])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x, context_lens=prompt).logits, merged(x, context_lens=prompt).logits,
+                                   atol=1e-4, rtol=1e-4)

@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from grootl.train import main, train
-from grootl.train.rundir import read_metrics
+from grootl.train.rundir import RunDirError, check_resume_layout, read_metrics
 
 from conftest import REPO
 from test_train import DEMO, FAST, checkpoint_model, logits, recipe
@@ -61,6 +62,18 @@ def test_two_cpu_processes_then_resume_with_one_keeping_the_effective_batch(tmp_
                 assert abs(before[key] - after[key]) < 1e-5 * max(1, abs(before[key])), (key, before, after)
     torch.testing.assert_close(logits(checkpoint_model(resumed, out / "checkpoints/step-4")),
                                logits(checkpoint_model(resumed, reference)), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_layout_rules(tmp_path):
+    state = {"batch_size": 4, "grad_accum": 2, "num_processes": 2}
+    check_resume_layout(tmp_path, state, batch_size=4, grad_accum=4, num_processes=1, sharded=False)
+    check_resume_layout(tmp_path, state, batch_size=4, grad_accum=1, num_processes=4, sharded=False)
+    with pytest.raises(RunDirError, match=r"gives 12 \(4 x 1 x 3 processes\); launch 2 processes$"):
+        check_resume_layout(tmp_path, state, batch_size=4, grad_accum=1, num_processes=3, sharded=False)
+    with pytest.raises(RunDirError, match=r"sharded \(FSDP / DeepSpeed\) state was written by 2 processes, this launch has 1"):
+        check_resume_layout(tmp_path, state, batch_size=4, grad_accum=4, num_processes=1, sharded=True)
+    with pytest.raises(RunDirError, match="written by an older grootl"):
+        check_resume_layout(tmp_path, {"step": 2}, batch_size=4, grad_accum=2, num_processes=2, sharded=False)
 
 
 def test_a_second_training_into_a_locked_folder_is_refused(tmp_path, capsys):

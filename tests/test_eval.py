@@ -31,7 +31,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from grootl.evaluation import compare, run
 from grootl.evaluation.lm import GrootLLM
-from grootl.evaluation.tasks import PAPER_SUITE, render_offline_tasks
+from grootl.evaluation.tasks import PAPER_SUITE, TASK_TEMPLATES, render_offline_tasks
 from grootl.model import GrootLConfig, tiny_config, tiny_model
 
 ASSETS = Path(__file__).parent / "assets"
@@ -334,11 +334,13 @@ def test_cli_offline_on_shared_data(models, shared_data, tmp_path):
         (["MODEL", "--peft", "./no/adapter", "--tasks", "piqa"], "--peft ./no/adapter does not exist"),
         (["MODEL", "--tasks", "piqa", "--batch-size", "many"], "expected a positive int, 'auto' or 'auto:N'"),
         (["MODEL", "--tasks", "piqa", "--modulation", "-0.5"], "λ must be a number >= 0; got -0.5"),
+        (["MODEL", "--tasks", "piqa", "--include-path", "TASKS"], "offline task YAMLs (__DATA_DIR__ placeholders): pass --data-dir"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error(models, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
-    argv = [models["stock"] if a == "MODEL" else str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
+    named = {"MODEL": models["stock"], "EMPTY": str(tmp_path / "empty"), "TASKS": str(TASK_TEMPLATES)}
+    argv = [named.get(a, a) for a in argv]
     try:
         assert run.main([*argv, "--device", "cpu", "--output", str(tmp_path / "out.json")]) == 2
     except SystemExit as exit_:  # argparse rejects a malformed option value

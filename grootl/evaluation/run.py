@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
-from grootl.evaluation.tasks import PAPER_SUITE, missing_data_files, render_offline_tasks
+from grootl.evaluation.tasks import DATA_DIR_TOKEN, PAPER_SUITE, missing_data_files, render_offline_tasks
 from grootl.paths import PathError, missing_path_error, resolve_model
 
 
@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.include_path:
             if not path.is_dir():
                 raise EvalError(f"--include-path {path} is not a directory")
+            if any(DATA_DIR_TOKEN in yaml.read_text() for yaml in path.glob("*.yaml")):
+                raise EvalError(f"--include-path {path} holds grootl's offline task YAMLs ({DATA_DIR_TOKEN} "
+                                f"placeholders): pass --data-dir DIR instead, they ship with grootl")
         with tempfile.TemporaryDirectory(prefix="grootl-tasks-") as rendered:
             include_paths = list(args.include_path)
             if args.data_dir:

@@ -30,6 +30,10 @@ from grootl.model.config import GrootLConfig, GrootLMambaConfig
 from grootl.model.mixer import GrootLMixer
 
 IGNORE_INDEX = -100
+NO_PROMPT_WARNING = (
+    "GrootL: a training forward without labels or context_lens reads an empty prompt (the tree is the chain); in "
+    "TRL's SFTTrainer or transformers' Trainer use grootl.integrations.give_prompts"
+)
 
 
 def context_lens_from_labels(labels: Tensor) -> Tensor:
@@ -49,6 +53,16 @@ def left_padding(attention_mask: Tensor | None) -> Tensor | None:
 def continues_from_cache(cache) -> bool:
     """Whether ``cache`` already holds a recurrent state (so this forward decodes past a prefill)."""
     return cache is not None and len(cache.layers) > 0 and cache.get_recurrent_state(0) is not None
+
+
+def generation_prompt(inputs: Tensor | None, kwargs: dict) -> dict:
+    """``generate``'s keyword arguments with ``context_lens`` set to the prompt's length (the whole
+    ``inputs`` / ``input_ids`` / ``inputs_embeds``; left padding stays out of the tree) unless given."""
+    if kwargs.get("context_lens") is None:
+        prompt = next((x for x in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None), None)
+        if isinstance(prompt, Tensor) and prompt.dim() >= 2:
+            kwargs = {**kwargs, "context_lens": torch.full((prompt.shape[0],), prompt.shape[1], device=prompt.device)}
+    return kwargs
 
 
 def check_context_lens(context_lens, batch: int, length: int, device) -> Tensor:
@@ -147,11 +161,7 @@ class GrootLMambaModel(GrootLMambaPreTrainedModel, MambaModel):
             if context_lens is not None:
                 context_lens = check_context_lens(context_lens, batch, length, inputs_embeds.device)
             elif self.training and self.config.grootl_config.active:
-                warnings.warn(
-                    "GrootL: a training forward without labels or context_lens reads an empty prompt (the tree is "
-                    "the chain); in TRL's SFTTrainer or transformers' Trainer use grootl.integrations.give_prompts",
-                    stacklevel=2,
-                )
+                warnings.warn(NO_PROMPT_WARNING, stacklevel=2)
             start = left_padding(attention_mask)
 
         hidden_states = inputs_embeds
@@ -221,12 +231,7 @@ class GrootLMambaForCausalLM(GrootLMambaPreTrainedModel, MambaForCausalLM):
     def generate(self, inputs: Tensor | None = None, *args, **kwargs):
         """``GenerationMixin.generate``, with ``context_lens`` defaulting to the prompt's length (its
         left padding, from ``attention_mask``, stays out of the tree)."""
-        if kwargs.get("context_lens") is None:
-            prompt = next((x for x in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None),
-                          None)
-            if isinstance(prompt, Tensor) and prompt.dim() >= 2:
-                kwargs["context_lens"] = torch.full((prompt.shape[0],), prompt.shape[1], device=prompt.device)
-        return super().generate(inputs, *args, **kwargs)
+        return super().generate(inputs, *args, **generation_prompt(inputs, kwargs))
 
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(

@@ -7,6 +7,7 @@ itself stays cheap and ``grootl.tree`` works without the model stack).
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -29,7 +30,7 @@ def __getattr__(name: str):
 
 def _register_auto_classes() -> None:
     try:
-        import grootl.model  # noqa: F401  (its import registers the classes)
+        importlib.import_module("grootl.model")  # its import registers the classes
     except Exception as err:  # noqa: BLE001 - never break the user's transformers import
         warnings.warn(f"grootl: could not register the grootl_mamba Auto classes: {err}", RuntimeWarning, stacklevel=2)
 

@@ -195,6 +195,16 @@ def test_report_counts_kept_trimmed_and_dropped(tokenizer):
     assert "4 records: 2 kept (1 trimmed to max_length 48), 2 dropped" in text and "empty output" in text
 
 
+def test_small_data_loads_and_tokenizes_without_progress_bars(tokenizer, capfd, monkeypatch):
+    records = datasets.Dataset.from_list(load_records(ALPACA).to_list())  # in memory: map() caches nothing
+    tokenize_records(records, tokenizer)
+    assert capfd.readouterr().err == ""
+    # Past the size where they help, the bars show (the datasets default is left as it was).
+    monkeypatch.setattr("grootl.data.alpaca.LARGE_RECORD_COUNT", 10)
+    tokenize_records(records, tokenizer)
+    assert "Tokenizing" in capfd.readouterr().err and datasets.is_progress_bar_enabled()
+
+
 def test_collator_pads_right_and_labels_only_the_response():
     rows = [{"input_ids": [5, 6, 7, 8, 9], "context_len": 3}, {"input_ids": [5, 6, 7], "context_len": 1}]
     batch = SFTCollator(pad_token_id=1)(rows)

@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import lm_eval
@@ -207,6 +208,14 @@ def test_rolling_and_generation_match_hf_at_lambda_zero_and_batch_at_lambda_posi
     scores = tree_batched.loglikelihood_rolling(rolling)
     assert scores == pytest.approx(tree_alone.loglikelihood_rolling(rolling), abs=1e-5)
     assert all(math.isfinite(s) for s in scores)
+
+
+def test_an_adapter_loads_without_warnings(models):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = GrootLLM(pretrained=models["adapter"], device="cpu")
+    assert isinstance(lm.model, peft.PeftModel)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
 
 
 def test_grootl_checkpoint_keeps_its_modulation_unless_overridden(models):

@@ -435,14 +435,22 @@ def test_merge_adapter_unties_the_output_layer_before_merging(tmp_path):
         merge_adapter(model)
 
 
-def test_portable_recipe_targets_what_stock_peft_accepts():
-    """recipes/mamba-130m/alpaca-grootl-portable.yaml: LoRA targets PEFT accepts on stock Mamba (no out_proj)."""
+def test_portable_recipe_targets_what_stock_peft_accepts(tmp_path):
+    """recipes/mamba-130m/alpaca-grootl-portable.yaml: its LoRA (no out_proj), trained on GrootL, loads onto
+    stock Mamba with plain PEFT."""
     from grootl.train import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "mamba-130m" / "alpaca-grootl-portable.yaml")
     assert recipe.method == "grootl" and "out_proj" not in recipe.lora.target_modules
-    stock = MambaForCausalLM(tiny_config())
-    get_peft_model(stock, LoraConfig(r=4, target_modules=recipe.lora.target_modules))
+    config = LoraConfig(r=4, target_modules=recipe.lora.target_modules, init_lora_weights=False)
+    base = tiny_model(grootl=GrootLConfig(enabled=False)).to(F64)
+    stock_base = stock_twin(base)
+    adapted = get_peft_model(base, config).eval()
+    adapted.save_pretrained(tmp_path)
+    stock = PeftModel.from_pretrained(stock_base, tmp_path).eval()
+    ids = random_ids(2, 9)
+    with torch.no_grad():  # tree off: the stock model computes the same function
+        torch.testing.assert_close(stock(ids).logits, adapted(ids).logits, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="out_proj"):  # why the published targets need a GrootL model
         get_peft_model(MambaForCausalLM(tiny_config()), LoraConfig(r=4, target_modules=LORA_TARGETS))
 

@@ -190,6 +190,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path
 
 def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
     out = Path(recipe.output_dir)
+    check_sources(recipe)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.train.grad_accum,
         mixed_precision=recipe.train.mixed_precision,
@@ -203,7 +204,6 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
             sys.stdout.flush()
 
     check_launch(accelerator, log)
-    check_sources(recipe)
     lock = rundir.RunLock(out)
     try:
         action = on_main_process(accelerator, lambda: rundir.take_output_dir(out, recipe.to_dict(), resume, overwrite, lock))

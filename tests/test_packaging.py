@@ -62,6 +62,8 @@ def test_wheel_holds_the_package_data_and_license(wheel):
     yamls = {p.name for p in (REPO / "grootl" / "evaluation" / "offline_tasks").glob("*.yaml")}
     assert len(yamls) == 7 and {f"grootl/evaluation/offline_tasks/{name}" for name in yamls} <= names
     assert not any(name.startswith(("tests/", "recipes/", "eval/", "scripts/")) for name in names)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "grootl = grootl.cli:main" in entry_points
     meta = Parser().parsestr(zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode())
     assert meta["License-Expression"] == "Apache-2.0" and meta["License-File"] == "LICENSE"
     license_text = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("licenses/LICENSE"))).decode()

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, FalconMambaConfig,
-                          FalconMambaForCausalLM, Mamba2Config, Mamba2ForCausalLM)
+                          FalconMambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, Mamba2Config,
+                          Mamba2ForCausalLM, NemotronHConfig, NemotronHForCausalLM)
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.bamba.modeling_bamba import BambaMixer
 from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
+from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
 from grootl.model.config import GrootLConfig
 from grootl.model.families.base import Family, GrootLCausalLMMixin, GrootLConfigMixin, make_family
@@ -34,6 +38,13 @@ FAMILIES: dict[str, Family] = {
         make_family(BambaConfig, BambaForCausalLM, BambaMixer, GrootLSSDMixer,
                     lora_targets=("embed_tokens", "in_proj", "out_proj") + _ATTENTION_MLP,
                     examples=("ibm-ai-platform/Bamba-9B-v2",)),
+        make_family(GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, GraniteMoeHybridMambaLayer, GrootLSSDMixer,
+                    lora_targets=("embed_tokens", "in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
+                    examples=("ibm-granite/granite-4.0-h-micro", "ibm-granite/granite-4.0-h-tiny")),
+        make_family(NemotronHConfig, NemotronHForCausalLM, NemotronHMamba2Mixer, GrootLSSDMixer,
+                    lora_targets=("embeddings", "in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj",
+                                  "up_proj", "down_proj"),
+                    examples=("nvidia/NVIDIA-Nemotron-Nano-9B-v2",)),
     )
 }
 _BY_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in (f.model_type, f.grootl_model_type)}
@@ -41,6 +52,10 @@ _BY_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in (f.model_type, f.groo
 for _family in FAMILIES.values():
     AutoConfig.register(_family.grootl_model_type, _family.config, exist_ok=True)
     AutoModelForCausalLM.register(_family.config, _family.causal_lm, exist_ok=True)
+    # transformers renames some families' weights between the checkpoint layout and the modules, by model type
+    _weights = get_checkpoint_conversion_mapping(_family.model_type)
+    if _weights is not None:
+        register_checkpoint_conversion_mapping(_family.grootl_model_type, _weights, overwrite=True)
 
 
 def family_of(model_type: str) -> Family | None:
@@ -97,6 +112,15 @@ TINY_CONFIGS = {
                                  num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=8,
                                  mamba_expand=2, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8,
                                  vocab_size=512, tie_word_embeddings=False, initializer_range=0.2),
+    "granitemoehybrid": lambda: GraniteMoeHybridConfig(
+        hidden_size=32, intermediate_size=48, shared_intermediate_size=48, num_hidden_layers=3,
+        layer_types=["mamba", "attention", "mamba"], num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, mamba_n_heads=8, mamba_d_head=8, mamba_expand=2,
+        mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8, vocab_size=512, initializer_range=0.2),
+    "nemotron_h": lambda: NemotronHConfig(
+        hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=8, mamba_head_dim=8, expand=2,
+        n_groups=2, ssm_state_size=16, chunk_size=8, vocab_size=512, initializer_range=0.2),
 }
 
 

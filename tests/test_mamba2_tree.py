@@ -111,8 +111,8 @@ def test_gradients_and_root_state_match_the_oracle(groups):
 
 
 def test_gradcheck():
-    x, dt, A, B, C = random_inputs(1, 6, 4, 2, 2, 3, seed=3)
-    tree = m2.build_tree(x, dt, B, torch.tensor([6]))
+    x, dt, A, B, C = random_inputs(1, 5, 2, 2, 2, 2, seed=3)
+    tree = m2.build_tree(x, dt, B, torch.tensor([5]))
     inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C)]
     assert torch.autograd.gradcheck(lambda *ts: m2.tree_scan(*ts, tree), inputs)
 

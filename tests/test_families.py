@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import grootl
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+import grootl
 from grootl.model import GrootLConfig
 from grootl.model import families
 from grootl.model.families import FAMILIES
@@ -191,3 +191,79 @@ def test_grootl_train_runs_the_family_recipe_on_a_local_checkpoint(model_type, t
     with torch.no_grad():
         torch.testing.assert_close(adapted(x, context_lens=prompt).logits, merged(x, context_lens=prompt).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+# ---- mamba-ssm's Mamba-2 kernels (the CUDA fast path), wired on CPU through twins ------------------------
+
+
+def require(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(f"mamba-ssm twin: {what}")
+
+
+def chunk_scan_twin(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+                    dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
+    """mamba_ssm's ``mamba_chunk_scan_combined`` on CPU: its shape checks and contract (float32 math, output in
+    x's dtype, float32 final states), computed by the plain recurrence."""
+    batch, length, heads, head_dim = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    require(dt.shape == (batch, length, heads) and A.shape == (heads,) and heads % groups == 0, "x, dt, A")
+    require(B.shape == C.shape == (batch, length, groups, n) and D is None and z is None, "B, C (b, L, g, N)")
+    require(initial_states is None or initial_states.shape == (batch, heads, head_dim, n), "initial_states")
+    dt = dt.float() + (0 if dt_bias is None else dt_bias.float())
+    dt = (F.softplus(dt) if dt_softplus else dt).clamp(*dt_limit)
+    Bh = B.float().repeat_interleave(heads // groups, 2)
+    Ch = C.float().repeat_interleave(heads // groups, 2)
+    h = torch.zeros(batch, heads, head_dim, n) if initial_states is None else initial_states.float()
+    ys = []
+    for t in range(length):
+        h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None] * x[:, t].float())[..., None] * Bh[:, t, :, None]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
+    y = torch.stack(ys, 1).to(x.dtype)
+    return (y, h) if return_final_states else y
+
+
+def state_update_twin(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """mamba_ssm's multi-head ``selective_state_update`` on CPU: its shape checks and contract (state updated in
+    place, float32 math, output in x's dtype)."""
+    batch, heads, head_dim, n = state.shape
+    require(x.shape == dt.shape == (batch, heads, head_dim) and A.shape == (heads, head_dim, n), "x, dt, A")
+    require(B.shape == C.shape and B.shape[0] == batch and B.shape[2] == n and D is None, "B, C (b, g, N)")
+    Bh = B.float().repeat_interleave(heads // B.shape[1], 1)[:, :, None]
+    Ch = C.float().repeat_interleave(heads // C.shape[1], 1)[:, :, None]
+    state.copy_(torch.exp(dt.float()[..., None] * A) * state + (dt.float() * x.float())[..., None] * Bh)
+    return (state * Ch).sum(-1).to(x.dtype)
+
+
+def test_mamba_ssm_path_trains_and_generates_like_the_torch_path(monkeypatch):
+    """What runs on CUDA with mamba_ssm installed, checked on CPU: the mixer hands the kernels inputs they
+    accept and gets the torch path's loss, gradients and generations back, tree branch included."""
+    from grootl.model.families import ssd
+
+    _, model = stock_and_grootl("mamba2")
+    x = ids(2, 14, seed=6)
+    labels = torch.where(torch.arange(14) < 8, -100, x)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model.train()(x, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    greedy = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    loss, grads = loss_and_grads()
+    plain = model.eval().generate(x, **greedy)
+    calls = []
+    twins = ssd.SSDKernels(lambda *a, **k: calls.append("scan") or chunk_scan_twin(*a, **k),
+                           lambda *a, **k: calls.append("update") or state_update_twin(*a, **k))
+    monkeypatch.setattr(ssd, "ssd_kernels", lambda t: twins)
+    fused_loss, fused_grads = loss_and_grads()
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    calls.clear()
+    fused = model.eval().generate(x, **greedy)
+    layers = model.config.num_hidden_layers
+    assert calls == ["scan"] * layers + ["update"] * 4 * layers  # the prefill, then every decoded position
+    assert torch.equal(fused.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-5)

@@ -104,6 +104,7 @@ class GrootLSSDMixer:
         keep_state = cache is not None
         out = ssd_kernels(x).chunk_scan(x, dt, A, B, C, self.chunk_size, return_final_states=keep_state)
         y, h_last = out if keep_state else (out, None)
+        y = y.float()  # mamba-ssm returns x's dtype (bf16 under autocast); the sum and the skip run in float32
         if self.grootl.active:
             lam = self.grootl.modulation
             context_lens, start = self.tree_inputs
@@ -132,4 +133,4 @@ class GrootLSSDMixer:
             return y[:, None].float()
         y, state = kernels.chunk_scan(x, dt, A, B, C, self.chunk_size, initial_states=state, return_final_states=True)
         cache.update_recurrent_state(state, self.layer_idx)
-        return y
+        return y.float()

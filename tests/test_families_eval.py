@@ -4,6 +4,7 @@ gets its own context length)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,13 +17,13 @@ import torch
 import transformers
 from lm_eval.tasks import TaskManager
 
-import grootl.evaluation.lm  # noqa: F401  (registers the grootl lm-eval model)
 from grootl.evaluation.tasks import render_offline_tasks
 from grootl.model import families
 
 from conftest import ASSETS
 
 TASKS = ["piqa", "lambada_openai"]
+importlib.import_module("grootl.evaluation.lm")  # registers the grootl lm-eval model
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, FalconMambaConfig,
                           FalconMambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, Mamba2Config,
-                          Mamba2ForCausalLM, NemotronHConfig, NemotronHForCausalLM)
+                          Mamba2ForCausalLM, NemotronHConfig, NemotronHForCausalLM, Zamba2Config, Zamba2ForCausalLM)
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.bamba.modeling_bamba import BambaMixer
 from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
 from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
 
 from grootl.model.config import GrootLConfig
 from grootl.model.families.base import Family, GrootLCausalLMMixin, GrootLConfigMixin, make_family
@@ -45,6 +46,9 @@ FAMILIES: dict[str, Family] = {
                     lora_targets=("embeddings", "in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj",
                                   "up_proj", "down_proj"),
                     examples=("nvidia/NVIDIA-Nemotron-Nano-9B-v2",)),
+        make_family(Zamba2Config, Zamba2ForCausalLM, Zamba2MambaMixer, GrootLSSDMixer,  # embeddings tied: not adapted
+                    lora_targets=("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
+                    examples=("Zyphra/Zamba2-1.2B", "Zyphra/Zamba2-2.7B")),
     )
 }
 _BY_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in (f.model_type, f.grootl_model_type)}
@@ -121,6 +125,11 @@ TINY_CONFIGS = {
         hidden_size=32, layers_block_type=["mamba", "attention", "mlp", "mamba"], num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=8, mamba_head_dim=8, expand=2,
         n_groups=2, ssm_state_size=16, chunk_size=8, vocab_size=512, initializer_range=0.2),
+    "zamba2": lambda: Zamba2Config(
+        hidden_size=32, num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        mamba_d_state=16, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=8, chunk_size=8, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=48, vocab_size=512, tie_word_embeddings=False,
+        initializer_range=0.2),
 }
 
 

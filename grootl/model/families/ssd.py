@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.mamba2 import modeling_mamba2
 from transformers.models.mamba2.modeling_mamba2 import apply_mask_to_padding_states
 
@@ -73,6 +74,7 @@ class GrootLSSDMixer:
 
     _conv = GrootLMixer._conv  # causal depthwise conv1d + activation over the new positions, cache-aware
 
+    @force_accelerate_hooks(["conv1d"])  # conv1d's weight is read directly on the fused path (offloading)
     def forward(self, hidden_states: Tensor, cache=None, attention_mask: Tensor | None = None, cache_params=None,
                 **kwargs) -> Tensor:
         cache = cache if cache is not None else cache_params

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
+from transformers.utils import logging as hf_logging
 
 from grootl.data import (IGNORE_INDEX, DataError, SFTCollator, load_records, make_dataloader,
                          tokenize_records)
@@ -180,12 +181,16 @@ def _tracker_config(recipe: Recipe) -> dict:
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Run ``recipe``; returns ``<output_dir>/final``. See :mod:`grootl.train.rundir` for the files."""
     threads = torch.get_num_threads()
+    bars = hf_logging.is_progress_bar_enabled()
     if recipe.train.cpu_threads:
         torch.set_num_threads(recipe.train.cpu_threads)
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar per save: the step bar is the one to watch
     try:
         return _train(recipe, resume, overwrite)
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _train(recipe: Recipe, resume: bool, overwrite: bool) -> Path:

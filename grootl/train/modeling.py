@@ -12,7 +12,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import MambaConfig
 
-from grootl.model import ADAPTER_SETTINGS, GrootLConfig, GrootLMambaConfig, GrootLMambaForCausalLM, load_model
+from grootl.model import (ADAPTER_SETTINGS, GrootLConfig, GrootLMambaConfig, GrootLMambaForCausalLM, load_model,
+                          merge_adapter)
 from grootl.train.recipe import Recipe, RecipeError
 from grootl.train.rundir import TMP_PREFIX, replace_dir
 
@@ -80,14 +81,6 @@ def build_model(recipe: Recipe, out: Path, base: GrootLMambaForCausalLM | None =
     return base if recipe.method == "full" else add_lora(base, recipe)
 
 
-def untie_output_embeddings(model: GrootLMambaForCausalLM) -> None:
-    """Give ``lm_head`` its own copy of a tied embedding matrix, so merging a LoRA on the input
-    embeddings changes the inputs only (as in training) and not the output layer too."""
-    if model.lm_head.weight is model.get_input_embeddings().weight:
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-
-
 def export_final(model: torch.nn.Module, tokenizer, out: Path) -> Path:
     """Write ``out/final``: the merged model (GrootL settings in config.json) and tokenizer, plus
     ``final/adapter`` (the PEFT adapter) for the LoRA arms. ``model`` is a full (unsharded) copy
@@ -98,8 +91,7 @@ def export_final(model: torch.nn.Module, tokenizer, out: Path) -> Path:
         model.save_pretrained(staging / ADAPTER_DIR)
         # the adapter's base is a stock checkpoint: keep the arm's tree settings beside the adapter
         (staging / ADAPTER_DIR / ADAPTER_SETTINGS).write_text(json.dumps(model.get_base_model().grootl.to_dict()))
-        untie_output_embeddings(model.get_base_model())
-        model = model.merge_and_unload()
+        model = merge_adapter(model)  # unties a tied output layer first
     model.config.use_cache = True
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)

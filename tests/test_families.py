@@ -26,7 +26,7 @@ def stock_and_grootl(model_type: str, grootl: GrootLConfig = TREE):
     """A random stock model of the family and the GrootL model holding the same weights (eval mode)."""
     family = FAMILIES[model_type]
     config = families.tiny_config(model_type)
-    stock = family.causal_lm.__mro__[2](config).eval()  # the stock *ForCausalLM class
+    stock = family.causal_lm.stock_causal_lm(config).eval()
     model = families.from_config(config, grootl).eval()
     model.load_state_dict(stock.state_dict())
     return stock, model
@@ -174,7 +174,7 @@ def test_grootl_train_runs_the_family_recipe_on_a_local_checkpoint(model_type, t
 
     family = FAMILIES[model_type]
     stock = tmp_path / "stock"
-    family.causal_lm.__mro__[2](families.tiny_config(model_type)).save_pretrained(stock)
+    family.causal_lm.stock_causal_lm(families.tiny_config(model_type)).save_pretrained(stock)
     AutoTokenizer.from_pretrained(ASSETS / "tokenizer").save_pretrained(stock)
     shipped = next(p for p in sorted((REPO / "recipes").rglob("alpaca-grootl.yaml"))
                    if load_recipe(p).model.name_or_path in family.examples)

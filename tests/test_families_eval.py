@@ -46,7 +46,7 @@ def loglikelihoods(results: dict) -> dict[str, list[float]]:
 def test_grootl_eval_scores_a_family(model_type, fixture_tasks, tmp_path):
     torch.manual_seed(0)
     stock = tmp_path / "stock"
-    families.FAMILIES[model_type].causal_lm.__mro__[2](families.tiny_config(model_type)).save_pretrained(stock)
+    families.FAMILIES[model_type].causal_lm.stock_causal_lm(families.tiny_config(model_type)).save_pretrained(stock)
     transformers.AutoTokenizer.from_pretrained(ASSETS / "tokenizer").save_pretrained(stock)
     hf = loglikelihoods(evaluate(fixture_tasks, "hf", 4, pretrained=str(stock)))
     plain = loglikelihoods(evaluate(fixture_tasks, "grootl", 4, pretrained=str(stock), modulation=0))

@@ -8,11 +8,12 @@ classes. Mamba-1 (``mamba``) lives in ``grootl.model``.
 from __future__ import annotations
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, FalconMambaConfig,
-                          FalconMambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, Mamba2Config,
+from transformers import (AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, FalconH1Config,
+                          FalconH1ForCausalLM, FalconMambaConfig, FalconMambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, Mamba2Config,
                           Mamba2ForCausalLM, NemotronHConfig, NemotronHForCausalLM, Zamba2Config, Zamba2ForCausalLM)
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.bamba.modeling_bamba import BambaMixer
+from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer
 from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
 from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
@@ -22,7 +23,7 @@ from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
 from grootl.model.config import GrootLConfig
 from grootl.model.families.base import Family, GrootLCausalLMMixin, GrootLConfigMixin, make_family
 from grootl.model.families.mamba1 import GrootLFalconMambaMixerBase
-from grootl.model.families.ssd import GrootLSSDMixer
+from grootl.model.families.ssd import GrootLFalconH1MixerBase, GrootLSSDMixer
 from grootl.paths import resolve_model
 
 _ATTENTION_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -46,6 +47,10 @@ FAMILIES: dict[str, Family] = {
                     lora_targets=("embeddings", "in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj",
                                   "up_proj", "down_proj"),
                     examples=("nvidia/NVIDIA-Nemotron-Nano-9B-v2",)),
+        make_family(FalconH1Config, FalconH1ForCausalLM, FalconH1Mixer, GrootLFalconH1MixerBase,
+                    lora_targets=("embed_tokens", "in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj",
+                                  "gate_proj", "up_proj", "down_proj"),
+                    examples=("tiiuae/Falcon-H1-0.5B-Base", "tiiuae/Falcon-H1-0.5B-Instruct")),
         make_family(Zamba2Config, Zamba2ForCausalLM, Zamba2MambaMixer, GrootLSSDMixer,  # embeddings tied: not adapted
                     lora_targets=("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
                     examples=("Zyphra/Zamba2-1.2B", "Zyphra/Zamba2-2.7B")),
@@ -116,6 +121,10 @@ TINY_CONFIGS = {
                                  num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=8,
                                  mamba_expand=2, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8,
                                  vocab_size=512, tie_word_embeddings=False, initializer_range=0.2),
+    "falcon_h1": lambda: FalconH1Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8,
+        vocab_size=512, initializer_range=0.2, ssm_in_multiplier=0.5, ssm_multipliers=[0.5, 1.5, 0.7, 1.2, 0.9]),
     "granitemoehybrid": lambda: GraniteMoeHybridConfig(
         hidden_size=32, intermediate_size=48, shared_intermediate_size=48, num_hidden_layers=3,
         layer_types=["mamba", "attention", "mamba"], num_attention_heads=4, num_key_value_heads=2,

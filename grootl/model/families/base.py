@@ -47,6 +47,7 @@ class GrootLCausalLMMixin:
     layers stay as they are. ``forward`` also takes ``context_lens`` (batch,): each row's prompt length;
     without it the leading ``-100`` run of ``labels``, else no prompt (the tree is the chain)."""
 
+    stock_causal_lm: type
     stock_mixer: type
     grootl_mixer: type
 
@@ -60,6 +61,12 @@ class GrootLCausalLMMixin:
             if type(module) is self.stock_mixer:
                 module.__class__ = self.grootl_mixer
                 module.grootl = grootl
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """As the stock class: its own ``_init_weights`` initialises the weights (transformers skips modules
+        of custom code whose direct parameters loaded, which would leave Falcon-H1's µP buffers unset)."""
+        return cls.stock_causal_lm.is_custom_code()
 
     @property
     def grootl(self) -> GrootLConfig:
@@ -155,7 +162,7 @@ def make_family(stock_config: type, stock_causal_lm: type, stock_mixer: type, gr
     forward.__signature__ = stock.replace(parameters=params)
     forward.__doc__ = GrootLCausalLMMixin.forward.__doc__
     causal_lm = type("GrootL" + stock_causal_lm.__name__, (GrootLCausalLMMixin, stock_causal_lm), {
-        "config_class": config, "stock_mixer": stock_mixer, "grootl_mixer": mixer, "__module__": module,
+        "config_class": config, "stock_causal_lm": stock_causal_lm, "stock_mixer": stock_mixer, "grootl_mixer": mixer, "__module__": module,
         "forward": forward, "__doc__": f"``{stock_causal_lm.__name__}`` whose mixers merge the GrootL tree scan.",
     })
     return Family(stock_config.model_type, config, causal_lm, lora_targets, examples)

@@ -83,7 +83,7 @@ class GrootLSSDMixer:
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
         hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
-        gate, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], -1)
+        gate, xBC, dt = self._in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], -1)
         xBC = apply_mask_to_padding_states(self._conv(xBC.transpose(1, 2), cache).transpose(1, 2), attention_mask)
         groups_n = self.n_groups * self.ssm_state_size
         x, B, C = xBC.split([self.intermediate_size, groups_n, groups_n], -1)
@@ -98,8 +98,15 @@ class GrootLSSDMixer:
         else:
             y = self._continue(state, x, dt, A, B, C, cache)
         y = y + self.D[:, None] * x.float()
-        y = self.norm(y.reshape(batch, length, -1), gate)
-        return self.out_proj(y.to(dtype))
+        return self.out_proj(self._gate_and_norm(y.reshape(batch, length, -1), gate).to(dtype))
+
+    def _in_proj(self, hidden_states: Tensor) -> Tensor:
+        """in_proj's output (gate, xBC, dt); a family may scale it (Falcon-H1's µP multipliers)."""
+        return self.in_proj(hidden_states)
+
+    def _gate_and_norm(self, y: Tensor, gate: Tensor) -> Tensor:
+        """The gated RMSNorm after the scan; a family may gate without the norm (Falcon-H1)."""
+        return self.norm(y, gate)
 
     def _prefill(self, x, dt, A, B, C, cache) -> Tensor:
         """Chain + λ·tree over whole sequences (no D skip); stores ``h_last + λ·H_root`` in the cache."""
@@ -136,3 +143,14 @@ class GrootLSSDMixer:
         y, state = kernels.chunk_scan(x, dt, A, B, C, self.chunk_size, initial_states=state, return_final_states=True)
         cache.update_recurrent_state(state, self.layer_idx)
         return y.float()
+
+
+class GrootLFalconH1MixerBase(GrootLSSDMixer):
+    """Falcon-H1: µP multipliers on in_proj's input and output; the gated RMSNorm only when
+    ``mamba_rms_norm`` (else ``y·SiLU(gate)``)."""
+
+    def _in_proj(self, hidden_states: Tensor) -> Tensor:
+        return self.in_proj(hidden_states * self.ssm_in_multiplier) * self.mup_vector
+
+    def _gate_and_norm(self, y: Tensor, gate: Tensor) -> Tensor:
+        return self.norm(y, gate) if self.mamba_rms_norm else y * F.silu(gate)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, FalconH1Config,
-                          FalconH1ForCausalLM, FalconMambaConfig, FalconMambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, Mamba2Config,
+                          FalconH1ForCausalLM, FalconMambaConfig, FalconMambaForCausalLM, JambaConfig, JambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, Mamba2Config,
                           Mamba2ForCausalLM, NemotronHConfig, NemotronHForCausalLM, Zamba2Config, Zamba2ForCausalLM)
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.bamba.modeling_bamba import BambaMixer
 from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer
 from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
 from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
+from transformers.models.jamba.modeling_jamba import JambaMambaMixer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
@@ -37,6 +38,10 @@ FAMILIES: dict[str, Family] = {
         make_family(FalconMambaConfig, FalconMambaForCausalLM, FalconMambaMixer, GrootLFalconMambaMixerBase,
                     lora_targets=("embeddings", "in_proj", "x_proj", "out_proj"),
                     examples=("tiiuae/falcon-mamba-7b",)),
+        make_family(JambaConfig, JambaForCausalLM, JambaMambaMixer, GrootLFalconMambaMixerBase,  # same norms
+                    lora_targets=("embed_tokens", "in_proj", "x_proj", "out_proj", "q_proj", "k_proj", "v_proj",
+                                  "o_proj"),
+                    examples=("ai21labs/Jamba-tiny-dev",)),
         make_family(BambaConfig, BambaForCausalLM, BambaMixer, GrootLSSDMixer,
                     lora_targets=("embed_tokens", "in_proj", "out_proj") + _ATTENTION_MLP,
                     examples=("ibm-ai-platform/Bamba-9B-v2",)),
@@ -125,6 +130,11 @@ TINY_CONFIGS = {
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8,
         vocab_size=512, initializer_range=0.2, ssm_in_multiplier=0.5, ssm_multipliers=[0.5, 1.5, 0.7, 1.2, 0.9]),
+    "jamba": lambda: JambaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1,
+        expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, num_attention_heads=4,
+        num_key_value_heads=2, mamba_d_state=8, mamba_dt_rank=4, mamba_expand=2, vocab_size=512,
+        initializer_range=0.2),
     "granitemoehybrid": lambda: GraniteMoeHybridConfig(
         hidden_size=32, intermediate_size=48, shared_intermediate_size=48, num_hidden_layers=3,
         layer_types=["mamba", "attention", "mamba"], num_attention_heads=4, num_key_value_heads=2,

@@ -12,12 +12,12 @@ import inspect
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
 from grootl.model.config import GrootLConfig
-from grootl.model.modeling import check_context_lens, context_lens_from_labels, left_padding
+from grootl.model.modeling import (NO_PROMPT_WARNING, check_context_lens, context_lens_from_labels, generation_prompt,
+                                   left_padding)
 
 
 class GrootLConfigMixin:
@@ -86,12 +86,7 @@ class GrootLCausalLMMixin:
     def generate(self, inputs: Tensor | None = None, *args, **kwargs):
         """``GenerationMixin.generate``, with ``context_lens`` defaulting to the prompt's length (its
         left padding, from ``attention_mask``, stays out of the tree)."""
-        if kwargs.get("context_lens") is None:
-            prompt = next((x for x in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None),
-                          None)
-            if isinstance(prompt, Tensor) and prompt.dim() >= 2:
-                kwargs["context_lens"] = torch.full((prompt.shape[0],), prompt.shape[1], device=prompt.device)
-        return super().generate(inputs, *args, **kwargs)
+        return super().generate(inputs, *args, **generation_prompt(inputs, kwargs))
 
     def forward(self, *args, context_lens: Tensor | None = None, **kwargs):
         """The stock forward; ``context_lens`` and left padding (from ``attention_mask``) go to the mixers."""
@@ -106,11 +101,7 @@ class GrootLCausalLMMixin:
             if context_lens is not None:
                 context_lens = check_context_lens(context_lens, batch, length, embeds.device)
             elif self.training and self.grootl.active:
-                warnings.warn(
-                    "GrootL: a training forward without labels or context_lens reads an empty prompt (the tree is "
-                    "the chain); in TRL's SFTTrainer or transformers' Trainer use grootl.integrations.give_prompts",
-                    stacklevel=2,
-                )
+                warnings.warn(NO_PROMPT_WARNING, stacklevel=2)
             start = left_padding(mask[:, -length:]) if mask is not None and mask.dim() == 2 else None
             for mixer in mixers:
                 mixer.tree_inputs = (context_lens, start)

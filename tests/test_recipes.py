@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
+from peft import PeftModel
+from transformers import AutoTokenizer
 
-import grootl.model.modeling
+from grootl import load_model
 from grootl.cli import main as cli_main
 from grootl.data import TEMPLATES
-from grootl.model import tiny_model
-from grootl.train import RecipeError, load_recipe, valid_keys
+from grootl.model import GrootLMambaForCausalLM
+from grootl.model.families import FAMILIES
+from grootl.train import RecipeError, load_recipe, train, valid_keys
+from grootl.train.modeling import build_base
 from grootl.train.recipe import Recipe
 
-from conftest import REPO
+from conftest import ASSETS, REPO
 
 RECIPES = REPO / "recipes"
 TRAIN_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name != "accelerate")
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
 PAPER_130M = {"grootl": RECIPES / "mamba-130m/alpaca-grootl.yaml", "lora": RECIPES / "mamba-130m/alpaca-lora.yaml"}
 SIZES = ("130m", "370m", "790m", "1.4b", "2.8b")
+# tiny random-init recipes of the other families: one per kind of mixer (Mamba-2 SSD; a hybrid with attention)
+TINY_FAMILY_RECIPES = {"mamba2": RECIPES / "tiny/mamba2-demo.yaml", "bamba": RECIPES / "tiny/bamba-demo.yaml"}
+# the decoder layers FSDP may wrap (each model's no-split units), by the hub ids of each model type
+LAYERS = {"state-spaces/mamba": GrootLMambaForCausalLM._no_split_modules,
+          **{hub_id: family.causal_lm._no_split_modules for family in FAMILIES.values() for hub_id in family.examples}}
 
 
 def test_the_promised_recipes_are_shipped():
@@ -41,7 +53,7 @@ def test_shipped_recipe_is_valid(path):
         if value and value.startswith("/"):
             assert Path(value).exists(), f"{path.name}: {key} points at a missing {value}"
     if recipe.model.init == "random":
-        model = tiny_model(**recipe.model.config)  # the config is a valid MambaConfig
+        model = build_base(recipe)  # the config is a valid config of its family
         module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         assert set(recipe.lora.target_modules) <= module_names
     else:
@@ -121,7 +133,7 @@ def test_accelerate_configs_load(path):
     assert config.num_processes >= 2 and config.mixed_precision == "bf16"
     if config.fsdp_config:
         layer = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
-        assert hasattr(grootl.model.modeling, layer)
+        assert layer in {name for names in LAYERS.values() for name in names}
         assert config.fsdp_config["fsdp_use_orig_params"]  # frozen and LoRA weights share FSDP units
     if config.deepspeed_config:
         assert config.deepspeed_config["zero_stage"] == 2
@@ -129,9 +141,10 @@ def test_accelerate_configs_load(path):
 
 
 def documented_launches() -> list[str]:
-    """Every `accelerate launch --config_file recipes/accelerate/...` command in the README and the configs' comments."""
-    texts = [(REPO / "README.md").read_text(), *(path.read_text() for path in ACCELERATE_CONFIGS)]
-    lines = "\n".join(texts).replace("\\\n", " ").splitlines()
+    """Every `accelerate launch --config_file recipes/accelerate/...` command in the README and the
+    comments of the configs and recipes (a comment's continued lines joined)."""
+    texts = [(REPO / "README.md").read_text(), *(path.read_text() for path in ACCELERATE_CONFIGS + TRAIN_RECIPES)]
+    lines = re.sub(r"\\\n[#\s]*", " ", "\n".join(texts)).splitlines()
     return [line.lstrip("# ").split("#")[0] for line in lines if "launch --config_file recipes/accelerate/" in line]
 
 
@@ -143,6 +156,49 @@ def test_documented_launches_keep_the_papers_effective_batch(command):
     recipe_at = words.index("grootl.train") + 1
     run = load_recipe(REPO / words[recipe_at], words[recipe_at + 1:])
     assert run.train.batch_size * run.train.grad_accum * processes == 16
+
+
+@pytest.mark.parametrize("command", [c for c in documented_launches() if "fsdp" in c])
+def test_documented_fsdp_launches_wrap_the_models_decoder_layers(command):
+    words = command.split()
+    config = ClusterConfig.from_yaml_file(str(REPO / words[words.index("--config_file") + 1]))
+    flag = "--fsdp_transformer_layer_cls_to_wrap"
+    wrapped = words[words.index(flag) + 1] if flag in words else config.fsdp_config[flag.lstrip("-")]
+    model = load_recipe(REPO / words[words.index("grootl.train") + 1]).model.name_or_path
+    layers = next(names for hub_id, names in LAYERS.items() if model.startswith(hub_id))
+    assert set(wrapped.split(",")) <= set(layers), f"{model}: wrap one of {layers}"
+
+
+def test_random_family_config_errors_name_the_config_class():
+    tiny = load_recipe(TINY_FAMILY_RECIPES["bamba"])
+    with pytest.raises(RecipeError, match=r"model.config has unknown BambaConfig field\(s\) \['state_size'\]"):
+        build_base(load_recipe(TINY_FAMILY_RECIPES["bamba"], ["model.config.state_size=8"]))
+    with pytest.raises(RecipeError, match=r"model.config.model_type 'mamba3' is not a supported family: \['mamba', "):
+        build_base(load_recipe(TINY_FAMILY_RECIPES["bamba"], ["model.config.model_type=mamba3"]))
+    with pytest.raises(RecipeError, match=r"model.config is not a valid BambaConfig: "):
+        build_base(load_recipe(TINY_FAMILY_RECIPES["bamba"], ["model.config.mamba_n_heads=3"]))
+    assert type(build_base(tiny)).__name__ == "GrootLBambaForCausalLM"
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_FAMILY_RECIPES))
+def test_tiny_family_recipe_trains_exports_and_reloads(tmp_path, model_type):
+    run = load_recipe(TINY_FAMILY_RECIPES[model_type], [
+        f"output_dir={tmp_path / 'run'}", "data.max_length=48", "train.batch_size=4", "train.grad_accum=1",
+        "train.max_steps=6", "train.warmup_steps=0", "train.schedule=constant", "log.progress=false",
+        "log.trackers=[]", "data.eval_size=0", "eval.every=null", "checkpoint.every=null"])
+    final = train(run)
+    merged, base = load_model(str(final)).eval(), load_model(str(tmp_path / "run/base")).eval()
+    assert merged.config.model_type == f"grootl_{model_type}" and merged.grootl.enabled and merged.grootl.modulation == 0.3
+    texts = [json.loads(line)["output"] for line in (ASSETS / "alpaca_tiny.jsonl").read_text().splitlines()[:4]]
+    batch = AutoTokenizer.from_pretrained(final)(texts, return_tensors="pt", padding=True, truncation=True, max_length=32)
+    ids = batch["input_ids"]
+    labels = ids.masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, :8] = -100  # the first 8 tokens are the prompt
+    with torch.no_grad():
+        trained, untrained = (m(input_ids=ids, labels=labels) for m in (merged, base))
+        adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
+        torch.testing.assert_close(adapted(input_ids=ids, labels=labels).logits, trained.logits, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(trained.loss) and not torch.allclose(trained.logits, untrained.logits, atol=1e-3)
 
 
 def test_unknown_key_lists_the_valid_keys(tmp_path):

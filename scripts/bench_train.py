@@ -3,18 +3,24 @@ the same model and the same batches (prompt = the first ``--context`` fraction o
 
     python scripts/bench_train.py                                   # tiny random-init model on CPU
     python scripts/bench_train.py --size 130m --device cuda --lengths 512 2048 --precision bf16 --grad-ckpt
+    python scripts/bench_train.py --family mamba2 bamba --size 130m --arms lora grootl \
+        --out benchmarks/train_families_cpu.json                    # a Mamba-2 and a hybrid (Bamba)
 
 Each arm runs in its own subprocess, so CPU peak memory (peak RSS above the RSS after building the
 model and optimizer) and CUDA peak memory (``max_memory_allocated``) are per arm. Models are random
-init (the Mamba-130M shape for ``--size 130m``): throughput does not depend on the weights. Prints a
-table and writes JSON (default ``benchmarks/train_<size>_<device>.json``).
+init (``--size 130m``: Mamba-130M's shape, Mamba2-130M's, or a Bamba of 200M parameters with Mamba-2
+layers around 2 attention layers): throughput does not depend on the weights. LoRA adapts each
+family's projections (``grootl.model.families``). Prints a table and writes JSON (default
+``benchmarks/train_<size>_<device>.json``, ``train_<families>_<size>_<device>.json`` for others).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -24,9 +30,27 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 8, "vocab_size": 512},
-    "130m": {"hidden_size": 768, "num_hidden_layers": 24, "state_size": 16, "vocab_size": 50280},
+_BAMBA = {"model_type": "bamba", "mamba_expand": 2, "mamba_n_groups": 1, "num_key_value_heads": 4,
+          "tie_word_embeddings": False}
+SIZES = {  # model.config of a recipe, by family and size
+    "mamba": {
+        "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 8, "vocab_size": 512},
+        "130m": {"hidden_size": 768, "num_hidden_layers": 24, "state_size": 16, "vocab_size": 50280},
+    },
+    "mamba2": {
+        "tiny": {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 16, "head_dim": 8,
+                 "n_groups": 2, "state_size": 16, "chunk_size": 64, "vocab_size": 512},
+        "130m": {"model_type": "mamba2", "hidden_size": 768, "num_hidden_layers": 24, "num_heads": 24, "head_dim": 64,
+                 "n_groups": 1, "state_size": 128, "chunk_size": 256, "vocab_size": 50280},
+    },
+    "bamba": {
+        "tiny": {**_BAMBA, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "attn_layer_indices": [1],
+                 "num_attention_heads": 4, "mamba_n_heads": 16, "mamba_d_head": 8, "mamba_d_state": 16,
+                 "mamba_chunk_size": 64, "vocab_size": 512},
+        "130m": {**_BAMBA, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 16,
+                 "attn_layer_indices": [5, 11], "num_attention_heads": 12, "mamba_n_heads": 24, "mamba_d_head": 64,
+                 "mamba_d_state": 128, "mamba_chunk_size": 256, "vocab_size": 50280},
+    },
 }
 ARMS = ("full", "lora", "grootl")
 
@@ -38,14 +62,17 @@ def rss_bytes() -> int:
 
 def run_arm(args) -> dict:
     """One arm at one length, in this process: warm-up steps, then timed optimizer steps."""
+    from grootl.model.families import FAMILIES
     from grootl.train.modeling import build_model
     from grootl.train.recipe import load_recipe
 
     torch.manual_seed(0)
     device = torch.device(args.device)
+    config = SIZES[args.model][args.size]
+    lora = {"target_modules": list(FAMILIES[args.model].lora_targets)} if args.model in FAMILIES else {}
     recipe = load_recipe(values={
         "output_dir": str(REPO / "runs" / "bench"), "method": args.arm,
-        "model": {"init": "random", "tokenizer": "unused", "config": SIZES[args.size]},
+        "model": {"init": "random", "tokenizer": "unused", "config": config}, "lora": lora,
     })
     model = build_model(recipe, Path(recipe.output_dir)).to(device)
     if args.grad_ckpt:
@@ -54,7 +81,7 @@ def run_arm(args) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     generator = torch.Generator().manual_seed(1)  # the same batches for every arm
-    vocab = SIZES[args.size]["vocab_size"]
+    vocab = config["vocab_size"]
     batches = []
     for _ in range(args.warmup + args.steps):
         ids = torch.randint(2, vocab, (args.batch, args.length), generator=generator)
@@ -89,17 +116,39 @@ def run_arm(args) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     return {
-        "arm": args.arm, "length": args.length, "batch": args.batch,
-        "trainable_params": sum(p.numel() for p in trainable),
+        "family": args.model, "arm": args.arm, "length": args.length, "batch": args.batch,
+        "params": sum(p.numel() for p in model.parameters()), "trainable_params": sum(p.numel() for p in trainable),
         "ms_per_step": 1000 * seconds / args.steps,
         "tokens_per_s": args.batch * args.length * args.steps / seconds,
         "peak_mb": peak / 2**20,
     }
 
 
+def environment(args) -> dict:
+    """When, where and with what the benchmark ran."""
+    import peft
+    import transformers
+
+    import grootl
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {_cpu_model()}", "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "grootl": grootl.__version__, "cpu_count": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0],
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--family", nargs="+", choices=sorted(SIZES), default=["mamba"],
+                        help="model families to run (each at --size)")
+    parser.add_argument("--size", choices=("tiny", "130m"), default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=4)
@@ -111,7 +160,8 @@ def main() -> None:
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # worker mode: one arm
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # worker mode: one arm of one model
+    parser.add_argument("--model", choices=sorted(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -121,31 +171,31 @@ def main() -> None:
         return
 
     rows = []
-    for length in args.lengths:
-        for arm in args.arms:
-            command = [sys.executable, __file__, *sys.argv[1:], "--arm", arm, "--length", str(length)]
-            result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-            if result.returncode != 0:
-                sys.exit(f"{arm} at length {length} failed:\n{result.stderr[-3000:]}")
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    reference = {row["length"]: row for row in rows if row["arm"] == "lora"}
+    for family in args.family:
+        for length in args.lengths:
+            for arm in args.arms:
+                command = [sys.executable, __file__, *sys.argv[1:], "--arm", arm, "--model", family, "--length", str(length)]
+                result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+                if result.returncode != 0:
+                    sys.exit(f"{family} {arm} at length {length} failed:\n{result.stderr[-3000:]}")
+                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    reference = {(row["family"], row["length"]): row for row in rows if row["arm"] == "lora"}
     for row in rows:
-        ref = reference.get(row["length"])
+        ref = reference.get((row["family"], row["length"]))
         row["tokens_per_s_vs_lora"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
         row["peak_vs_lora"] = row["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] > 0 else None
 
-    print(f"{'arm':<8}{'L':>6}{'tokens/s':>12}{'ms/step':>10}{'peak MB':>10}{'tok/s vs LoRA':>15}{'peak vs LoRA':>14}")
+    print(f"{'family':<8}{'params':>8}{'arm':>8}{'L':>6}{'tokens/s':>12}{'ms/step':>10}{'peak MB':>10}{'tok/s vs LoRA':>15}{'peak vs LoRA':>14}")
     for row in rows:
         ratio = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
-        print(f"{row['arm']:<8}{row['length']:>6}{row['tokens_per_s']:>12.0f}{row['ms_per_step']:>10.1f}"
+        print(f"{row['family']:<8}{row['params'] / 1e6:>7.1f}M{row['arm']:>8}{row['length']:>6}{row['tokens_per_s']:>12.0f}{row['ms_per_step']:>10.1f}"
               f"{row['peak_mb']:>10.1f}{ratio(row['tokens_per_s_vs_lora']):>15}{ratio(row['peak_vs_lora']):>14}")
-    out = args.out or REPO / "benchmarks" / f"train_{args.size}_{torch.device(args.device).type}.json"
+    name = "_".join(f for f in args.family if f != "mamba" or len(args.family) > 1)
+    out = args.out or REPO / "benchmarks" / f"train_{name + '_' if name else ''}{args.size}_{torch.device(args.device).type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    setup = {key: value for key, value in vars(args).items() if key not in ("arm", "length", "out")}
-    environment = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
-                   "load_average_1min": os.getloadavg()[0],
-                   "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-    out.write_text(json.dumps({"setup": setup, "environment": environment, "model": SIZES[args.size], "results": rows},
+    setup = {key: value for key, value in vars(args).items() if key not in ("arm", "model", "length", "out")}
+    out.write_text(json.dumps({"setup": setup, "environment": environment(args),
+                               "model": {family: SIZES[family][args.size] for family in args.family}, "results": rows},
                               indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -143,22 +143,26 @@ void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
   });
 }
 
-// For one row, aa[t] = |a[t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] with a = delta * u, each summed in order
-// of d like cuda.cu's feature_kernel (so the same bits), but d outer and positions inner: contiguous reads.
+// For one row, aa[t] = |a[t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] with a = delta * u, each a PairwiseSum over d
+// (the same bits as cuda.cu's feature_kernel and graph.edge_weights), d outer and positions inner: contiguous reads.
 template <typename scalar_t, typename acc_t>
 void feature_dots(const scalar_t* u, const scalar_t* delta, int64_t D, int64_t L, int64_t k, acc_t* aa, acc_t* dots) {
-  std::fill(aa, aa + L, acc_t(0));
-  std::fill(dots, dots + L * k, acc_t(0));
   at::parallel_for(0, L, 64, [&](int64_t t0, int64_t t1) {
     const int64_t lo = std::max<int64_t>(0, t0 - k);
     std::vector<acc_t> a(t1 - lo);
+    std::vector<grootl::PairwiseSum<acc_t>> sums((t1 - t0) * (k + 1));  // per position: aa, then the k dots
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t t = lo; t < t1; ++t) a[t - lo] = (acc_t)delta[d * L + t] * (acc_t)u[d * L + t];
       for (int64_t t = t0; t < t1; ++t) {
         const acc_t at = a[t - lo];
-        aa[t] += at * at;
-        for (int64_t j = 1; j <= std::min(k, t); ++j) dots[t * k + j - 1] += at * a[t - j - lo];
+        grootl::PairwiseSum<acc_t>* sum = &sums[(t - t0) * (k + 1)];
+        sum[0].add(at * at);
+        for (int64_t j = 1; j <= std::min(k, t); ++j) sum[j].add(at * a[t - j - lo]);
       }
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      aa[t] = sums[(t - t0) * (k + 1)].total();
+      for (int64_t j = 1; j <= k; ++j) dots[t * k + j - 1] = sums[(t - t0) * (k + 1) + j].total();
     }
   });
 }

@@ -210,26 +210,30 @@ __global__ void __launch_bounds__(kBackwardThreads)
                              du + bd_pad * L, d_delta + bd_pad * L, dA + bd_pad * N, sink);
 }
 
-// aa[t] = |a[t]|^2, bb[t] = |B[:, t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] (a = delta * u), summed in order
-// of d like the CPU build, products unfused (same bits), one thread per position.
+// aa[t] = |a[t]|^2, bb[t] = |B[:, t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] (a = delta * u), each a PairwiseSum
+// over d like the CPU build, products unfused (same bits), one thread per position.
 template <typename scalar_t, typename acc_t>
 __global__ void feature_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* B, int D, int N, int L,
                                int k, acc_t* norms, acc_t* dots) {
+  constexpr int kMaxK = 8;  // neighbours summed in registers; k above it is rare and takes more passes
   const int t = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
   if (t >= L) return;
   const scalar_t* u_b = u + (int64_t)b * D * L;
   const scalar_t* delta_b = delta + (int64_t)b * D * L;
   acc_t* dot = dots + ((int64_t)b * L + t) * k;
-  for (int j = 0; j < k; ++j) dot[j] = 0;
-  acc_t aa = 0;
-  for (int d = 0; d < D; ++d) {
-    const int64_t row = (int64_t)d * L;
-    const acc_t at = grootl::mul((acc_t)delta_b[row + t], (acc_t)u_b[row + t]);
-    aa += grootl::mul(at, at);
-    for (int j = 1; j <= k && j <= t; ++j)
-      dot[j - 1] += grootl::mul(at, grootl::mul((acc_t)delta_b[row + t - j], (acc_t)u_b[row + t - j]));
+  grootl::PairwiseSum<acc_t> aa;
+  for (int j0 = 1; j0 <= k; j0 += kMaxK) {
+    grootl::PairwiseSum<acc_t> sums[kMaxK];
+    for (int d = 0; d < D; ++d) {
+      const int64_t row = (int64_t)d * L;
+      const acc_t at = grootl::mul((acc_t)delta_b[row + t], (acc_t)u_b[row + t]);
+      if (j0 == 1) aa.add(grootl::mul(at, at));
+      for (int j = j0; j < j0 + kMaxK && j <= k && j <= t; ++j)
+        sums[j - j0].add(grootl::mul(at, grootl::mul((acc_t)delta_b[row + t - j], (acc_t)u_b[row + t - j])));
+    }
+    for (int j = j0; j < j0 + kMaxK && j <= k; ++j) dot[j - 1] = sums[j - j0].total();
   }
-  norms[(int64_t)b * 2 * L + t] = aa;
+  norms[(int64_t)b * 2 * L + t] = aa.total();
   norms[(int64_t)b * 2 * L + L + t] = grootl::norm_b<scalar_t, acc_t>(B + (int64_t)b * N * L, N, L, t);
 }
 

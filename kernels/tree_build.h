@@ -1,8 +1,9 @@
 // The GrootL token graph, its minimum spanning tree and the rooting at L-1, one row at a time, for host and
 // device. Matches grootl/tree/graph.py: edge (t-j, t), 1 <= j <= k, has the id t*k + (j-1) and the weight
 // slot [t, j-1]; ties in weight break towards the smaller id (a strict total order, so the tree is unique);
-// children are visited in the Euler-tour order of graph.root_tree (slots -k..-1, 1..k around a node,
-// cyclically after the slot towards the parent).
+// the order is the heavy-last DFS preorder (children by subtree size, the largest last, ties by position), as
+// graph.heavy_last_preorder; edge weights are formed in one defined order and compared on a grid, as
+// graph.edge_weights, so every path builds the same tree.
 //
 // The tree is built by data-parallel phases, `par.each(n, body)` over edges, nodes or directed edges: the
 // CPU runs them one after another on one thread (SerialPar), the GPU on the threads of a block with a barrier
@@ -42,52 +43,91 @@ GROOTL_HD double mul(double a, double b) {
 #endif
 }
 
+// A sum in one defined order, the same on every path (grootl.tree.graph.pairwise_sum): the terms zero-padded to a
+// power of two and added in neighbouring pairs, level by level, kept as a stack of finished blocks.
+template <typename acc_t>
+struct PairwiseSum {
+  acc_t part[32];
+  int top = 0;
+  uint32_t count = 0;
+  GROOTL_HD void add(acc_t x) {
+    for (uint32_t c = count; c & 1; c >>= 1) x = part[--top] + x;
+    part[top++] = x;
+    ++count;
+  }
+  GROOTL_HD acc_t total() const {
+    if (top == 0) return acc_t(0);
+    acc_t x = part[top - 1];
+    for (int i = top - 2; i >= 0; --i) x = part[i] + x;
+    return x;
+  }
+};
+
 // Squared norm over N of B[:, t] (B: (N, L)).
 template <typename scalar_t, typename acc_t>
 GROOTL_HD acc_t norm_b(const scalar_t* B, int N, int L, int t) {
-  acc_t total = 0;
+  PairwiseSum<acc_t> total;
   for (int n = 0; n < N; ++n) {
     const acc_t b = (acc_t)B[feature_index(n, L, t)];
-    total += mul(b, b);
+    total.add(mul(b, b));
   }
-  return total;
+  return total.total();
 }
 
-// Weight of edge (s, t) from the dot products of its rank-one features X = a (outer) B: cosine distance or
-// squared euclidean distance (same edge order as euclidean).
+// Weights are compared on a grid so that ties in real arithmetic stay ties whatever the rounding (see
+// grootl.tree.graph.quantize): cosine distances in steps of 2^-bits, the others to `bits` significant bits.
+template <typename acc_t>
+GROOTL_HD int grid_bits() { return sizeof(acc_t) == 4 ? 16 : 40; }
+template <typename acc_t>
+GROOTL_HD acc_t pow2(int e) { return (acc_t)ldexp(1.0, e); }
+template <typename acc_t>
+GROOTL_HD acc_t quantize(acc_t w, int distance) {
+  const int bits = grid_bits<acc_t>();
+  if (distance == kCosine) return mul((acc_t)rint(mul(w, pow2<acc_t>(bits))), pow2<acc_t>(-bits));
+  int e;
+  const acc_t m = (acc_t)frexp(w, &e);
+  return mul((acc_t)rint(mul(m, pow2<acc_t>(bits))), pow2<acc_t>(e - bits));
+}
+
+// Weight of edge (s, t) from the dot products of its rank-one features X = a (outer) B (before quantize):
+// cosine distance, its norm clamp relative to the pair's own scale, or squared euclidean distance (same edge
+// order as euclidean), exactly zero within the rounding of its terms.
 template <typename acc_t>
 GROOTL_HD acc_t rank_one_weight(acc_t dot_a, acc_t dot_b, acc_t aa_t, acc_t aa_s, acc_t bb_t, acc_t bb_s,
                                 int distance) {
-  const acc_t dot = mul(dot_a, dot_b);
+  const acc_t dot = mul(dot_a, dot_b), sq_t = mul(aa_t, bb_t), sq_s = mul(aa_s, bb_s), total = sq_t + sq_s;
   if (distance == kCosine) {
-    const acc_t norm = sqrt(mul(mul(mul(aa_t, aa_s), bb_t), bb_s));
-    const acc_t eps = (acc_t)1e-12;
-    return 1 - dot / (norm > eps ? norm : eps);
+    const acc_t prod = mul((acc_t)sqrt(sq_t), (acc_t)sqrt(sq_s)), floor = mul(pow2<acc_t>(-40), total);
+    const acc_t den = prod > floor ? prod : floor;
+    return den > 0 ? 1 - dot / den : acc_t(1);
   }
-  const acc_t sq = mul(aa_t, bb_t) + mul(aa_s, bb_s) - mul(acc_t(2), dot);
-  return sq > 0 ? sq : 0;
+  const acc_t sq = total - mul(acc_t(2), dot);
+  return sq > mul(total, pow2<acc_t>(-grid_bits<acc_t>())) ? sq : acc_t(0);
 }
 
-// Weight of edge (t - j, t): rank-one distances from dot products, manhattan summed over (d, n).
+// Weight of edge (t - j, t) on the comparison grid: rank-one distances from dot products, manhattan summed over
+// (d, n), every sum a PairwiseSum (over n, then over d).
 template <typename scalar_t, typename acc_t>
 GROOTL_HD acc_t edge_weight(const scalar_t* u, const scalar_t* delta, const scalar_t* B, int D, int N, int L, int t,
                             int j, const acc_t* aa, const acc_t* bb, acc_t da, int distance) {
   const int s = t - j;
   if (distance == kManhattan) {
-    acc_t total = 0;
+    PairwiseSum<acc_t> total;
     for (int d = 0; d < D; ++d) {
       const acc_t at = mul((acc_t)delta[feature_index(d, L, t)], (acc_t)u[feature_index(d, L, t)]);
       const acc_t as = mul((acc_t)delta[feature_index(d, L, s)], (acc_t)u[feature_index(d, L, s)]);
+      PairwiseSum<acc_t> row;
       for (int n = 0; n < N; ++n) {
         const acc_t diff = mul(at, (acc_t)B[feature_index(n, L, t)]) - mul(as, (acc_t)B[feature_index(n, L, s)]);
-        total += diff < 0 ? -diff : diff;
+        row.add(diff < 0 ? -diff : diff);
       }
+      total.add(row.total());
     }
-    return total;
+    return quantize(total.total(), distance);
   }
-  acc_t db = 0;
-  for (int n = 0; n < N; ++n) db += mul((acc_t)B[feature_index(n, L, t)], (acc_t)B[feature_index(n, L, s)]);
-  return rank_one_weight(da, db, aa[t], aa[s], bb[t], bb[s], distance);
+  PairwiseSum<acc_t> db;
+  for (int n = 0; n < N; ++n) db.add(mul((acc_t)B[feature_index(n, L, t)], (acc_t)B[feature_index(n, L, s)]));
+  return quantize(rank_one_weight(da, db.total(), aa[t], aa[s], bb[t], bb[s], distance), distance);
 }
 
 // Order-preserving integer key of a weight; equal weights (+0 and -0 too) get equal keys.
@@ -113,15 +153,14 @@ struct BuildScratch {
   uint64_t* key;    // L: that edge's weight key
   uint8_t* in_tree;  // L * k: edges of the tree
   int32_t* succ;    // 2 * L * k, and the five below: the Euler tour's successor of each directed edge
-  int32_t* succ0;   //   (kept: the tour is ranked twice)
+  int32_t* succ0;   //   (kept: each tour is ranked from it)
   int32_t* val;     //   values summed to the tour's end by pointer jumping
-  int32_t* dist;    //   directed edges left to the tour's end
   int32_t* succ_tmp;
   int32_t* val_tmp;
   int32_t* plan_work;  // plan_work_ints(L)
 };
 GROOTL_HD int64_t build_scratch_ints(int L, int k) {  // even, so that rows laid end to end stay 8-byte aligned
-  const int64_t n = 5 * (int64_t)L + 12 * (int64_t)L * k + plan_work_ints(L);
+  const int64_t n = 5 * (int64_t)L + 10 * (int64_t)L * k + plan_work_ints(L);
   return n + (n & 1);
 }
 // Carves BuildScratch out of build_scratch_ints(L, k) int32s (8-byte aligned) and L * k bytes.
@@ -135,8 +174,7 @@ GROOTL_HD BuildScratch build_scratch(int32_t* ints, uint8_t* bytes, int L, int k
   s.succ = s.next + L;
   s.succ0 = s.succ + dir;
   s.val = s.succ0 + dir;
-  s.dist = s.val + dir;
-  s.succ_tmp = s.dist + dir;
+  s.succ_tmp = s.val + dir;
   s.val_tmp = s.succ_tmp + dir;
   s.plan_work = s.val_tmp + dir;
   s.in_tree = bytes;
@@ -251,10 +289,29 @@ GROOTL_HD void rank_tour(Par& par, int n, int length, const BuildScratch& s) {
   }
 }
 
-// Roots s.in_tree at L-1: parent, and order = DFS preorder with children in Euler-tour order. Directed edge
-// a = v * 2k + slot goes from v to its neighbour across slot; the tour leaves a node by the next tree slot
-// after the one it arrived by (the root: from slot 0). An edge walked before its reverse points to a child,
-// and a node's preorder position counts the child-pointing edges walked before the one into it.
+// The slot of v's neighbour at v + off (see slot_neighbour).
+GROOTL_HD int slot_of(int k, int off) { return off < 0 ? off + k : off + k - 1; }
+
+// Children are visited by (subtree size, position), the largest last (heavy-last: see grootl.tree.graph).
+GROOTL_HD bool visits_before(const int32_t* size, int a, int b) { return size[a] != size[b] ? size[a] < size[b] : a < b; }
+
+// The child of v visited after child c (c = -1: the first), or -1.
+GROOTL_HD int next_child(const uint8_t* in_tree, int L, int k, const int64_t* parent, const int32_t* size, int v,
+                         int c) {
+  int best = -1;
+  for (int slot = 0; slot < 2 * k; ++slot) {
+    const int w = slot_neighbour(in_tree, L, k, v, slot);
+    if (w < 0 || parent[w] != v || (c >= 0 && !visits_before(size, c, w))) continue;
+    if (best < 0 || visits_before(size, w, best)) best = w;
+  }
+  return best;
+}
+
+// Roots s.in_tree at L-1: parent, and order = the heavy-last DFS preorder. Directed edge a = v * 2k + slot goes
+// from v to its neighbour across slot. A first tour (leaving a node by the next tree slot after the one it
+// arrived by; the root from slot 0), ranked by pointer jumping, gives each edge's direction (an edge walked
+// before its reverse points to a child) and each subtree's size; a second tour visits children heavy-last, and a
+// node's preorder position counts the child-pointing edges walked before the one into it.
 template <typename Par>
 GROOTL_HD void root_tree(Par& par, int L, int k, const BuildScratch& s, int64_t* parent, int64_t* order) {
   const int slots = 2 * k, n = L * slots;
@@ -277,29 +334,42 @@ GROOTL_HD void root_tree(Par& par, int L, int k, const BuildScratch& s, int64_t*
     s.val[a] = succ != a;
   });
   rank_tour(par, n, 2 * (L - 1), s);
-  par.each(n, [&](int a) { s.dist[a] = s.val[a]; });
-  par.each(n, [&](int a) {  // 1 on the edges that point to a child
-    const int v = a / slots, slot = a % slots, w = slot_neighbour(s.in_tree, L, k, v, slot);
-    s.val[a] = w >= 0 && s.dist[a] > s.dist[w * slots + slots - 1 - slot];
-  });
-  rank_tour(par, n, 2 * (L - 1), s);
+  int32_t* size = s.comp;  // free after the spanning tree
   par.each(L, [&](int v) {
-    int p = -1, pos = 0;
+    int p = -1, sz = L;
     for (int slot = 0; slot < slots; ++slot) {
       const int w = slot_neighbour(s.in_tree, L, k, v, slot);
       if (w < 0) continue;
-      const int in = w * slots + slots - 1 - slot;  // w -> v
-      if (s.dist[in] > s.dist[v * slots + slot]) {
+      const int in = w * slots + slots - 1 - slot, out = v * slots + slot;  // w -> v, v -> w
+      if (s.val[in] > s.val[out]) {
         p = w;
-        pos = L - s.val[in];  // 1 + the (L - 1) - val[in] child edges walked before `in`
+        sz = (s.val[in] - s.val[out] + 1) / 2;  // the edges walked inside v's subtree: 2 (size - 1)
       }
     }
     parent[v] = p;
-    order[pos] = v;
+    size[v] = sz;
+  });
+  par.each(n, [&](int a) {  // the heavy-last tour; 1 on the edges that point to a child
+    const int v = a / slots, slot = a % slots, w = slot_neighbour(s.in_tree, L, k, v, slot);
+    int succ = a;
+    bool down = false;
+    if (w >= 0) {
+      down = parent[w] == v;
+      const int c = next_child(s.in_tree, L, k, parent, size, w, down ? -1 : v);
+      const int to = c >= 0 ? c : down ? v : (int)parent[w];
+      if (to >= 0) succ = w * slots + slot_of(k, to - w);  // else: the last edge into the root, the tour's end
+    }
+    s.succ0[a] = succ;
+    s.val[a] = down;
+  });
+  rank_tour(par, n, 2 * (L - 1), s);
+  par.each(n, [&](int a) {
+    const int v = a / slots, w = slot_neighbour(s.in_tree, L, k, v, a % slots);
+    if (w >= 0 && parent[w] == v) order[L - s.val[a]] = w;  // 1 + the (L - 1) - val[a] child edges walked before
+    if (a == 0) order[0] = L - 1;
   });
 }
 
-// The whole build of one row from its edge weights.
 // The whole build of one row from its edge weights: the tree (parent, order) and its plan (see plan_phases).
 template <typename acc_t, typename Par>
 GROOTL_HD void build_row(Par& par, const acc_t* weight, int L, int k, int64_t context_len, int64_t start,

@@ -17,8 +17,6 @@ from torch import Tensor
 from grootl.tree.validation import check_tree_inputs
 
 DISTANCES = ("cosine", "euclidean", "manhattan")
-CHAIN = "chain"  # Tree._plan of Tree.chain
-_EPS = 1e-12
 
 
 def work_dtype(x: Tensor) -> torch.dtype:
@@ -26,30 +24,207 @@ def work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+CHAIN = "chain"  # the payload of Tree.chain's stamp: planned in closed form
+
+
+class _Stamp:
+    """What a Tree knows about itself beyond parent and order: the heavy-last order the scans follow and their
+    plan of it (``payload``), valid only for the very tensors it was made from, unedited: ``dataclasses.replace``
+    or an in-place edit makes it stale, and the scans then derive it again."""
+
+    def __init__(self, tree_parent: Tensor, tree_order: Tensor, scan_order: Tensor, payload: object = None):
+        self.tensors, self.scan_order, self.payload = (tree_parent, tree_order), scan_order, payload
+        self.versions = _versions(tree_parent, tree_order)
+
+    def fits(self, tree: "Tree") -> bool:
+        parent, order = self.tensors
+        return parent is tree.parent and order is tree.order and self.versions == _versions(parent, order)
+
+
+def _versions(*tensors: Tensor) -> tuple:
+    """In-place edit counters (inference tensors have none: identity alone then)."""
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:
+        return ()
+
+
 @dataclass(frozen=True)
 class Tree:
     """A rooted spanning tree per row. ``parent[b, L-1] == -1``; ``order`` lists the nodes root first,
-    every node after its parent (a DFS preorder), so ``order.flip(-1)`` visits leaves before roots."""
+    every node after its parent (a DFS preorder), so ``order.flip(-1)`` visits leaves before roots.
+
+    ``Tree(parent)`` derives ``order``: the heavy-last preorder (children by subtree size, largest last, ties by
+    position), which the scans use whatever ``order`` a Tree holds: their stacks then stay below log2(L) + 1
+    entries for every tree, so their time and memory are linear in L.
+    """
 
     parent: Tensor  # (batch, L) int64
-    order: Tensor  # (batch, L) int64
-    # what the native kernels know of the tree, not API: their plan of it when their build made it, or CHAIN
-    # for Tree.chain (planned in closed form); either way it needs no checking
-    _plan: object = field(default=None, compare=False, repr=False)
+    order: Tensor | None = None  # (batch, L) int64; derived from parent when None
+    # the scans' plan of this tree (see _Stamp), not API: set by the builds and on first use
+    _plan: _Stamp | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.order is None:
+            order = heavy_last_preorder(self.parent)
+            object.__setattr__(self, "order", order)
+            self.remember(order)
+
+    def plan(self) -> _Stamp | None:
+        """The stamp made for exactly this parent and order, else None."""
+        return self._plan if self._plan is not None and self._plan.fits(self) else None
+
+    def remember(self, scan_order: Tensor, payload: object = None) -> None:
+        """Cache the scans' order and plan of this tree (valid while parent and order stay the same tensors)."""
+        object.__setattr__(self, "_plan", _Stamp(self.parent, self.order, scan_order, payload))
 
     @classmethod
     def chain(cls, batch: int, length: int, device: torch.device | str | None = None) -> "Tree":
         """The plain Mamba chain: ``parent[t] = t + 1``."""
         pos = torch.arange(length, device=device)
-        parent = torch.where(pos + 1 < length, pos + 1, -1)
-        return cls(parent.expand(batch, length).contiguous(), pos.flip(0).expand(batch, length).contiguous(), CHAIN)
+        parent = torch.where(pos + 1 < length, pos + 1, -1).expand(batch, length).contiguous()
+        order = pos.flip(0).expand(batch, length).contiguous()
+        return cls(parent, order, _Stamp(parent, order, order, CHAIN))
+
+
+def stack_bound(length: int) -> int:
+    """Most entries either scan stack holds on a heavy-last order: a node's open ancestors are those whose
+    heavy child it does not descend from, and each such step at least halves the subtree (floor(log2 L) + 1)."""
+    return max(length, 1).bit_length()
+
+
+def _tour_sums(parent: Tensor, key: Tensor, val_down: Tensor, val_up: Tensor) -> Tensor:
+    """Euler tour of each row's tree (children by ascending ``key``, below L * (L + 1)) ranked by pointer jumping: the sum of the
+    values from each directed edge to the tour's end. Edge ``c`` goes down into node c, edge ``L + c`` up out of
+    it (the root's two are unused). Returns (batch, 2L) sums; O(L log L) work, O(log L) rounds."""
+    batch, length = parent.shape
+    dev = parent.device
+    nodes = torch.arange(length, device=dev).expand(batch, -1)
+    root = length - 1
+    p = parent.clamp_min(0)
+    sib = torch.argsort(torch.where(parent < 0, -1, parent) * (length + 1) * length + key, dim=1, stable=True)
+    par_sib = parent.gather(1, sib)  # siblings now adjacent, in key order; the root (parent -1) first
+    same = torch.cat([par_sib[:, 1:] == par_sib[:, :-1], torch.zeros_like(par_sib[:, :1], dtype=torch.bool)], 1)
+    next_sibling = torch.full_like(parent, -1).scatter_(1, sib, torch.where(same, sib.roll(-1, 1), -1))
+    first = torch.cat([torch.ones_like(same[:, :1]), ~same[:, :-1]], 1) & (par_sib >= 0)
+    first_child = torch.full((batch, length + 1), -1, device=dev, dtype=torch.long)
+    first_child.scatter_(1, torch.where(first, par_sib, length), torch.where(first, sib, -1))
+    first_child = first_child[:, :length]
+    end = 2 * length  # a sentinel: its own successor, value 0
+    down_next = torch.where(first_child >= 0, first_child, nodes + length)
+    up_next = torch.where(next_sibling >= 0, next_sibling, torch.where(p == root, end, p + length))
+    succ = torch.cat([down_next, up_next, torch.full((batch, 1), end, device=dev)], 1)
+    succ[:, root], succ[:, length + root] = end, end
+    total = torch.cat([val_down, val_up, torch.zeros((batch, 1), dtype=val_down.dtype, device=dev)], 1)
+    total[:, root], total[:, length + root] = 0, 0
+    for _ in range((2 * length).bit_length()):
+        total = total + total.gather(1, succ)
+        succ = succ.gather(1, succ)
+    return total[:, : 2 * length]
+
+
+def subtree_sizes(parent: Tensor) -> Tensor:
+    """Nodes in each node's subtree, (batch, L); parent must be a tree rooted at L-1."""
+    batch, length = parent.shape
+    ones = torch.ones_like(parent)
+    sums = _tour_sums(parent, torch.arange(length, device=parent.device).expand(batch, -1), ones, ones)
+    size = (sums[:, :length] - sums[:, length:] + 1) // 2
+    size[:, length - 1] = length
+    return size
+
+
+def heavy_last_preorder(parent: Tensor) -> Tensor:
+    """The DFS preorder from the root L-1 whose children come by (subtree size, position), the largest last:
+    the order the scans use (see :func:`stack_bound`). parent must be a tree rooted at L-1."""
+    batch, length = parent.shape
+    nodes = torch.arange(length, device=parent.device).expand(batch, -1)
+    if length == 1:
+        return nodes.clone()
+    key = subtree_sizes(parent) * length + nodes
+    sums = _tour_sums(parent, key, torch.ones_like(parent), torch.zeros_like(parent))
+    pos = (length - sums[:, :length]).clamp(0, length - 1)
+    pos[:, length - 1] = 0
+    return torch.empty_like(parent).scatter_(1, pos, nodes)
+
+
+def check_tree(tree: "Tree") -> None:
+    """Raises ValueError naming the first bad row: parent not a tree rooted at L-1, or order not a DFS
+    preorder of it. One host sync."""
+    parent, order = tree.parent, tree.order
+    batch, length = parent.shape
+    nodes = torch.arange(length, device=parent.device)
+    is_root = nodes == length - 1
+    parent_ok = torch.where(is_root, parent == -1, (parent >= 0) & (parent < length) & (parent != nodes))
+    up = torch.where(is_root | ~parent_ok, length - 1, parent)
+    for _ in range(length.bit_length()):
+        up = up.gather(1, up)
+    parent_ok = parent_ok.all(1) & (up == length - 1).all(1)  # and no cycle: every node reaches the root
+    safe = torch.where(parent_ok[:, None], parent, Tree.chain(1, length, parent.device).parent)
+    size = subtree_sizes(safe)
+    in_range = (order >= 0) & (order < length)
+    o = order.clamp(0, length - 1)
+    pos = torch.full_like(order, length).scatter_(1, o, nodes.expand(batch, -1))
+    p_pos = pos.gather(1, safe.clamp_min(0))
+    nested = (p_pos < pos) & (pos + size <= p_pos + size.gather(1, safe.clamp_min(0)))
+    order_ok = in_range.all(1) & (pos < length).all(1) & (order[:, 0] == length - 1) & (nested | is_root).all(1)
+    status = torch.stack([parent_ok, order_ok]).cpu()
+    for b in range(batch):
+        if not status[0, b]:
+            raise ValueError(f"tree.parent row {b} is not a tree rooted at L-1: every parent must lie in [0, L) "
+                             "except parent[L-1] == -1, and every node must reach L-1")
+        if not status[1, b]:
+            raise ValueError(f"tree.order row {b} is not a DFS preorder of tree.parent starting at the root L-1")
+
+
+def scan_order(tree: "Tree") -> Tensor:
+    """The heavy-last preorder of ``tree.parent`` that the scans follow: known for trees the builds (or
+    ``Tree(parent)``) made, else the tree is checked (one host sync) and the order derived and remembered."""
+    stamp = tree.plan()
+    if stamp is None:
+        check_tree(tree)
+        tree.remember(heavy_last_preorder(tree.parent))
+        stamp = tree.plan()
+    return stamp.scan_order
+
+
+def pairwise_sum(x: Tensor, dim: int) -> Tensor:
+    """Sum over ``dim`` in one defined order, as the kernels' PairwiseSum (kernels/tree_build.h): zero-padded to
+    a power of two, then neighbours added in pairs, level by level. Same bits on every device."""
+    n = x.shape[dim]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        pad = list(x.shape)
+        pad[dim] = width - n
+        x = torch.cat([x, x.new_zeros(pad)], dim)
+    while x.shape[dim] > 1:
+        pairs = x.unflatten(dim, (-1, 2))
+        x = pairs.select(dim + 1, 0) + pairs.select(dim + 1, 1)
+    return x.squeeze(dim)
+
+
+# weights are compared on a grid, so that ties in real arithmetic (repeated tokens, proportional or zero
+# features) stay ties whatever the rounding: 2^-GRID_BITS for cosine distances (in [0, 2]), GRID_BITS significant
+# bits for the others; and the cosine's norm clamp is relative to the pair's own scale (kernels: the same)
+GRID_BITS = {torch.float32: 16, torch.float64: 40}
+NORM_EPS = 2.0**-40
+
+
+def quantize(w: Tensor, distance: str) -> Tensor:
+    """``w`` rounded to the comparison grid (exactly as kernels/tree_build.h's quantize)."""
+    bits = GRID_BITS[w.dtype]
+    if distance == "cosine":
+        return torch.round(w * 2.0**bits) * 2.0**-bits
+    mantissa, exponent = torch.frexp(w)
+    return torch.ldexp(torch.round(mantissa * 2.0**bits), (exponent - bits).to(w.dtype))
 
 
 def edge_weights(u: Tensor, delta: Tensor, B: Tensor, k: int = 3, distance: str = "cosine") -> Tensor:
-    """Distance between the features ``X[:, :, t] = delta*u (outer) B`` of positions ``t-j`` and ``t``.
+    """Distance between the features ``X[:, :, t] = delta*u (outer) B`` of positions ``t-j`` and ``t``, on the
+    comparison grid (see :func:`quantize`).
 
     Returns (batch, L, k): entry ``[b, t, j-1]`` is the weight of edge ``(t-j, t)`` (undefined for t < j).
-    X is rank-1 over (D, N), so cosine and euclidean factor into sums over D and over N.
+    X is rank-1 over (D, N), so cosine and euclidean factor into sums over D and over N. Every sum is a
+    :func:`pairwise_sum` and every product is formed as in kernels/tree_build.h, so all paths get the same bits.
     """
     a = delta.to(work_dtype(u)) * u.to(work_dtype(u))  # (b, D, L)
     b = B.to(a.dtype)  # (b, N, L)
@@ -58,26 +233,30 @@ def edge_weights(u: Tensor, delta: Tensor, B: Tensor, k: int = 3, distance: str 
     if distance == "manhattan":
         for j in range(1, min(k, length - 1) + 1):
             out[:, j:, j - 1] = _manhattan(a, b, j)
-        return out
-    aa, bb = (a * a).sum(1), (b * b).sum(1)  # squared norms per position, (b, L)
+        return quantize(out, distance)
+    sq = pairwise_sum(a * a, 1) * pairwise_sum(b * b, 1)  # |X[t]|^2, (b, L)
+    norm = sq.sqrt()
     for j in range(1, min(k, length - 1) + 1):
-        dot = (a[..., j:] * a[..., :-j]).sum(1) * (b[..., j:] * b[..., :-j]).sum(1)
+        dot = pairwise_sum(a[..., j:] * a[..., :-j], 1) * pairwise_sum(b[..., j:] * b[..., :-j], 1)
         if distance == "cosine":
-            norm = (aa[:, j:] * aa[:, :-j] * bb[:, j:] * bb[:, :-j]).sqrt()
-            out[:, j:, j - 1] = 1 - dot / norm.clamp_min(_EPS)
-        else:  # squared euclidean: same order as euclidean
-            out[:, j:, j - 1] = (aa[:, j:] * bb[:, j:] + aa[:, :-j] * bb[:, :-j] - 2 * dot).clamp_min(0)
-    return out
+            den = torch.maximum(norm[:, j:] * norm[:, :-j], NORM_EPS * (sq[:, j:] + sq[:, :-j]))
+            out[:, j:, j - 1] = torch.where(den > 0, 1 - dot / den, 1)
+        else:  # squared euclidean (same order as euclidean), exact zero within rounding of its terms
+            total = sq[:, j:] + sq[:, :-j]
+            d2 = total - 2 * dot
+            out[:, j:, j - 1] = torch.where(d2 > total * 2.0**-GRID_BITS[a.dtype], d2, 0)
+    return quantize(out, distance)
 
 
 def _manhattan(a: Tensor, b: Tensor, j: int, chunk: int = 64) -> Tensor:
-    """Sum over (d, n) of |X[t] - X[t-j]|; not separable, so computed in chunks of positions."""
+    """Sum over (d, n) of |X[t] - X[t-j]| (pairwise over n, then over d); not separable, so computed in chunks
+    of positions."""
     parts = []
     for s in range(j, a.shape[-1], chunk):
         e = min(s + chunk, a.shape[-1])
         x_t = a[:, :, None, s:e] * b[:, None, :, s:e]
         x_s = a[:, :, None, s - j : e - j] * b[:, None, :, s - j : e - j]
-        parts.append((x_t - x_s).abs().sum((1, 2)))
+        parts.append(pairwise_sum(pairwise_sum((x_t - x_s).abs(), 2), 1))
     return torch.cat(parts, -1)
 
 
@@ -169,11 +348,12 @@ def root_tree(in_tree: Tensor) -> Tree:
     ``-k..-1, 1..k``; after arriving at ``w`` from slot ``r`` the tour leaves by the next tree slot
     after ``r`` (cyclically; the root starts at slot 0). List ranking by pointer jumping gives each
     directed edge its distance to the tour's end; the edge first walked is the one towards the child.
+    The order is then the heavy-last preorder of the parents (:func:`heavy_last_preorder`).
     """
     batch, length, k = in_tree.shape
     dev = in_tree.device
     if length == 1:
-        return Tree(torch.full((batch, 1), -1, device=dev), torch.zeros((batch, 1), dtype=torch.long, device=dev))
+        return Tree(torch.full((batch, 1), -1, device=dev))
     slots = 2 * k
     offset = torch.cat([torch.arange(-k, 0, device=dev), torch.arange(1, k + 1, device=dev)])
     right = torch.zeros_like(in_tree)
@@ -205,7 +385,4 @@ def root_tree(in_tree: Tensor) -> Tree:
     back = dist[:, w, rev]  # distance of the reverse edge (w -> v)
     towards_parent = adj & (back > dist)  # v -> w was walked after w -> v: w is v's parent
     is_root = ~towards_parent.any(-1)
-    parent = torch.where(is_root, -1, (towards_parent * (v + offset)).sum(-1))
-    entered = torch.where(is_root, n_dir, (towards_parent * back).sum(-1))  # tour distance left on entry
-    order = torch.argsort(entered, dim=1, descending=True, stable=True)
-    return Tree(parent, order)
+    return Tree(torch.where(is_root, -1, (towards_parent * (v + offset)).sum(-1)))  # order: heavy-last

@@ -20,8 +20,9 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from grootl.tree.graph import CHAIN, DISTANCES, Tree, work_dtype
+from grootl.tree.graph import CHAIN, DISTANCES, Tree, scan_order, stack_bound, work_dtype
 from grootl.tree.validation import check_scan_inputs, check_tree_inputs
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
@@ -55,8 +56,13 @@ def _cuda_include_paths() -> list[str]:
 
 
 def _extension_name(kind: str) -> str:
-    """One name (and cache folder) per kind and source folder, so two installs never share a build."""
-    return f"grootl_tree_{kind}_{hashlib.sha1(str(KERNELS).encode()).hexdigest()[:8]}"
+    """One name (and cache folder) per kind and kernel sources (headers included): installs with the same sources
+    share a build, and a changed source gets a fresh one."""
+    digest = hashlib.sha1()
+    for path in sorted(KERNELS.iterdir()):
+        if path.suffix in (".h", ".cpp", ".cu"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"grootl_tree_{kind}_{digest.hexdigest()[:8]}"
 
 
 def _cpp_extension() -> ModuleType:
@@ -166,12 +172,11 @@ _HAS_CHILDREN, _LAST_CHILD = 1, 2  # a plan's flag bits (kHasChildren, kLastChil
 
 
 class _Plan:
-    """A tree's row plans for the scan kernels (flags by preorder step, checkpoint offsets, stack sizes) and
-    the largest stack sizes over the rows, on the host: read once (on CUDA, the scan's one host sync)."""
+    """A tree's row plans for the scan kernels: its heavy-last order, flags by preorder step, checkpoint offsets
+    and stack sizes per row. The scratch is sized from L alone (``bounds``), so no scan reads the plan back."""
 
     def __init__(self, parent: Tensor, order: Tensor, flags: Tensor, ckpt_offset: Tensor, sizes: Tensor):
         self.parent, self.order, self.flags, self.ckpt_offset, self.sizes = parent, order, flags, ckpt_offset, sizes
-        self._largest: list[int] | None = None
 
     @classmethod
     def empty(cls, ext: ModuleType, parent: Tensor, order: Tensor) -> "_Plan":
@@ -182,45 +187,48 @@ class _Plan:
                    _alloc(batch, 3, dtype=torch.int32, device=dev))
 
     @classmethod
-    def checked(cls, ext: ModuleType, tree: Tree) -> "_Plan":
-        """The plan of any tree; a tree that is not rooted at L-1 or whose order is no DFS preorder raises."""
-        plan = cls.empty(ext, tree.parent.contiguous(), tree.order.contiguous())
+    def checked(cls, ext: ModuleType, parent: Tensor, order: Tensor) -> "_Plan":
+        """The plan of a tree with this order; a tree that is not rooted at L-1 or whose order is no DFS
+        preorder raises."""
+        plan = cls.empty(ext, parent.contiguous(), order.contiguous())
         try:
-            plan._largest = list(ext.plan(plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes))
+            ext.plan(plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes)
         except RuntimeError as err:
             raise ValueError(str(err).splitlines()[0]) from None
         return plan
 
     @classmethod
     def chain(cls, ext: ModuleType, tree: Tree) -> "_Plan":
-        """The plan of Tree.chain in closed form (no kernel, no host sync): every node but the root has one
-        child, so each stack holds one entry; each chunk but the last checkpoints one."""
+        """The plan of Tree.chain in closed form (no kernel): every node but the root has one child, so each
+        stack holds one entry; each chunk but the last checkpoints one."""
         (batch, length), dev = tree.parent.shape, tree.parent.device
         chunks = -(-length // ext.chunk_size())
         step = torch.arange(length, device=dev)
         flags = (step < length - 1).to(torch.uint8) * _HAS_CHILDREN + (step > 0).to(torch.uint8) * _LAST_CHILD
         ckpt_offset = torch.arange(chunks + 1, device=dev).clamp(max=chunks - 1).to(torch.int32)
-        largest = [int(length > 1), int(length > 1), chunks - 1]
-        sizes = torch.tensor(largest, dtype=torch.int32, device=dev)
-        plan = cls(tree.parent.contiguous(), tree.order.contiguous(),
+        sizes = torch.tensor([int(length > 1), int(length > 1), chunks - 1], dtype=torch.int32, device=dev)
+        return cls(tree.parent.contiguous(), tree.order.contiguous(),
                    *(x.expand(batch, -1).contiguous() for x in (flags, ckpt_offset, sizes)))
-        plan._largest = largest
-        return plan
 
     @classmethod
     def of(cls, ext: ModuleType, tree: Tree, device: torch.device) -> "_Plan":
-        """The tree's plan for scans on ``device``: the one it came with, the chain's, or a checked one."""
-        if isinstance(tree._plan, _Plan) and tree._plan.parent.device == device:
-            return tree._plan
-        if tree._plan is CHAIN and tree.parent.device == device:
+        """The plan for scans on ``device``: the one the tree's build made, the chain's, or one of the heavy-last
+        order derived from ``tree.parent`` (checked; remembered on the tree while it stays unedited)."""
+        stamp = tree.plan()
+        if stamp is not None and isinstance(stamp.payload, _Plan) and stamp.payload.parent.device == device:
+            return stamp.payload
+        if stamp is not None and stamp.payload is CHAIN and tree.parent.device == device:
             return cls.chain(ext, tree)
-        return cls.checked(ext, tree)
+        order = scan_order(tree)
+        plan = cls.checked(ext, tree.parent, order)
+        tree.remember(order, plan)
+        return plan
 
-    @property
-    def largest(self) -> list[int]:
-        if self._largest is None:
-            self._largest = self.sizes.max(0).values.tolist()
-        return self._largest
+    def bounds(self, chunk: int) -> list[int]:
+        """Largest forward stack, backward stack and checkpoint entries any row can need: a heavy-last order's
+        stacks hold at most stack_bound(L) entries."""
+        length = self.parent.shape[1]
+        return [stack_bound(length), stack_bound(length), -(-length // chunk) * stack_bound(length)]
 
 
 def _states_last(x: Tensor, dt: torch.dtype) -> Tensor:
@@ -238,13 +246,15 @@ class _NativeTreeScan(torch.autograd.Function):
         batch, dim, length = u.shape
         y = _alloc(batch, dim, length, dtype=dt, device=u.device)
         root = _alloc(batch, dim, A.shape[1], dtype=acc, device=u.device) if want_root else None
-        ext.forward(u_, delta_, Af, B_, C_, plan.parent, plan.order, plan.flags, plan.largest[0], y, root)
+        ext.forward(u_, delta_, Af, B_, C_, plan.parent, plan.order, plan.flags, plan.bounds(ext.chunk_size())[0], y,
+                    root)
         ctx.save_for_backward(u_, delta_, B_, C_, Af)
         ctx.ext, ctx.plan = ext, plan
         ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
         return y.to(u.dtype), root
 
     @staticmethod
+    @once_differentiable  # a second derivative raises instead of silently missing terms
     def backward(ctx, gy, g_root):
         u, delta, B, C, Af = ctx.saved_tensors
         ext, plan = ctx.ext, ctx.plan
@@ -259,7 +269,7 @@ class _NativeTreeScan(torch.autograd.Function):
         dB = _alloc(batch, groups, length, n, dtype=acc, device=dev)
         dC = _alloc(batch, groups, length, n, dtype=acc, device=dev)
         ext.backward(u, delta, Af, B, C, plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes,
-                     plan.largest, gy, g_root, du, d_delta, dA, dB, dC)
+                     plan.bounds(ext.chunk_size()), gy, g_root, du, d_delta, dA, dB, dC)
         t_u, t_delta, t_A, t_B, t_C = ctx.dtypes
         dB, dC = (x.sum(1).transpose(1, 2) for x in (dB, dC))
         return du.to(t_u), d_delta.to(t_delta), dA.sum(0).to(t_A), dB.to(t_B), dC.to(t_C), None, None, None
@@ -316,7 +326,9 @@ def _build_tree(u, delta, B, context_lens: Tensor, k: int, distance: str, start:
         ext.build_tree(*(x.detach().to(dt).contiguous() for x in (u, delta, B)), context_lens.contiguous(),
                        start.contiguous(), k, DISTANCES.index(distance), plan.parent, plan.order, plan.flags,
                        plan.ckpt_offset, plan.sizes)
-    return Tree(plan.parent, plan.order, plan)
+    tree = Tree(plan.parent, plan.order)
+    tree.remember(plan.order, plan)
+    return tree
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from grootl.tree.graph import Tree, work_dtype
+from grootl.tree.graph import Tree, scan_order, work_dtype
 from grootl.tree.validation import check_scan_inputs
 
 _CHUNK = 128  # positions per vectorised block in the backward pass
@@ -25,7 +26,7 @@ class _Plan:
 
     def __init__(self, tree: Tree):
         batch, length = tree.parent.shape
-        self.steps = tree.order.flip(1)  # step i handles node steps[:, i]; parents come after children
+        self.steps = scan_order(tree).flip(1)  # step i handles node steps[:, i]; parents come after children
         self.step_of = torch.empty_like(self.steps).scatter_(
             1, self.steps, torch.arange(length, device=self.steps.device).expand(batch, -1)
         )
@@ -71,6 +72,7 @@ class _TreeScan(torch.autograd.Function):
         return y.to(u.dtype), acc[:, -2].clone()
 
     @staticmethod
+    @once_differentiable  # a second derivative raises instead of silently missing terms
     def backward(ctx, gy, g_root):
         u, delta, A, B, C = ctx.saved_tensors
         plan: _Plan = ctx.plan

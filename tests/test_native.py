@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
+from grootl.tree.graph import heavy_last_preorder
 from scan_inputs import random_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,17 +202,20 @@ def simulated_plan(parent: list[int], order: list[int]) -> tuple[list[int], list
 
 
 def check_plans(device, trees):
-    """Each tree's plan (the build's own where it made the tree, the chain's closed form, else the checked one)
-    against the simulation; trees from elsewhere get the same checked plan."""
+    """Each tree's plan (the build's own where it made the tree, the chain's closed form, else the checked one of
+    the heavy-last order derived from parent) against the simulation; the checked plan of the same order agrees."""
     for tree in trees:
-        plan = native._Plan.of(native._module_for(torch.device(device)), tree, torch.device(device))
-        for b, (parent, order) in enumerate(zip(tree.parent.tolist(), tree.order.tolist())):
+        ext = native._module_for(torch.device(device))
+        plan = native._Plan.of(ext, tree, torch.device(device))
+        assert torch.equal(plan.order.cpu(), heavy_last_preorder(tree.parent.cpu()))
+        for b, (parent, order) in enumerate(zip(tree.parent.tolist(), plan.order.tolist())):
             flags, offsets, sizes = simulated_plan(parent, order)
             assert plan.flags[b].tolist() == flags
             assert plan.ckpt_offset[b].tolist() == offsets
             assert plan.sizes[b].tolist() == sizes
-        assert plan.largest == plan.sizes.max(0).values.tolist()
-        checked = native._Plan.checked(native._module_for(torch.device(device)), Tree(tree.parent, tree.order))
+        bounds = native._bounds(ext, tree.parent.shape[1])
+        assert (plan.sizes.cpu() <= torch.tensor(bounds, dtype=torch.int32)).all()
+        checked = native._Plan.checked(tree.parent, plan.order)
         for name in ("flags", "ckpt_offset", "sizes"):
             assert torch.equal(getattr(checked, name), getattr(plan, name)), name
 
@@ -320,6 +324,50 @@ def test_build_kernels_command(cpu_kernels, capsys):
     assert "ok:" in capsys.readouterr().out
 
 
+def test_first_compile_says_so_once(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing cached here
+    monkeypatch.setattr(native, "_modules", {})
+    monkeypatch.setattr(native, "_compile", lambda kind: argparse.Namespace(kind=kind))
+    assert native.load("cpu").kind == "cpu" and native.load("cpu").kind == "cpu"
+    err = capsys.readouterr().err
+    assert err.count("compiling the native cpu kernels once") == 1 and str(tmp_path) in err
+
+
+def test_cuda_build_without_gpu_picks_archs(monkeypatch, capsys):
+    """No GPU and no TORCH_CUDA_ARCH_LIST (torch's own lookup fails with 'list index out of range'): the build
+    compiles for default archs, says so, and leaves the environment as it was."""
+    seen = {}
+
+    def load(**kwargs):
+        seen["archs"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        return "module"
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(native, "_cpp_extension", lambda: argparse.Namespace(load=load))
+    assert native._compile("cuda") == "module"
+    assert seen["archs"] == native.DEFAULT_CUDA_ARCHS and "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert "TORCH_CUDA_ARCH_LIST" in capsys.readouterr().err
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    native._compile("cuda")
+    assert seen["archs"] == "9.0"
+
+
+def test_build_cache_is_keyed_by_the_sources_not_the_path(monkeypatch, tmp_path):
+    names = []
+    for where in ("a", "b"):
+        copy = tmp_path / where
+        copy.mkdir()
+        for f in native.KERNELS.iterdir():
+            if f.is_file():
+                (copy / f.name).write_bytes(f.read_bytes())
+        monkeypatch.setattr(native, "KERNELS", copy)
+        names.append(native._extension_name("cpu"))
+    assert names[0] == names[1]
+    (tmp_path / "b" / "tree_scan.h").write_text((tmp_path / "b" / "tree_scan.h").read_text() + "\n// changed\n")
+    assert native._extension_name("cpu") != names[0]
+
+
 # ------------------------------------------------------------------------------------- CUDA extension
 # The same checks run the CUDA extension (kernels/cuda.cu: host code and kernels) on a GPU where there is
 # one, and on every machine through tests/kernels/cuda_emulation.h, with CPU threads standing in for the GPU's
@@ -382,6 +430,50 @@ def check_tree_equals_cpu_tree(device, distance, batch, length, d, k=3):
     assert torch.equal(cpu.parent, dev.parent.cpu()) and torch.equal(cpu.order, dev.order.cpu())
 
 
+def tie_inputs(dtype, length=60, d=12, n=6, seed=0):
+    """Rows whose edge weights tie in real arithmetic, built exactly in ``dtype``: repeated tokens (four feature
+    vectors), features proportional to one vector (power-of-two factors of either sign), zero features amid
+    random ones, and repeated tokens under a shared scale of 2^-30 (tiny features)."""
+    g = torch.Generator().manual_seed(seed)
+    u0, B0 = torch.randn(d, 4, generator=g), torch.randn(n, 4, generator=g)
+    delta0 = torch.nn.functional.softplus(torch.randn(d, 4, generator=g))
+    token = torch.randint(0, 4, (length,), generator=g)
+    repeated = [u0[:, token], delta0[:, token], B0[:, token]]
+    scale = 2.0 ** torch.randint(-3, 4, (length,), generator=g) * (torch.randint(0, 2, (length,), generator=g) * 2 - 1)
+    proportional = [u0[:, :1] * scale, delta0[:, :1].expand(d, length), B0[:, :1].expand(n, length)]
+    zeros = [torch.randn(d, length, generator=g), torch.rand(d, length, generator=g) + 0.1, torch.randn(n, length, generator=g)]
+    zeros[0][:, torch.rand(length, generator=g) < 0.5] = 0
+    tiny = [repeated[0] * 2.0**-30, repeated[1], repeated[2]]
+    rows = [repeated, proportional, zeros, tiny]
+    return [torch.stack([r[i] for r in rows]).to(dtype) for i in range(3)]
+
+
+def check_ties_give_one_tree(device, distance):
+    """The PyTorch build, the C++ kernel and ``device``'s kernel give one tree per row on inputs whose weights tie
+    in real arithmetic, in fp64, fp32 and bf16 alike (the ties are exact in each, so the trees agree across
+    dtypes too); tiny features keep the tree of their unscaled twin (relative norm clamp)."""
+    context = torch.tensor([60, 60, 60, 60])
+    trees = []
+    for dtype in (F64, F32, torch.bfloat16):
+        u, delta, B = tie_inputs(dtype)
+        ref = torch_path(build_tree, u, delta, B, context, distance=distance)
+        cpu = native.build_tree(u, delta, B, context, distance=distance)
+        dev = native.build_tree(*(x.to(device) for x in (u, delta, B, context)), distance=distance)
+        for name, tree in (("cpu", cpu), (device, dev)):
+            assert torch.equal(tree.parent.cpu(), ref.parent), (dtype, name)
+            assert torch.equal(tree.order.cpu(), ref.order), (dtype, name)
+        trees.append(ref.parent)
+    assert all(torch.equal(t, trees[0]) for t in trees), "ties resolved differently across dtypes"
+    if distance == "cosine":
+        assert torch.equal(trees[0][3], trees[0][0]), "tiny features changed the tree"
+    assert not torch.equal(trees[0][0], Tree.chain(1, 60).parent[0]), "the test needs a tree other than the chain"
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_cpu_ties_give_one_tree(cpu_kernels, distance):
+    check_ties_give_one_tree("cpu", distance)
+
+
 def check_runs_identical(device, shape):
     batch, d, n, length = shape
     inputs = random_inputs(batch, d, n, length, F32, seed=5, device=device)
@@ -414,6 +506,11 @@ def test_emulated_cuda_bf16(emulated_cuda):
 @pytest.mark.parametrize("k", [1, 3])
 def test_emulated_cuda_tree_equals_cpu_tree(emulated_cuda, distance, k):
     check_tree_equals_cpu_tree(emulated_cuda, distance, batch=4, length=97, d=9, k=k)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_emulated_cuda_ties_give_one_tree(emulated_cuda, distance):
+    check_ties_give_one_tree(emulated_cuda, distance)
 
 
 @pytest.mark.parametrize("length", [1, 33, 150])
@@ -524,6 +621,13 @@ def test_cuda_scan_bf16():
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
 def test_cuda_tree_equals_cpu_tree(distance):
     check_tree_equals_cpu_tree("cuda", distance, batch=6, length=300, d=64)
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_cuda_ties_give_one_tree(distance):
+    check_ties_give_one_tree("cuda", distance)
 
 
 @CUDA

@@ -248,6 +248,14 @@ def test_bad_input_names_the_argument():
         (lambda: tree_scan(u, delta, A, B, C[:, :2], Tree.chain(2, 9)), "C must have B's shape"),
         (lambda: tree_scan(u, delta, A, B, C, Tree.chain(2, 8)), "tree must be for (batch, L) = (2, 9)"),
         (lambda: tree_scan(u, delta, A, B, C.masked_fill(C > 1, float("inf")), Tree.chain(2, 9)), "C contains NaN"),
+        (lambda: tree_scan(u, delta, A.long(), B, C, Tree.chain(2, 9)), "A must be a floating tensor"),
+        (lambda: tree_scan(u, delta, A, B, C.int(), Tree.chain(2, 9)), "C must be a floating tensor"),
+        (lambda: build_tree(u, delta.long(), B, ctx), "delta must be a floating tensor"),
+        (lambda: tree_scan(u, delta, A.to("meta"), B, C, Tree.chain(2, 9)), "A is on meta but u is on cpu"),
+        (lambda: build_tree(u, delta, B.to("meta"), ctx), "B is on meta but u is on cpu"),
+        (lambda: tree_scan(u, delta, A, B, C, Tree(Tree.chain(2, 9).parent.int(), Tree.chain(2, 9).order)),
+         "tree.parent must hold int64"),
+        (lambda: build_tree(u, delta, B, ctx, start=torch.tensor([2, 6])), "row 1 has start 6 > context_lens 5"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError) as err:

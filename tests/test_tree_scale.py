@@ -123,14 +123,15 @@ def test_kernel_plans_are_bounded_whatever_order_the_tree_holds():
     bound = stack_bound(length)
     assert (plan.sizes[:, :2] <= bound).all(), plan.sizes
     assert (plan.sizes[:, 2] <= -(-length // ext.chunk_size()) * bound).all()
-    assert plan.bounds(ext.chunk_size()) == [bound, bound, -(-length // ext.chunk_size()) * bound]
+    assert native._bounds(ext, length) == [bound, bound, -(-length // ext.chunk_size()) * bound]
 
 
 def scan_and_grads(fn, inputs, tree):
     xs = [x.clone().requires_grad_() for x in inputs]
     y, root = fn(*xs, tree, return_root_state=True)
     g = torch.Generator().manual_seed(7)
-    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + (root * torch.randn(root.shape, generator=g, dtype=root.dtype)).sum()
+    weights = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in (y, root)]
+    loss = (y * weights[0]).sum() + (root * weights[1]).sum()
     return [y.detach(), root.detach(), *torch.autograd.grad(loss, xs)]
 
 
@@ -187,5 +188,5 @@ def test_second_derivatives_raise_instead_of_being_silently_zero(path):
     xs = [x.clone().requires_grad_() for x in (u, delta, A, B, C)]
     tree = build_tree(u, delta, B, torch.tensor([9]))
     (gu,) = torch.autograd.grad(tree_scan(*xs, tree).square().sum(), xs[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="once_differentiable|no autograd formula was registered"):
         gu.sum().backward()

@@ -75,8 +75,10 @@ class Tree:
         return self._plan if self._plan is not None and self._plan.fits(self) else None
 
     def remember(self, scan_order: Tensor, payload: object = None) -> None:
-        """Cache the scans' order and plan of this tree (valid while parent and order stay the same tensors)."""
-        object.__setattr__(self, "_plan", _Stamp(self.parent, self.order, scan_order, payload))
+        """Cache the scans' order and plan of this tree (valid while parent and order stay the same tensors).
+        Nothing is cached while torch.compile traces (the scans then derive the plan inside the graph)."""
+        if not torch.compiler.is_compiling():
+            object.__setattr__(self, "_plan", _Stamp(self.parent, self.order, scan_order, payload))
 
     @classmethod
     def chain(cls, batch: int, length: int, device: torch.device | str | None = None) -> "Tree":
@@ -84,7 +86,9 @@ class Tree:
         pos = torch.arange(length, device=device)
         parent = torch.where(pos + 1 < length, pos + 1, -1).expand(batch, length).contiguous()
         order = pos.flip(0).expand(batch, length).contiguous()
-        return cls(parent, order, _Stamp(parent, order, order, CHAIN))
+        tree = cls(parent, order)
+        tree.remember(order, CHAIN)
+        return tree
 
 
 def stack_bound(length: int) -> int:
@@ -94,9 +98,10 @@ def stack_bound(length: int) -> int:
 
 
 def _tour_sums(parent: Tensor, key: Tensor, val_down: Tensor, val_up: Tensor) -> Tensor:
-    """Euler tour of each row's tree (children by ascending ``key``, below L * (L + 1)) ranked by pointer jumping: the sum of the
-    values from each directed edge to the tour's end. Edge ``c`` goes down into node c, edge ``L + c`` up out of
-    it (the root's two are unused). Returns (batch, 2L) sums; O(L log L) work, O(log L) rounds."""
+    """Euler tour of each row's tree (children by ascending ``key``, below L * (L + 1)) ranked by pointer
+    jumping: the sum of the values from each directed edge to the tour's end. Edge ``c`` goes down into node c,
+    edge ``L + c`` up out of it (the root's two are unused). Returns (batch, 2L) sums; O(L log L) work,
+    O(log L) rounds."""
     batch, length = parent.shape
     dev = parent.device
     nodes = torch.arange(length, device=dev).expand(batch, -1)

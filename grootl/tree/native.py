@@ -9,6 +9,7 @@ used instead; ``GROOTL_NATIVE=0`` turns the native kernels off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,9 +21,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from grootl.tree.graph import CHAIN, DISTANCES, Tree, scan_order, stack_bound, work_dtype
+from grootl.tree.graph import CHAIN, DISTANCES, Tree, heavy_last_preorder, scan_order, stack_bound, work_dtype
 from grootl.tree.validation import check_scan_inputs, check_tree_inputs
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
@@ -95,18 +95,57 @@ def _compile(kind: str, verbose: bool = False) -> ModuleType:
             build_directory=str(build),
             verbose=verbose,
         )
-    return cpp_extension.load(
-        name=name,
-        sources=[str(KERNELS / s) for s in CUDA_SOURCES],
-        extra_cflags=["-O3", *_CXX20],
-        # IEEE sqrt and division (nvcc's default) and unfused products in the build (grootl::mul): edge
-        # weights round as on the CPU, so the device tree equals the CPU tree
-        extra_cuda_cflags=["-O3", "-lineinfo", "-std=c++20"],
-        extra_include_paths=[str(KERNELS), *_cuda_include_paths()],
-        build_directory=str(build),
-        with_cuda=True,
-        verbose=verbose,
-    )
+    archs = cuda_arch_list()
+    if archs != os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        print(f"grootl: no GPU visible and TORCH_CUDA_ARCH_LIST unset: compiling the CUDA kernels for {archs} "
+              "(set TORCH_CUDA_ARCH_LIST to choose)", file=sys.stderr, flush=True)
+    with _environ(TORCH_CUDA_ARCH_LIST=archs):
+        return cpp_extension.load(
+            name=name,
+            sources=[str(KERNELS / s) for s in CUDA_SOURCES],
+            extra_cflags=["-O3", *_CXX20],
+            # IEEE sqrt and division (nvcc's default) and unfused products in the build (grootl::mul): edge
+            # weights round as on the CPU, so the device tree equals the CPU tree
+            extra_cuda_cflags=["-O3", "-lineinfo", "-std=c++20"],
+            extra_include_paths=[str(KERNELS), *_cuda_include_paths()],
+            build_directory=str(build),
+            with_cuda=True,
+            verbose=verbose,
+        )
+
+
+# compute capabilities compiled for when no GPU is visible to ask (torch's own lookup then fails): Ampere and Ada
+# (8.0 code runs on 8.x), Hopper, Blackwell, and PTX for newer GPUs
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
+
+
+def cuda_arch_list() -> str | None:
+    """$TORCH_CUDA_ARCH_LIST when set; None (torch asks the visible GPUs) when a GPU is visible; else the
+    defaults."""
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if given or torch.cuda.is_available():
+        return given
+    return DEFAULT_CUDA_ARCHS
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    """Set (or, for None, leave) environment variables for the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _is_built(kind: str) -> bool:
+    build = cache_dir() / _extension_name(kind)
+    return any(build.glob(f"{_extension_name(kind)}*.so")) or any(build.glob(f"{_extension_name(kind)}*.pyd"))
 
 
 def _error_tail(err: BaseException, lines: int = 25) -> str:
@@ -120,6 +159,9 @@ def load(kind: str) -> ModuleType | None:
     if not enabled():
         return None
     if kind not in _modules:
+        if not _is_built(kind):
+            print(f"grootl: compiling the native {kind} kernels once (about {'1-2' if kind == 'cpu' else '2-10'} "
+                  f"minutes; cached in {cache_dir()})", file=sys.stderr, flush=True)
         try:
             _modules[kind] = _compile(kind)
         except Exception as err:  # noqa: BLE001 - any build failure means: fall back, say why
@@ -141,21 +183,17 @@ def _module_for(device: torch.device) -> ModuleType | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # decided once when tracing: no extension call in the graph
 def available(device: torch.device | str = "cpu") -> bool:
     """Whether a native kernel serves tensors on ``device`` (builds it on first call)."""
     return _module_for(torch.device(device)) is not None
 
 
+@torch.compiler.assume_constant_result
 def serves_scan(device: torch.device | str, n_state: int) -> bool:
     """Whether a native scan kernel serves ``n_state`` (N) states on ``device`` (CUDA: N <= 128)."""
     ext = _module_for(torch.device(device))
     return ext is not None and n_state <= ext.max_state()
-
-
-def _same_device(u: Tensor, **others: Tensor) -> None:
-    for name, x in others.items():
-        if x.device != u.device:
-            raise ValueError(f"{name} is on {x.device} but u is on {u.device}; put all inputs on one device")
 
 
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -171,31 +209,140 @@ def _scan_dtype(u: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> torch.dtype:
 _HAS_CHILDREN, _LAST_CHILD = 1, 2  # a plan's flag bits (kHasChildren, kLastChild in kernels/tree_scan.h)
 
 
+# The kernels as torch custom ops (``torch.ops.grootl.*``) with fake implementations, so torch.compile
+# (fullgraph) and torch.export trace through them. Inputs come converted and contiguous; outputs are allocated
+# here. Scratch is sized from L alone (a heavy-last order's stacks hold at most stack_bound(L) entries), so no
+# op reads a plan back to the host.
+
+
+def _kernel(device: torch.device) -> ModuleType:
+    ext = _module_for(device)
+    if ext is None:
+        raise RuntimeError(f"no native tree kernel for {device} tensors (GROOTL_NATIVE=0 or build failed)")
+    return ext
+
+
+def _plan_shapes(ext: ModuleType, batch: int, length: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """flags (by preorder step), checkpoint offsets, stack sizes per row."""
+    chunks = -(-length // ext.chunk_size())
+    return [((batch, length), torch.uint8), ((batch, chunks + 1), torch.int32), ((batch, 3), torch.int32)]
+
+
+def _bounds(ext: ModuleType, length: int) -> list[int]:
+    """Largest forward stack, backward stack and checkpoint entries of any row of length L."""
+    return [stack_bound(length), stack_bound(length), -(-length // ext.chunk_size()) * stack_bound(length)]
+
+
+@torch.library.custom_op("grootl::build_tree", mutates_args=())
+def _build_op(u: Tensor, delta: Tensor, B: Tensor, context_lens: Tensor, start: Tensor, k: int, distance: int
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """parent, order (the heavy-last preorder) and the tree's plan (flags, ckpt_offset, sizes)."""
+    ext = _kernel(u.device)
+    batch, _, length = u.shape
+    parent, order = (_alloc(batch, length, dtype=torch.long, device=u.device) for _ in range(2))
+    plan = [_alloc(*shape, dtype=dt, device=u.device) for shape, dt in _plan_shapes(ext, batch, length)]
+    ext.build_tree(u, delta, B, context_lens, start, k, distance, parent, order, *plan)
+    return parent, order, *plan
+
+
+@_build_op.register_fake
+def _(u, delta, B, context_lens, start, k, distance):
+    batch, _, length = u.shape
+    tree = [u.new_empty(batch, length, dtype=torch.long) for _ in range(2)]
+    return *tree, *(u.new_empty(shape, dtype=dt) for shape, dt in _plan_shapes(_kernel(u.device), batch, length))
+
+
+@torch.library.custom_op("grootl::plan", mutates_args=())
+def _plan_op(parent: Tensor, order: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The plan (flags, ckpt_offset, sizes) of a tree in this order; raises ValueError on a bad tree."""
+    ext = _kernel(parent.device)
+    plan = [_alloc(*shape, dtype=dt, device=parent.device) for shape, dt in _plan_shapes(ext, *parent.shape)]
+    try:
+        ext.plan(parent, order, *plan)
+    except RuntimeError as err:
+        raise ValueError(str(err).splitlines()[0]) from None
+    return tuple(plan)
+
+
+@_plan_op.register_fake
+def _(parent, order):
+    return tuple(parent.new_empty(shape, dtype=dt) for shape, dt in _plan_shapes(_kernel(parent.device), *parent.shape))
+
+
+@torch.library.custom_op("grootl::tree_scan", mutates_args=())
+def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
+             flags: Tensor, ckpt_offset: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """y (batch, D, L) and the root's state (batch, D, N). B, C as (batch, L, N); A in the accumulation dtype."""
+    ext = _kernel(u.device)
+    (batch, dim, length), n = u.shape, A.shape[1]
+    y = _alloc(batch, dim, length, dtype=u.dtype, device=u.device)
+    root = _alloc(batch, dim, n, dtype=A.dtype, device=u.device)
+    ext.forward(u, delta, A, B, C, parent, order, flags, _bounds(ext, length)[0], y, root)
+    return y, root
+
+
+@_scan_op.register_fake
+def _(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes):
+    return torch.empty_like(u), A.new_empty(u.shape[0], u.shape[1], A.shape[1])
+
+
+@torch.library.custom_op("grootl::tree_scan_backward", mutates_args=())
+def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
+                      flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, gy: Tensor, g_root: Tensor | None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """du; d_delta and dA per (row, channel) in the accumulation dtype; dB, dC as partial sums per channel group."""
+    ext = _kernel(u.device)
+    (batch, dim, length), n, dev, acc = u.shape, A.shape[1], u.device, A.dtype
+    groups = -(-dim // ext.channel_group(n))
+    du = _alloc(batch, dim, length, dtype=u.dtype, device=dev)
+    d_delta = _alloc(batch, dim, length, dtype=acc, device=dev)
+    dA = _alloc(batch, dim, n, dtype=acc, device=dev)
+    dB, dC = (_alloc(batch, groups, length, n, dtype=acc, device=dev) for _ in range(2))
+    ext.backward(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, _bounds(ext, length), gy, g_root,
+                 du, d_delta, dA, dB, dC)
+    return du, d_delta, dA, dB, dC
+
+
+@_scan_backward_op.register_fake
+def _(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, gy, g_root):
+    (batch, dim, length), n = u.shape, A.shape[1]
+    groups = -(-dim // _kernel(u.device).channel_group(n))
+    parts = (A.new_empty(batch, groups, length, n) for _ in range(2))
+    return torch.empty_like(u), A.new_empty(u.shape), A.new_empty(batch, dim, n), *parts
+
+
+def _scan_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _scan_backward(ctx, gy, g_root):
+    # the backward op has no derivative of its own: a second derivative raises instead of silently missing terms
+    u, delta, A, B, C, *plan = ctx.saved_tensors
+    gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
+    g_root = None if g_root is None else g_root.to(A.dtype).contiguous()
+    du, d_delta, dA, dB, dC = torch.ops.grootl.tree_scan_backward(u, delta, A, B, C, *plan, gy, g_root)
+    return du, d_delta.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype), *([None] * 5)
+
+
+torch.library.register_autograd("grootl::tree_scan", _scan_backward, setup_context=_scan_setup)
+
+
 class _Plan:
     """A tree's row plans for the scan kernels: its heavy-last order, flags by preorder step, checkpoint offsets
-    and stack sizes per row. The scratch is sized from L alone (``bounds``), so no scan reads the plan back."""
+    and stack sizes per row."""
 
     def __init__(self, parent: Tensor, order: Tensor, flags: Tensor, ckpt_offset: Tensor, sizes: Tensor):
         self.parent, self.order, self.flags, self.ckpt_offset, self.sizes = parent, order, flags, ckpt_offset, sizes
 
-    @classmethod
-    def empty(cls, ext: ModuleType, parent: Tensor, order: Tensor) -> "_Plan":
-        batch, length = parent.shape
-        dev = parent.device
-        return cls(parent, order, _alloc(batch, length, dtype=torch.uint8, device=dev),
-                   _alloc(batch, -(-length // ext.chunk_size()) + 1, dtype=torch.int32, device=dev),
-                   _alloc(batch, 3, dtype=torch.int32, device=dev))
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.parent, self.order, self.flags, self.ckpt_offset, self.sizes
 
     @classmethod
-    def checked(cls, ext: ModuleType, parent: Tensor, order: Tensor) -> "_Plan":
+    def checked(cls, parent: Tensor, order: Tensor) -> "_Plan":
         """The plan of a tree with this order; a tree that is not rooted at L-1 or whose order is no DFS
-        preorder raises."""
-        plan = cls.empty(ext, parent.contiguous(), order.contiguous())
-        try:
-            ext.plan(plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes)
-        except RuntimeError as err:
-            raise ValueError(str(err).splitlines()[0]) from None
-        return plan
+        preorder raises ValueError."""
+        parent, order = parent.contiguous(), order.contiguous()
+        return cls(parent, order, *torch.ops.grootl.plan(parent, order))
 
     @classmethod
     def chain(cls, ext: ModuleType, tree: Tree) -> "_Plan":
@@ -213,66 +360,24 @@ class _Plan:
     @classmethod
     def of(cls, ext: ModuleType, tree: Tree, device: torch.device) -> "_Plan":
         """The plan for scans on ``device``: the one the tree's build made, the chain's, or one of the heavy-last
-        order derived from ``tree.parent`` (checked; remembered on the tree while it stays unedited)."""
+        order derived from ``tree.parent`` (checked; remembered on the tree while it stays unedited). While
+        compiling, always the derived one (no checks, no caching: nothing leaves the graph)."""
+        if torch.compiler.is_compiling():
+            return cls.checked(tree.parent, heavy_last_preorder(tree.parent))
         stamp = tree.plan()
         if stamp is not None and isinstance(stamp.payload, _Plan) and stamp.payload.parent.device == device:
             return stamp.payload
         if stamp is not None and stamp.payload is CHAIN and tree.parent.device == device:
             return cls.chain(ext, tree)
         order = scan_order(tree)
-        plan = cls.checked(ext, tree.parent, order)
+        plan = cls.checked(tree.parent, order)
         tree.remember(order, plan)
         return plan
-
-    def bounds(self, chunk: int) -> list[int]:
-        """Largest forward stack, backward stack and checkpoint entries any row can need: a heavy-last order's
-        stacks hold at most stack_bound(L) entries."""
-        length = self.parent.shape[1]
-        return [stack_bound(length), stack_bound(length), -(-length // chunk) * stack_bound(length)]
 
 
 def _states_last(x: Tensor, dt: torch.dtype) -> Tensor:
     """(batch, N, L) -> contiguous (batch, L, N): the kernels read a position's N states together."""
     return x.to(dt).transpose(1, 2).contiguous()
-
-
-class _NativeTreeScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, ext, plan: _Plan, want_root: bool):
-        dt, acc = _scan_dtype(u, delta, B, C), work_dtype(u)
-        u_, delta_ = (x.to(dt).contiguous() for x in (u, delta))
-        B_, C_ = _states_last(B, dt), _states_last(C, dt)
-        Af = A.to(acc).contiguous()
-        batch, dim, length = u.shape
-        y = _alloc(batch, dim, length, dtype=dt, device=u.device)
-        root = _alloc(batch, dim, A.shape[1], dtype=acc, device=u.device) if want_root else None
-        ext.forward(u_, delta_, Af, B_, C_, plan.parent, plan.order, plan.flags, plan.bounds(ext.chunk_size())[0], y,
-                    root)
-        ctx.save_for_backward(u_, delta_, B_, C_, Af)
-        ctx.ext, ctx.plan = ext, plan
-        ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
-        return y.to(u.dtype), root
-
-    @staticmethod
-    @once_differentiable  # a second derivative raises instead of silently missing terms
-    def backward(ctx, gy, g_root):
-        u, delta, B, C, Af = ctx.saved_tensors
-        ext, plan = ctx.ext, ctx.plan
-        batch, dim, length = u.shape
-        n, dev, acc = B.shape[2], u.device, Af.dtype
-        groups = -(-dim // ext.channel_group(n))
-        gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
-        g_root = None if g_root is None else g_root.to(acc).contiguous()
-        du = _alloc(batch, dim, length, dtype=u.dtype, device=dev)
-        d_delta = _alloc(batch, dim, length, dtype=acc, device=dev)
-        dA = _alloc(batch, dim, n, dtype=acc, device=dev)
-        dB = _alloc(batch, groups, length, n, dtype=acc, device=dev)
-        dC = _alloc(batch, groups, length, n, dtype=acc, device=dev)
-        ext.backward(u, delta, Af, B, C, plan.parent, plan.order, plan.flags, plan.ckpt_offset, plan.sizes,
-                     plan.bounds(ext.chunk_size()), gy, g_root, du, d_delta, dA, dB, dC)
-        t_u, t_delta, t_A, t_B, t_C = ctx.dtypes
-        dB, dC = (x.sum(1).transpose(1, 2) for x in (dB, dC))
-        return du.to(t_u), d_delta.to(t_delta), dA.sum(0).to(t_A), dB.to(t_B), dC.to(t_C), None, None, None
 
 
 def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False,
@@ -283,14 +388,13 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
     return _tree_scan(u, delta, A, B, C, tree, return_root_state)
 
 
-@torch.compiler.disable  # an opaque extension call: one clean graph break under torch.compile
 def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
     """:func:`tree_scan` on checked inputs (the dispatch in grootl.tree.scan lands here)."""
-    ext = _module_for(u.device)
-    if ext is None:
-        raise RuntimeError(f"no native tree-scan kernel for {u.device} tensors (GROOTL_NATIVE=0 or build failed)")
-    _same_device(u, delta=delta, A=A, B=B, C=C, **{"tree.parent": tree.parent, "tree.order": tree.order})
-    y, root = _NativeTreeScan.apply(u, delta, A, B, C, ext, _Plan.of(ext, tree, u.device), return_root_state)
+    plan = _Plan.of(_kernel(u.device), tree, u.device)
+    dt, acc = _scan_dtype(u, delta, B, C), work_dtype(u)
+    y, root = torch.ops.grootl.tree_scan(u.to(dt).contiguous(), delta.to(dt).contiguous(), A.to(acc).contiguous(),
+                                         _states_last(B, dt), _states_last(C, dt), *plan.tensors())
+    y = y.to(u.dtype)
     return (y, root) if return_root_state else y
 
 
@@ -311,23 +415,15 @@ def build_tree(
     return _build_tree(u, delta, B, context_lens, k, distance, start)
 
 
-@torch.compiler.disable
 def _build_tree(u, delta, B, context_lens: Tensor, k: int, distance: str, start: Tensor | None) -> Tree:
     """:func:`build_tree` on checked inputs (the dispatch in grootl.tree.graph lands here)."""
-    ext = _module_for(u.device)
-    if ext is None:
-        raise RuntimeError(f"no native tree-build kernel for {u.device} tensors (GROOTL_NATIVE=0 or build failed)")
-    _same_device(u, delta=delta, B=B)
     dt = _scan_dtype(u, delta, B, B)
-    batch, _, length = u.shape
-    plan = _Plan.empty(ext, *(_alloc(batch, length, dtype=torch.long, device=u.device) for _ in range(2)))
     start = torch.zeros_like(context_lens) if start is None else start
-    with torch.no_grad():
-        ext.build_tree(*(x.detach().to(dt).contiguous() for x in (u, delta, B)), context_lens.contiguous(),
-                       start.contiguous(), k, DISTANCES.index(distance), plan.parent, plan.order, plan.flags,
-                       plan.ckpt_offset, plan.sizes)
+    plan = _Plan(*torch.ops.grootl.build_tree(*(x.detach().to(dt).contiguous() for x in (u, delta, B)),
+                                              context_lens.contiguous(), start.contiguous(), k, DISTANCES.index(distance)))
     tree = Tree(plan.parent, plan.order)
-    tree.remember(plan.order, plan)
+    if not torch.compiler.is_compiling():
+        tree.remember(plan.order, plan)
     return tree
 
 

@@ -10,9 +10,10 @@ def _shape(x) -> str:
     return "x".join(map(str, x.shape)) if isinstance(x, Tensor) else type(x).__name__
 
 
-def _require(ok: bool, message: str) -> None:
+def _require(ok: bool, message) -> None:
+    """Raise ValueError(message()) unless ok (the message is only formed when needed: cheap, and traceable)."""
     if not ok:
-        raise ValueError(message)
+        raise ValueError(message())
 
 
 class NonFiniteInputError(ValueError):
@@ -27,18 +28,29 @@ def _check_finite(**tensors: Tensor) -> None:
     raise NonFiniteInputError(f"{name} contains NaN or inf (shape {_shape(x)})")
 
 
+def _check_floating(name: str, x) -> None:
+    _require(isinstance(x, Tensor), lambda: f"{name} must be a tensor, got {type(x).__name__}")
+    _require(x.is_floating_point(), lambda: f"{name} must be a floating tensor, got {x.dtype}")
+
+
+def _check_device(name: str, x: Tensor, u: Tensor) -> None:
+    _require(x.device == u.device, lambda: f"{name} is on {x.device} but u is on {u.device}; put all inputs on one device")
+
+
 def check_features(u: Tensor, delta: Tensor, B: Tensor) -> tuple[int, int, int, int]:
-    """u, delta (batch, D, L) and B (batch, N, L); returns (batch, D, N, L)."""
+    """u, delta (batch, D, L) and B (batch, N, L), floating, on one device; returns (batch, D, N, L)."""
     for name, x in (("u", u), ("delta", delta), ("B", B)):
-        _require(isinstance(x, Tensor) and x.dim() == 3, f"{name} must be a 3-D tensor, got shape {_shape(x)}")
-        _require(x.is_floating_point(), f"{name} must be a floating tensor, got {x.dtype}")
-    _require(u.shape == delta.shape, f"u and delta must have the same shape (batch, D, L); got u {_shape(u)}, delta {_shape(delta)}")
+        _require(isinstance(x, Tensor) and x.dim() == 3, lambda: f"{name} must be a 3-D tensor, got shape {_shape(x)}")
+        _check_floating(name, x)
+        _check_device(name, x, u)
+    _require(u.shape == delta.shape,
+             lambda: f"u and delta must have the same shape (batch, D, L); got u {_shape(u)}, delta {_shape(delta)}")
     batch, d, length = u.shape
     _require(
         B.shape[0] == batch and B.shape[2] == length,
-        f"B must be (batch, N, L) = ({batch}, N, {length}) to match u {_shape(u)}; got {_shape(B)}",
+        lambda: f"B must be (batch, N, L) = ({batch}, N, {length}) to match u {_shape(u)}; got {_shape(B)}",
     )
-    _require(length >= 1, f"sequences must have at least one position; got u {_shape(u)}")
+    _require(length >= 1, lambda: f"sequences must have at least one position; got u {_shape(u)}")
     return batch, d, B.shape[1], length
 
 
@@ -50,13 +62,13 @@ def _check_lengths(name: str, x, batch: int, length: int, device, check_range: b
             raise ValueError(f"{name} must be a (batch,) tensor of ints; got {x!r}") from err
     _require(
         x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8),
-        f"{name} must hold integers; got dtype {x.dtype}",
+        lambda: f"{name} must hold integers; got dtype {x.dtype}",
     )
-    _require(x.shape == (batch,), f"{name} must have shape ({batch},) (one per row); got {_shape(x)}")
+    _require(x.shape == (batch,), lambda: f"{name} must have shape ({batch},) (one per row); got {_shape(x)}")
     x = x.to(device=device, dtype=torch.long)
     if batch and check_range:
         lo, hi = int(x.min()), int(x.max())
-        _require(lo >= 0 and hi <= length, f"{name} must lie in [0, L={length}]; got values from {lo} to {hi}")
+        _require(lo >= 0 and hi <= length, lambda: f"{name} must lie in [0, L={length}]; got values from {lo} to {hi}")
     return x
 
 
@@ -64,31 +76,47 @@ def check_tree_inputs(
     u, delta, B, context_lens, k, distance, start, check_values: bool = True
 ) -> tuple[Tensor, Tensor | None]:
     """Shapes, types and settings always; with ``check_values`` also what needs the values (finite inputs,
-    lengths in [0, L]): a pass over the inputs and, on CUDA, a host sync."""
+    lengths in [0, L], start <= context_lens): a pass over the inputs and, on CUDA, a host sync (skipped while
+    torch.compile traces: a graph holds no host syncs)."""
     from grootl.tree.graph import DISTANCES
 
+    check_values = check_values and not torch.compiler.is_compiling()
     batch, _, _, length = check_features(u, delta, B)
-    _require(isinstance(k, int) and k >= 1, f"k must be a positive int; got {k!r}")
-    _require(distance in DISTANCES, f"distance must be one of {DISTANCES}; got {distance!r}")
+    _require(isinstance(k, int) and k >= 1, lambda: f"k must be a positive int; got {k!r}")
+    _require(distance in DISTANCES, lambda: f"distance must be one of {DISTANCES}; got {distance!r}")
     if check_values:
         _check_finite(u=u, delta=delta, B=B)
     context_lens = _check_lengths("context_lens", context_lens, batch, length, u.device, check_values)
     if start is not None:
         start = _check_lengths("start", start, batch, length, u.device, check_values)
+        if batch and check_values:
+            bad = (start > context_lens) & (context_lens > 0)
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0, 0])
+                raise ValueError(f"start must not exceed context_lens (the prompt ends after the left padding); "
+                                 f"row {b} has start {int(start[b])} > context_lens {int(context_lens[b])}")
     return context_lens, start
 
 
 def check_scan_inputs(u, delta, A, B, C, tree, check_values: bool = True) -> None:
-    """Shapes and types always; with ``check_values`` also finite inputs (a pass over them, a host sync on CUDA)."""
+    """Shapes and types always; with ``check_values`` also finite inputs (a pass over them, a host sync on CUDA;
+    skipped while torch.compile traces)."""
     from grootl.tree.graph import Tree
 
+    check_values = check_values and not torch.compiler.is_compiling()
     batch, d, n, length = check_features(u, delta, B)
-    _require(isinstance(A, Tensor) and A.shape == (d, n), f"A must be (D, N) = ({d}, {n}); got {_shape(A)}")
-    _require(isinstance(C, Tensor) and C.shape == B.shape, f"C must have B's shape {_shape(B)}; got {_shape(C)}")
-    _require(isinstance(tree, Tree), f"tree must be a grootl.tree.Tree; got {type(tree).__name__}")
+    _require(isinstance(A, Tensor) and A.shape == (d, n), lambda: f"A must be (D, N) = ({d}, {n}); got {_shape(A)}")
+    _require(isinstance(C, Tensor) and C.shape == B.shape, lambda: f"C must have B's shape {_shape(B)}; got {_shape(C)}")
+    for name, x in (("A", A), ("C", C)):
+        _check_floating(name, x)
+        _check_device(name, x, u)
+    _require(isinstance(tree, Tree), lambda: f"tree must be a grootl.tree.Tree; got {type(tree).__name__}")
     _require(
         tree.parent.shape == (batch, length) and tree.order.shape == (batch, length),
-        f"tree must be for (batch, L) = ({batch}, {length}); got parent {_shape(tree.parent)}, order {_shape(tree.order)}",
+        lambda: f"tree must be for (batch, L) = ({batch}, {length}); got parent {_shape(tree.parent)}, order {_shape(tree.order)}",
     )
+    for name, x in (("tree.parent", tree.parent), ("tree.order", tree.order)):
+        _require(x.dtype == torch.int64, lambda: f"{name} must hold int64; got {x.dtype}")
+        _check_device(name, x, u)
     if check_values:
         _check_finite(u=u, delta=delta, A=A, B=B, C=C)

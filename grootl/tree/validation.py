@@ -11,9 +11,10 @@ def _shape(x) -> str:
 
 
 def _require(ok: bool, message) -> None:
-    """Raise ValueError(message()) unless ok (the message is only formed when needed: cheap, and traceable)."""
+    """Raise ValueError(message) unless ok; message may be a callable, so that it is formed only when needed
+    (cheap, and traceable by torch.compile)."""
     if not ok:
-        raise ValueError(message())
+        raise ValueError(message() if callable(message) else message)
 
 
 class NonFiniteInputError(ValueError):

@@ -68,7 +68,7 @@ grootl::Channel<scalar_t, acc_t> channel(const at::Tensor& u, const at::Tensor& 
           (int)N};
 }
 
-// B, C: (batch, L, N). h_depth: the plan's largest forward stack depth.
+// B, C: (batch, L, N). h_depth: a bound on the plan's forward stack depth (grootl.tree.graph.stack_bound).
 void forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
              const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
              int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {

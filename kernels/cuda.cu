@@ -1,7 +1,8 @@
 // CUDA kernels: the tree_scan.h / tree_build.h algorithms on the device. Python bindings: cuda_bind.cpp.
 //   plan:     a tree from elsewhere is checked on one thread per row, then planned on a block per row (the
-//             phases of tree_scan.h); the host reads status and stack sizes (one sync). Trees from the build
-//             come with their plan.
+//             phases of tree_scan.h); the host reads the status (one sync: a bad tree raises). Trees from the
+//             build come with their plan. The scans size their scratch from L alone (a heavy-last order's
+//             stacks hold at most floor(log2 L) + 1 entries), so they never read a plan back.
 //   forward:  a channel's N states spread over a group of kLanes lanes of a warp (kPer states per lane);
 //             y's sum over n is a butterfly of shuffles inside the group. Stacks live in a global scratch
 //             interleaved across the block's threads (coalesced), (max stack depth) * N per channel.
@@ -337,7 +338,7 @@ std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order
                                                           ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(),
                                                           work.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // the one sync: bad trees raise here, and the scans need the largest stack sizes to size their scratch
+  // the one sync: bad trees raise here
   const auto host = at::cat({status, sizes}, 1).cpu();
   const int32_t* h = host.data_ptr<int32_t>();
   std::vector<int64_t> largest(3, 0);

@@ -7,7 +7,8 @@
 //     H[v] = X[v] + sum over children c of v of a(c + 1) * H[c],      y[v] = C[v, :] . H[v]
 // The forward visits nodes leaves-to-root (reversed DFS preorder) and keeps the pending child sums on a
 // stack: in that order the only open sums belong to ancestors of the current node, and the parent's is on
-// top. The backward runs root-to-leaves (preorder) with a stack of the gradients G of nodes that still have
+// top. The order is heavy-last (each node's largest child subtree last), so both stacks hold at most
+// floor(log2 L) + 1 entries for every tree. The backward runs root-to-leaves (preorder) with a stack of the gradients G of nodes that still have
 // children to visit, and recomputes H chunk by chunk from stack checkpoints, so per channel it needs
 // O((stack depth + L / kChunk) * N) scratch instead of O(L * N).
 //

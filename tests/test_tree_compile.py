@@ -16,6 +16,10 @@ def cpu_kernels():
     assert native.available("cpu"), "the C++ kernels did not build"
 
 
+def on(device, *xs):
+    return [x.to(device) for x in xs]
+
+
 def tree_branch(u, delta, A, B, C, context_lens):
     tree = build_tree(u, delta, B, context_lens)
     return tree_scan(u, delta, A, B, C, tree)
@@ -46,6 +50,16 @@ def test_compile_fullgraph_matches_eager_with_gradients(fn):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     longer = inputs(57) if fn is tree_branch else inputs(57)[:5]  # another length: recompiles or stays dynamic
     torch.testing.assert_close(compiled(*longer), fn(*longer), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compile_fullgraph_on_cuda():
+    torch._dynamo.reset()
+    args = on("cuda", *inputs(300))
+    compiled = torch.compile(tree_branch, fullgraph=True)  # inductor: the graph around the custom ops compiles
+    for got, want in zip(grads(compiled, *args), grads(tree_branch, *args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 class TreeBranch(torch.nn.Module):

@@ -7,6 +7,11 @@ inputs (called as the GrootL mixer calls them: ``check_values=False``), time and
 
     python scripts/bench_kernels.py --device cpu --out benchmarks/kernels_cpu.json
     python scripts/bench_kernels.py --device cuda --out benchmarks/kernels_gpu.json
+
+Bytes model (no timing; see ``launches``): the bytes the CUDA kernels as launched today, and the casts and
+copies around them in grootl/tree/native.py, move per call against the minimum, and the threads each offers:
+
+    python scripts/bench_kernels.py --bytes-only --out benchmarks/kernels_bytes.json
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import statistics
 import time
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
+from grootl.tree.graph import DISTANCES, stack_bound
 
 SIZES = {"130m": (1536, 16), "370m": (2048, 16)}  # Mamba d_inner, d_state
 
@@ -169,6 +176,216 @@ def bench_cuda(args, device: str = "cuda"):
     return rows, {"copy_bandwidth_gb_s": peak_bw / 1e9}
 
 
+# ---- Bytes model of the CUDA kernels as launched today (kernels/cuda.cu, grootl/tree/native.py) ----
+BYTES_RULES = (
+    "A model, not a measurement. A kernel's loop over a row's nodes reads each tensor it touches once per loop (a "
+    "neighbour read in the same loop, delta[v + 1], shares the line); per-row tensors that every channel block of a "
+    "row reads (B, C, the tree) count once per loop (they stay in L2); the scans' small per-thread stacks and the "
+    "backward's chunk buffer, reused in place, stay on chip and count nothing; the backward's checkpoints (the plan's "
+    "entries) count written once and read once; a torch cast or copy reads its source and writes its result once. "
+    "Minimum: every input of a call read once and every output written once, in the caller's dtypes."
+)
+FORWARD_THREADS, BACKWARD_THREADS, BUILD_THREADS, FEATURE_THREADS, CHUNK = 128, 512, 512, 128, 32  # cuda.cu, kChunk
+K = 3  # neighbours per position (the mixer's default)
+F32, I32, I64 = 4, 4, 8
+# bytes per element of u, delta, B, C as the mixer passes them: under bf16 autocast u, B, C come from bf16
+# matmuls and convolutions, delta is computed in float32 (softplus in work_dtype)
+PRECISIONS = {"fp32": {"u": 4, "delta": 4, "B": 4, "C": 4}, "bf16": {"u": 2, "delta": 4, "B": 2, "C": 2}}
+# the issue's targets (issue 11): bytes moved by a scan forward + backward at batch 8, L=2048 and threads
+TARGET_RATIO = {"fp32": 1.3, "bf16": 1.5}
+TARGET_THREADS_FACTOR = 8
+
+
+class Launch(NamedTuple):
+    """One kernel launch ("kernel") or torch tensor op ("torch") of a call: device-memory bytes it reads and
+    writes and the threads it offers (a torch element-wise op: one per element)."""
+
+    call: str
+    name: str
+    kind: str
+    read: int
+    written: int
+    threads: int
+
+
+def lane_shape(n: int) -> tuple[int, int]:
+    """cuda.cu's lane_shape: lanes per channel and states per lane for N states."""
+    lanes = 4
+    while lanes < 32 and lanes < n:
+        lanes *= 2
+    per = 1
+    while lanes * per < n:
+        per *= 2
+    return lanes, per
+
+
+def kernel_bytes(precision: str) -> int:
+    """Bytes per element of the kernels' inputs: native._scan_dtype (the shared dtype, else float32)."""
+    dt = PRECISIONS[precision]
+    return dt["u"] if len(set(dt.values())) == 1 else F32
+
+
+def build_scratch_ints(length: int, k: int) -> int:
+    """tree_build.h's build_scratch_ints (int32s per row)."""
+    n = 5 * length + 10 * length * k + 3 * length
+    return n + (n & 1)
+
+
+def launches(batch: int, d: int, n: int, length: int, precision: str, ckpt_entries: float) -> list[Launch]:
+    """What the calls build (build_tree), plan (a tree from elsewhere), forward and backward (tree_scan's
+    autograd) launch today. ckpt_entries: the backward's checkpoint entries per row (the plan's sizes[2])."""
+    dt, ks = PRECISIONS[precision], kernel_bytes(precision)
+    E, S, T = batch * d * length, batch * length * n, batch * length  # elements of u, of B, of a row tree
+    lanes, per = lane_shape(n)
+    chunks, sb = -(-length // CHUNK), stack_bound(length)
+    tree = T * (2 * I64 + 1)  # parent, order, flags: one read of the tree per loop
+    plan_out = tree + batch * (chunks + 1 + 3) * I32
+    out: list[Launch] = []
+
+    def add(call, name, read, written, threads, kind="kernel"):
+        out.append(Launch(call, name, kind, int(read), int(written), int(threads)))
+
+    def cast(call, name, numel, src, dst, copy=False):  # x.to(dst) (+ .contiguous()): free when nothing changes
+        if src != dst or copy:
+            add(call, name, numel * src, numel * dst, numel, "torch")
+
+    # build: native._build_tree casts u, delta, B to the shared dtype; B is a strided view of x_proj's output
+    cast("build", "u.to(dtype)", E, dt["u"], ks)
+    cast("build", "delta.to(dtype)", E, dt["delta"], ks)
+    cast("build", "B.to(dtype).contiguous()", S, dt["B"], ks, copy=True)
+    add("build", "feature_kernel", 2 * E * ks + S * ks, T * (2 + K) * F32, batch * -(-length // FEATURE_THREADS) * FEATURE_THREADS)
+    scratch = batch * build_scratch_ints(length, K) * I32 + T * K  # counted once each way (Borůvka loops more)
+    add("build", "build_kernel", S * ks + T * (2 + K) * F32 + T * K * F32 + scratch,
+        T * K * F32 + scratch + plan_out, batch * BUILD_THREADS)
+    # plan: a tree from elsewhere is checked (a thread per row), then planned (a block per row); one host sync
+    add("plan", "check_kernel", 2 * T * I64 + 3 * T * I32, 3 * T * I32 + batch * I32, -(-batch // 64) * 64)
+    add("plan", "plan_kernel", tree + 3 * T * I32, plan_out - 2 * T * I64 + 3 * T * I32, batch * BUILD_THREADS)
+    # forward: casts to the kernel's dtype, B and C to (batch, L, N); y back to u's dtype
+    cast("forward", "u.to(dtype)", E, dt["u"], ks)
+    cast("forward", "delta.to(dtype)", E, dt["delta"], ks)
+    for x in "BC":
+        cast("forward", f"_states_last({x})", S, dt[x], ks, copy=True)
+    fwd_blocks = -(-d // (FORWARD_THREADS // lanes)) * batch
+    add("forward", "forward_kernel", 2 * E * ks + 2 * S * ks + tree + d * n * F32, E * ks + batch * d * n * F32,
+        fwd_blocks * FORWARD_THREADS)
+    cast("forward", "y.to(u.dtype)", E, ks, dt["u"])
+    # backward: gy to the kernel's dtype; the kernel sweeps the row three times (reverse sweep with
+    # checkpoints, chunk recompute, root-to-leaves walk); d_delta is zeroed, then accumulated in place
+    cast("backward", "gy.to(dtype)", E, dt["u"], ks)
+    groups = -(-d // (BACKWARD_THREADS // lanes))
+    d_pad = groups * (BACKWARD_THREADS // lanes)
+    ckpt = batch * d * ckpt_entries * n * F32
+    read = 3 * 2 * E * ks + 3 * S * ks + S * ks + E * ks + 3 * tree + d * n * F32 + E * F32 + ckpt
+    written = E * F32 + E * F32 + E * ks + batch * d_pad * n * F32 + 2 * batch * groups * length * n * F32 + ckpt
+    add("backward", "backward_kernel", read, written, groups * batch * BACKWARD_THREADS)
+    if d_pad != d:  # padding channels write spare rows, copied out
+        for name, size in (("du", E * ks), ("d_delta", E * F32), ("dA", batch * d * n * F32)):
+            add("backward", f"{name} unpad copy", size, size, size // F32, "torch")
+    add("backward", "dA.sum(0)", batch * d * n * F32, d * n * F32, batch * d * n, "torch")
+    for x in "BC":
+        add("backward", f"d{x} partials .sum(1)", batch * groups * length * n * F32, S * F32, batch * groups * length * n, "torch")
+        cast("backward", f"d{x} to {x}'s dtype", S, F32, dt[x])
+    cast("backward", "du to u's dtype", E, ks, dt["u"])
+    cast("backward", "d_delta to delta's dtype", E, F32, dt["delta"])
+    return out
+
+
+def minimum_bytes(batch: int, d: int, n: int, length: int, precision: str) -> dict[str, int]:
+    """Per call, every input read once and every output written once, in the dtypes the caller holds."""
+    dt = PRECISIONS[precision]
+    E, S, T = batch * d * length, batch * length * n, batch * length
+    tree = T * (2 * I64 + 1) + batch * (-(-length // CHUNK) + 1 + 3) * I32  # parent, order and the plan
+    inputs = E * (dt["u"] + dt["delta"]) + S * (dt["B"] + dt["C"]) + d * n * F32 + tree
+    return {
+        "build": E * (dt["u"] + dt["delta"]) + S * dt["B"] + tree,
+        "plan": tree,  # parent and order read, the plan written
+        "forward": inputs + E * dt["u"],
+        "backward": inputs + E * dt["u"] + E * (dt["u"] + dt["delta"]) + S * (dt["B"] + dt["C"]) + d * n * F32,
+    }
+
+
+def scratch_bytes(batch: int, d: int, n: int, length: int) -> dict[str, int]:
+    """Scratch the scan kernels allocate (memory, not traffic): sized from L alone."""
+    lanes, per = lane_shape(n)
+    sb, chunks = stack_bound(length), -(-length // CHUNK)
+    fwd = -(-d // (FORWARD_THREADS // lanes)) * batch * FORWARD_THREADS * sb * per * F32
+    groups = -(-d // (BACKWARD_THREADS // lanes))
+    bwd = groups * batch * BACKWARD_THREADS * (2 * sb + chunks * sb + CHUNK) * per * F32
+    return {"forward": fwd, "backward": bwd}
+
+
+def saved_copies_bytes(batch: int, d: int, n: int, length: int, precision: str) -> int:
+    """Copies of the caller's tensors the scan saves for its backward: the op saves its converted inputs (u in
+    float32 when cast, B and C as (batch, L, N))."""
+    dt, ks = PRECISIONS[precision], kernel_bytes(precision)
+    return (batch * d * length * ks if ks != dt["u"] else 0) + batch * length * n * (2 * ks)
+
+
+def checkpoint_entries(d: int, n: int, length: int, rows: int = 2) -> tuple[float, str]:
+    """Mean backward checkpoint entries per row of trees the CPU build makes from random inputs with a half-length
+    prompt; the bound (chunks * stack_bound(L)) when no native CPU kernel is available."""
+    if not native.available("cpu"):
+        return float(-(-length // CHUNK) * stack_bound(length)), "bound"
+    u, delta, _, B, _ = inputs(rows, d, n, length, "cpu")
+    context = torch.full((rows,), length // 2)
+    sizes = torch.ops.grootl.build_tree(u, delta, B, context, torch.zeros_like(context), K, DISTANCES.index("cosine"))[4]
+    return sizes[:, 2].double().mean().item(), "measured"
+
+
+def bytes_model(d: int, n: int, batches: list[int], lengths: list[int]) -> list[dict]:
+    """One row per (batch, L, precision): per call and for a scan's forward + backward (and with the build)."""
+    rows = []
+    for length in lengths:
+        ckpt, source = checkpoint_entries(d, n, length)
+        for batch in batches:
+            for precision in PRECISIONS:
+                ls = launches(batch, d, n, length, precision, ckpt)
+                least = minimum_bytes(batch, d, n, length, precision)
+                row = {"batch": batch, "L": length, "D": d, "N": n, "precision": precision,
+                       "ckpt_entries_per_row": ckpt, "ckpt_source": source, "calls": {}}
+                for call in ("build", "plan", "forward", "backward"):
+                    mine = [x for x in ls if x.call == call]
+                    moved = sum(x.read + x.written for x in mine)
+                    row["calls"][call] = {
+                        "bytes": moved, "minimum": least[call], "ratio": moved / least[call], "launches": len(mine),
+                        "kernel_threads": max((x.threads for x in mine if x.kind == "kernel"), default=0),
+                        "detail": [x._asdict() for x in mine]}
+                calls = row["calls"]
+                for name, parts in (("scan_fwd_bwd", ("forward", "backward")), ("build_fwd_bwd", ("build", "forward", "backward"))):
+                    moved, least_sum = (sum(calls[c][key] for c in parts) for key in ("bytes", "minimum"))
+                    row[name] = {"bytes": moved, "minimum": least_sum, "ratio": moved / least_sum}
+                row["scan_threads"] = calls["forward"]["kernel_threads"]
+                row["scratch_bytes"] = scratch_bytes(batch, d, n, length)
+                row["saved_copies_bytes"] = saved_copies_bytes(batch, d, n, length, precision)
+                rows.append(row)
+    return rows
+
+
+def bytes_verdict(rows: list[dict]) -> dict:
+    """The issue's targets against today's model: ratios at batch 8, L=2048; threads at batch 1, L=2048."""
+    verdict = {}
+    for row in rows:
+        if row["batch"] == 8 and row["L"] == 2048:
+            ratio = row["scan_fwd_bwd"]["ratio"]
+            verdict[f"ratio_{row['precision']}"] = {"today": ratio, "target": TARGET_RATIO[row["precision"]],
+                                                    "met": ratio <= TARGET_RATIO[row["precision"]]}
+        if row["batch"] == 1 and row["L"] == 2048 and row["precision"] == "fp32":
+            verdict["scan_threads_batch1"] = {"today": row["scan_threads"],
+                                              "target": TARGET_THREADS_FACTOR * row["scan_threads"], "met": False,
+                                              "note": "the target is 8x today's: today's kernels are the baseline"}
+    return verdict
+
+
+def print_bytes_table(rows: list[dict]) -> None:
+    print(f"{'batch':>5} {'L':>6} {'prec':>5} | {'call':<13} {'GB moved':>9} {'GB min':>8} {'ratio':>6} {'launches':>8} {'threads':>9}")
+    for row in rows:
+        entries = [(c, row["calls"][c]) for c in ("build", "plan", "forward", "backward")]
+        entries += [("scan fwd+bwd", row["scan_fwd_bwd"]), ("build+fwd+bwd", row["build_fwd_bwd"])]
+        for call, x in entries:
+            print(f"{row['batch']:>5} {row['L']:>6} {row['precision']:>5} | {call:<13} {x['bytes'] / 1e9:>9.3f} "
+                  f"{x['minimum'] / 1e9:>8.3f} {x['ratio']:>6.2f} {x.get('launches', ''):>8} {x.get('kernel_threads', ''):>9}")
+
+
 def timed_peak(fn, repeats, device="cuda"):
     """(median seconds, peak MiB allocated above the inputs; None off CUDA)."""
     if device != "cuda":
@@ -196,13 +413,24 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-ref", action="store_true", help="skip the (slow) tree_scan_ref oracle")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--bytes-only", action="store_true", help="only the bytes model of the CUDA kernels (no timing)")
+    parser.add_argument("--bytes-batch", type=int, nargs="+", default=[1, 8], help="batches of the bytes model")
+    parser.add_argument("--bytes-lengths", type=int, nargs="+", default=[2048, 8192], help="lengths of the bytes model")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.lengths is None:
         args.lengths = [512, 1024, 2048] if args.device == "cpu" else [512, 1024, 2048, 4096]
-    if not native.available(args.device):
-        raise SystemExit(f"no native kernels for {args.device} (see the warning above)")
-    rows, extra = (bench_cpu(args), {}) if args.device == "cpu" else bench_cuda(args)
+    d, n = SIZES[args.size]
+    bytes_rows = bytes_model(d, n, args.bytes_batch, args.bytes_lengths)
+    print_bytes_table(bytes_rows)
+    extra = {"bytes_model": {"rules": BYTES_RULES, "verdict": bytes_verdict(bytes_rows), "rows": bytes_rows}}
+    if args.bytes_only:
+        rows = []
+    else:
+        if not native.available(args.device):
+            raise SystemExit(f"no native kernels for {args.device} (see the warning above)")
+        rows, timing_extra = (bench_cpu(args), {}) if args.device == "cpu" else bench_cuda(args)
+        extra |= timing_extra
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),

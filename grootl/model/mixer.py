@@ -46,8 +46,10 @@ def _installed_kernels() -> FusedKernels:
 
 
 def fast_kernels(x: Tensor) -> FusedKernels:
-    """The fused kernels for ``x``: those installed for CUDA tensors below float64, none otherwise."""
-    if not x.is_cuda or x.dtype == torch.float64:
+    """The fused kernels for ``x``: those installed for CUDA tensors below float64, none otherwise, and
+    none while torch.compile or torch.export traces (they are not torch custom ops: the graph would break;
+    the torch conv and grootl's chain scan, a custom op, run instead)."""
+    if not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling():
         return FusedKernels()
     return _installed_kernels()
 

@@ -66,7 +66,9 @@ def generation_prompt(inputs: Tensor | None, kwargs: dict) -> dict:
 
 
 def check_context_lens(context_lens, batch: int, length: int, device) -> Tensor:
-    """``context_lens`` as a (batch,) int64 tensor with values in [0, length]; ValueError otherwise."""
+    """``context_lens`` as a (batch,) int64 tensor with values in [0, length]; ValueError otherwise.
+    While torch.compile or torch.export traces, only the dtype and shape are checked (a value check
+    would read the tensor on the host)."""
     try:
         lens = torch.as_tensor(context_lens, device=device)
     except (TypeError, ValueError, RuntimeError) as err:
@@ -75,6 +77,8 @@ def check_context_lens(context_lens, batch: int, length: int, device) -> Tensor:
         raise ValueError(f"context_lens must hold integers; got dtype {lens.dtype}")
     if lens.shape != (batch,):
         raise ValueError(f"context_lens must have shape ({batch},), one per row; got {tuple(lens.shape)}")
+    if torch.compiler.is_compiling():
+        return lens.long()
     bad = ((lens < 0) | (lens > length)).nonzero().flatten().tolist()
     if bad:
         row = bad[0]
@@ -160,7 +164,8 @@ class GrootLMambaModel(GrootLMambaPreTrainedModel, MambaModel):
         else:
             if context_lens is not None:
                 context_lens = check_context_lens(context_lens, batch, length, inputs_embeds.device)
-            elif self.training and self.config.grootl_config.active:
+            elif self.training and not torch.compiler.is_compiling() and self.config.grootl_config.active:
+                # eager only: a traced graph drops warnings (and the config's parsing does not trace)
                 warnings.warn(NO_PROMPT_WARNING, stacklevel=2)
             start = left_padding(attention_mask)
 

@@ -185,6 +185,18 @@ BYTES_RULES = (
     "entries) count written once and read once; a torch cast or copy reads its source and writes its result once. "
     "Minimum: every input of a call read once and every output written once, in the caller's dtypes."
 )
+BYTES_MISSES = (
+    "Today's kernels miss the issue's targets (ratio <= 1.3 fp32, <= 1.5 bf16 at batch 8, L=2048; >= 8x threads) "
+    "by design; a GPU redesign (issue 11 item 3) is pending. The backward sweeps each row three times (reverse "
+    "sweep with checkpoints, chunk recompute, root-to-leaves walk), reading u, delta and B three times; d_delta is "
+    "zeroed in its own loop and then updated in place (float32, read and written again); dB and dC are written as "
+    "float32 partials per channel group (D/32 of them) and summed by torch; the forward always writes the root "
+    "state. Under bf16 autocast delta arrives in float32, so the kernels run on float32 copies: u is cast twice "
+    "(build and scan), the float32 copies of u, B and C are saved for the backward, y, gy, du, dB and dC are cast "
+    "between dtypes in separate passes. Threads: a channel's N states over a group of lanes and each thread walks "
+    "all L positions, so the scans offer batch * D * lanes threads whatever L is (24,576 at batch 1, D=1536, N=16); "
+    "the build runs one block per row."
+)
 FORWARD_THREADS, BACKWARD_THREADS, BUILD_THREADS, FEATURE_THREADS, CHUNK = 128, 512, 512, 128, 32  # cuda.cu, kChunk
 K = 3  # neighbours per position (the mixer's default)
 F32, I32, I64 = 4, 4, 8
@@ -423,7 +435,9 @@ def main(argv=None):
     d, n = SIZES[args.size]
     bytes_rows = bytes_model(d, n, args.bytes_batch, args.bytes_lengths)
     print_bytes_table(bytes_rows)
-    extra = {"bytes_model": {"rules": BYTES_RULES, "verdict": bytes_verdict(bytes_rows), "rows": bytes_rows}}
+    verdict = bytes_verdict(bytes_rows)
+    print("targets (issue 11):", json.dumps(verdict), "\n" + BYTES_MISSES, flush=True)
+    extra = {"bytes_model": {"rules": BYTES_RULES, "misses": BYTES_MISSES, "verdict": verdict, "rows": bytes_rows}}
     if args.bytes_only:
         rows = []
     else:

@@ -265,7 +265,8 @@ def launches(batch: int, d: int, n: int, length: int, precision: str, ckpt_entri
     cast("build", "u.to(dtype)", E, dt["u"], ks)
     cast("build", "delta.to(dtype)", E, dt["delta"], ks)
     cast("build", "B.to(dtype).contiguous()", S, dt["B"], ks, copy=True)
-    add("build", "feature_kernel", 2 * E * ks + S * ks, T * (2 + K) * F32, batch * -(-length // FEATURE_THREADS) * FEATURE_THREADS)
+    feature_threads = batch * -(-length // FEATURE_THREADS) * FEATURE_THREADS
+    add("build", "feature_kernel", 2 * E * ks + S * ks, T * (2 + K) * F32, feature_threads)
     scratch = batch * build_scratch_ints(length, K) * I32 + T * K  # counted once each way (Borůvka loops more)
     add("build", "build_kernel", S * ks + T * (2 + K) * F32 + T * K * F32 + scratch,
         T * K * F32 + scratch + plan_out, batch * BUILD_THREADS)
@@ -295,7 +296,8 @@ def launches(batch: int, d: int, n: int, length: int, precision: str, ckpt_entri
             add("backward", f"{name} unpad copy", size, size, size // F32, "torch")
     add("backward", "dA.sum(0)", batch * d * n * F32, d * n * F32, batch * d * n, "torch")
     for x in "BC":
-        add("backward", f"d{x} partials .sum(1)", batch * groups * length * n * F32, S * F32, batch * groups * length * n, "torch")
+        partials = batch * groups * length * n
+        add("backward", f"d{x} partials .sum(1)", partials * F32, S * F32, partials, "torch")
         cast("backward", f"d{x} to {x}'s dtype", S, F32, dt[x])
     cast("backward", "du to u's dtype", E, ks, dt["u"])
     cast("backward", "d_delta to delta's dtype", E, F32, dt["delta"])
@@ -340,7 +342,8 @@ def checkpoint_entries(d: int, n: int, length: int, rows: int = 2) -> tuple[floa
         return float(-(-length // CHUNK) * stack_bound(length)), "bound"
     u, delta, _, B, _ = inputs(rows, d, n, length, "cpu")
     context = torch.full((rows,), length // 2)
-    sizes = torch.ops.grootl.build_tree(u, delta, B, context, torch.zeros_like(context), K, DISTANCES.index("cosine"))[4]
+    start = torch.zeros_like(context)
+    sizes = torch.ops.grootl.build_tree(u, delta, B, context, start, K, DISTANCES.index("cosine"))[4]
     return sizes[:, 2].double().mean().item(), "measured"
 
 
@@ -363,7 +366,8 @@ def bytes_model(d: int, n: int, batches: list[int], lengths: list[int]) -> list[
                         "kernel_threads": max((x.threads for x in mine if x.kind == "kernel"), default=0),
                         "detail": [x._asdict() for x in mine]}
                 calls = row["calls"]
-                for name, parts in (("scan_fwd_bwd", ("forward", "backward")), ("build_fwd_bwd", ("build", "forward", "backward"))):
+                totals = {"scan_fwd_bwd": ("forward", "backward"), "build_fwd_bwd": ("build", "forward", "backward")}
+                for name, parts in totals.items():
                     moved, least_sum = (sum(calls[c][key] for c in parts) for key in ("bytes", "minimum"))
                     row[name] = {"bytes": moved, "minimum": least_sum, "ratio": moved / least_sum}
                 row["scan_threads"] = calls["forward"]["kernel_threads"]
@@ -389,13 +393,15 @@ def bytes_verdict(rows: list[dict]) -> dict:
 
 
 def print_bytes_table(rows: list[dict]) -> None:
-    print(f"{'batch':>5} {'L':>6} {'prec':>5} | {'call':<13} {'GB moved':>9} {'GB min':>8} {'ratio':>6} {'launches':>8} {'threads':>9}")
+    print(f"{'batch':>5} {'L':>6} {'prec':>5} | {'call':<13} {'GB moved':>9} {'GB min':>8} {'ratio':>6} "
+          f"{'launches':>8} {'threads':>9}")
     for row in rows:
         entries = [(c, row["calls"][c]) for c in ("build", "plan", "forward", "backward")]
         entries += [("scan fwd+bwd", row["scan_fwd_bwd"]), ("build+fwd+bwd", row["build_fwd_bwd"])]
         for call, x in entries:
             print(f"{row['batch']:>5} {row['L']:>6} {row['precision']:>5} | {call:<13} {x['bytes'] / 1e9:>9.3f} "
-                  f"{x['minimum'] / 1e9:>8.3f} {x['ratio']:>6.2f} {x.get('launches', ''):>8} {x.get('kernel_threads', ''):>9}")
+                  f"{x['minimum'] / 1e9:>8.3f} {x['ratio']:>6.2f} {x.get('launches', ''):>8} "
+                  f"{x.get('kernel_threads', ''):>9}")
 
 
 def timed_peak(fn, repeats, device="cuda"):
@@ -425,7 +431,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-ref", action="store_true", help="skip the (slow) tree_scan_ref oracle")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--bytes-only", action="store_true", help="only the bytes model of the CUDA kernels (no timing)")
+    parser.add_argument("--bytes-only", action="store_true", help="only the CUDA kernels' bytes model (no timing)")
     parser.add_argument("--bytes-batch", type=int, nargs="+", default=[1, 8], help="batches of the bytes model")
     parser.add_argument("--bytes-lengths", type=int, nargs="+", default=[2048, 8192], help="lengths of the bytes model")
     args = parser.parse_args(argv)

@@ -4,13 +4,15 @@ Mamba-2 recurrence and transformers' own chunked (SSD) scan."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
 import torch
 from transformers.models.mamba2 import modeling_mamba2
 
-from grootl.tree import NonFiniteInputError, Tree
+from grootl.tree import NonFiniteInputError, Tree, build_tree, edge_weights
+from grootl.tree import graph
 from grootl.tree import mamba2 as m2
 
 F64 = torch.float64
@@ -210,3 +212,146 @@ def test_bad_inputs_name_the_problem():
     bad[1, 2, 0, 0] = float("nan")
     with pytest.raises(NonFiniteInputError, match="x contains NaN"):
         m2.build_tree(bad, dt, B, torch.tensor([6, 6]))
+
+
+def tie_inputs(dtype, groups, length=40, heads=6, head_dim=2, n=4, seed=0):
+    """Rows whose edge weights tie in real arithmetic, the same numbers in every dtype (made in bfloat16):
+    repeated tokens (four (x, dt, B) triples), x proportional to one vector (power-of-two factors of either
+    sign), zero x amid random ones, and the repeated tokens with x scaled by 2^-30 (tiny features)."""
+    g = torch.Generator().manual_seed(seed)
+    x0, dt0 = torch.randn(4, heads, head_dim, generator=g), torch.rand(4, heads, generator=g) + 0.1
+    B0 = torch.randn(4, groups, n, generator=g)
+    token = torch.randint(0, 4, (length,), generator=g)
+    repeated = [x0[token], dt0[token], B0[token]]
+    scale = 2.0 ** torch.randint(-3, 4, (length,), generator=g) * (torch.randint(0, 2, (length,), generator=g) * 2 - 1)
+    proportional = [x0[0] * scale[:, None, None], dt0[:1].expand(length, -1), B0[:1].expand(length, -1, -1)]
+    zeros = [torch.randn(length, heads, head_dim, generator=g), torch.rand(length, heads, generator=g) + 0.1,
+             torch.randn(length, groups, n, generator=g)]
+    zeros[0][torch.rand(length, generator=g) < 0.5] = 0
+    tiny = [repeated[0] * 2.0**-30, repeated[1], repeated[2]]
+    rows = [repeated, proportional, zeros, tiny]
+    return [torch.stack([r[i] for r in rows]).to(torch.bfloat16).to(dtype) for i in range(3)]
+
+
+def kruskal_edges(x, dt, B, context_len, distance):
+    """The minimum spanning tree's edges by Kruskal on distances of X built in full in float64, rounded to nine
+    significant digits (so ties in real arithmetic tie here), ties broken towards the smaller edge id."""
+    X = full_X(x[None], dt[None], B[None]).flatten(2)[0]
+    length = X.shape[0]
+
+    def weight(lo, hi):
+        a, b = X[hi], X[lo]
+        if distance == "cosine":
+            w = 1 - float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-300))
+        else:
+            w = float((a - b).square().sum() if distance == "euclidean" else (a - b).abs().sum())
+        return float(f"{w:.9e}")
+
+    allowed = allowed_edges(length, context_len, 0)
+    root = list(range(length))
+
+    def find(v):
+        while root[v] != v:
+            v = root[v]
+        return v
+
+    chosen = set()
+    for lo, hi in sorted(allowed, key=lambda e: (weight(*e), e[1] * 3 + (e[1] - e[0] - 1))):
+        a, b = find(lo), find(hi)
+        if a != b:
+            root[a] = b
+            chosen.add((lo, hi))
+    return chosen
+
+
+def tree_edges(parent):
+    return {(min(v, p), max(v, p)) for v, p in enumerate(parent.tolist()) if p >= 0}
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_ties_give_one_tree_in_every_dtype(groups, distance):
+    """Ties in real arithmetic resolve by edge id alike in float64, float32 and bfloat16, to Kruskal's tree;
+    tiny features keep their unscaled twin's tree (the norm clamp is relative)."""
+    context = torch.tensor([40, 40, 40, 40])
+    trees = [m2.build_tree(*tie_inputs(dtype, groups), context, distance=distance)
+             for dtype in (F64, torch.float32, torch.bfloat16)]
+    for tree in trees[1:]:
+        assert torch.equal(tree.parent, trees[0].parent) and torch.equal(tree.order, trees[0].order)
+    x, dt, B = tie_inputs(F64, groups)
+    for row in range(3):  # the tiny row's exact weights are below nine digits' reach for the sums
+        assert tree_edges(trees[0].parent[row]) == kruskal_edges(x[row], dt[row], B[row], 40, distance), row
+    if distance == "cosine":
+        assert torch.equal(trees[0].parent[3], trees[0].parent[0]), "tiny features changed the tree"
+    assert not torch.equal(trees[0].parent[0], Tree.chain(1, 40).parent[0]), "the test needs a tree other than the chain"
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_grouped_route_equals_build_tree(distance):
+    """One group through the grouped weights and graph.spanning_tree gives grootl.tree.build_tree's tree (native
+    kernels included), bit for bit in the weights; B shared by all groups gives that tree too."""
+    ctx, start = torch.tensor([40, 40, 40, 40, 25, 40]), torch.tensor([0, 0, 0, 0, 3, 7])
+    ties = tie_inputs(torch.float32, 1)
+    x, dt, _, B, _ = random_inputs(2, 40, 6, 2, 1, 4, seed=5)
+    rand = [t.float() for t in (x, dt, B)]
+    x, dt, B = (torch.cat([a, b]) for a, b in zip(ties, rand))
+    u = (dt[..., None] * x).flatten(2).transpose(1, 2)  # (batch, H·P, L)
+    weights = m2.edge_weights(x, dt, B, 3, distance)
+    assert torch.equal(weights, edge_weights(u, torch.ones_like(u), B[:, :, 0].transpose(1, 2), 3, distance))
+    want = build_tree(u, torch.ones_like(u), B[:, :, 0].transpose(1, 2), ctx, distance=distance, start=start)
+    for tree in (graph.spanning_tree(weights, ctx, start), m2.build_tree(x, dt, B, ctx, distance=distance, start=start)):
+        assert torch.equal(tree.parent, want.parent) and torch.equal(tree.order, want.order)
+    shared = m2.build_tree(x[:4], dt[:4], B[:4].expand(-1, -1, 3, -1), ctx[:4], distance=distance)
+    assert torch.equal(shared.parent, want.parent[:4])
+
+
+def test_scans_repeat_a_built_tree_over_groups_once(monkeypatch):
+    """A built tree is repeated over the groups once, with its scan order: later scans check nothing again."""
+    x, dt, A, B, C = random_inputs(2, 10, 4, 2, 2, 3, seed=4)
+    tree = m2.build_tree(x, dt, B, torch.tensor([10, 6]))
+    checks = []
+    monkeypatch.setattr(graph, "check_tree", lambda t: checks.append(t))
+    first = m2.tree_scan(x, dt, A, B, C, tree)
+    folded = graph.repeat_rows(tree, 2)
+    plan = folded.plan()
+    assert folded.parent.shape == (4, 10) and torch.equal(folded.parent[1::2], tree.parent)
+    assert torch.equal(m2.tree_scan(x, dt, A, B, C, tree), first)
+    assert graph.repeat_rows(tree, 2) is folded and folded.plan() is plan and not checks
+
+
+def test_edited_and_hand_made_trees_scan_as_their_parents_say():
+    """A tree edited in place, replaced, or made by hand in any DFS order is scanned as its parents say (no stale
+    repeated tree); a bad row is named as the caller's row."""
+    length = 9
+    x, dt, A, B, C = random_inputs(2, length, 4, 2, 2, 3, seed=8)
+    tree = m2.build_tree(x, dt, B, torch.tensor([length, length]))
+    m2.tree_scan(x, dt, A, B, C, tree)
+    g = torch.Generator().manual_seed(0)
+    parent = torch.stack([torch.tensor([int(torch.randint(v + 1, length, (1,), generator=g)) for v in range(length - 1)]
+                                       + [-1]) for _ in range(2)])
+    order = torch.stack([torch.tensor(dfs_order(p.tolist())) for p in parent])
+    replaced = dataclasses.replace(tree, parent=parent, order=order)
+    hand_made = Tree(parent.clone(), order.clone())
+    tree.parent.copy_(parent)
+    tree.order.copy_(order)
+    want = brute_force(x, dt, A, B, C, parent)
+    for t in (tree, replaced, hand_made):
+        torch.testing.assert_close(m2.tree_scan(x, dt, A, B, C, t), want, rtol=1e-10, atol=1e-10)
+    bad = parent.clone()
+    bad[1, 0], bad[1, 1] = 1, 0  # a cycle in row 1
+    with pytest.raises(ValueError, match="tree.parent row 1 is not a tree"):
+        m2.tree_scan(x, dt, A, B, C, Tree(bad, order))
+
+
+def dfs_order(parent):
+    """The preorder from the root L-1 with children by ascending position (not the heavy-last order)."""
+    children = [[] for _ in parent]
+    for v, p in enumerate(parent):
+        if p >= 0:
+            children[p].append(v)
+    order, stack = [], [len(parent) - 1]
+    while stack:
+        v = stack.pop()
+        order.append(v)
+        stack.extend(reversed(children[v]))
+    return order

@@ -35,6 +35,7 @@ class _Stamp:
     def __init__(self, tree_parent: Tensor, tree_order: Tensor, scan_order: Tensor, payload: object = None):
         self.tensors, self.scan_order, self.payload = (tree_parent, tree_order), scan_order, payload
         self.versions = _versions(tree_parent, tree_order)
+        self.derived: dict = {}  # other trees made from this one (see repeat_rows), as valid as the plan
 
     def fits(self, tree: "Tree") -> bool:
         parent, order = self.tensors
@@ -192,6 +193,24 @@ def scan_order(tree: "Tree") -> Tensor:
     return stamp.scan_order
 
 
+def repeat_rows(tree: Tree, times: int) -> Tree:
+    """Each row of ``tree`` ``times`` times over (row b becomes rows b*times to b*times + times - 1), carrying the
+    scan order, so the copy needs no check of its own. Made once per tree and kept with its plan (a tree without
+    one is checked first, as by the scans); made afresh while torch.compile traces."""
+    if times == 1:
+        return tree
+    if torch.compiler.is_compiling():
+        return Tree(tree.parent.repeat_interleave(times, 0), tree.order.repeat_interleave(times, 0))
+    order = scan_order(tree)
+    stamp = tree.plan()
+    key = ("repeat_rows", times)
+    if key not in stamp.derived:
+        copy = Tree(tree.parent.repeat_interleave(times, 0), tree.order.repeat_interleave(times, 0))
+        copy.remember(order.repeat_interleave(times, 0), CHAIN if stamp.payload is CHAIN else None)
+        stamp.derived[key] = copy
+    return stamp.derived[key]
+
+
 def pairwise_sum(x: Tensor, dim: int) -> Tensor:
     """Sum over ``dim`` in one defined order, as the kernels' PairwiseSum (kernels/tree_build.h): zero-padded to
     a power of two, then neighbours added in pairs, level by level. Same bits on every device."""
@@ -232,17 +251,23 @@ def edge_weights(u: Tensor, delta: Tensor, B: Tensor, k: int = 3, distance: str 
     :func:`pairwise_sum` and every product is formed as in kernels/tree_build.h, so all paths get the same bits.
     """
     a = delta.to(work_dtype(u)) * u.to(work_dtype(u))  # (b, D, L)
-    b = B.to(a.dtype)  # (b, N, L)
+    return grouped_edge_weights(a[:, None], B.to(a.dtype)[:, None], k, distance)
+
+
+def grouped_edge_weights(a: Tensor, b: Tensor, k: int = 3, distance: str = "cosine") -> Tensor:
+    """:func:`edge_weights` of features made of G rank-1 blocks, ``X[:, t] = (a[:, g, :, t] (outer) b[:, g, :, t])
+    for g < G``: a (batch, G, D, L), b (batch, G, N, L), both in the work dtype. Sums run over N (or D), then
+    over the G groups, each a :func:`pairwise_sum`; with G = 1 these are the bits of :func:`edge_weights`."""
     length = a.shape[-1]
     out = torch.zeros(a.shape[0], length, k, dtype=a.dtype, device=a.device)
     if distance == "manhattan":
         for j in range(1, min(k, length - 1) + 1):
             out[:, j:, j - 1] = _manhattan(a, b, j)
         return quantize(out, distance)
-    sq = pairwise_sum(a * a, 1) * pairwise_sum(b * b, 1)  # |X[t]|^2, (b, L)
+    sq = pairwise_sum(pairwise_sum(a * a, 2) * pairwise_sum(b * b, 2), 1)  # |X[t]|^2, (b, L)
     norm = sq.sqrt()
     for j in range(1, min(k, length - 1) + 1):
-        dot = pairwise_sum(a[..., j:] * a[..., :-j], 1) * pairwise_sum(b[..., j:] * b[..., :-j], 1)
+        dot = pairwise_sum(pairwise_sum(a[..., j:] * a[..., :-j], 2) * pairwise_sum(b[..., j:] * b[..., :-j], 2), 1)
         if distance == "cosine":
             den = torch.maximum(norm[:, j:] * norm[:, :-j], NORM_EPS * (sq[:, j:] + sq[:, :-j]))
             out[:, j:, j - 1] = torch.where(den > 0, 1 - dot / den, 1)
@@ -254,14 +279,14 @@ def edge_weights(u: Tensor, delta: Tensor, B: Tensor, k: int = 3, distance: str 
 
 
 def _manhattan(a: Tensor, b: Tensor, j: int, chunk: int = 64) -> Tensor:
-    """Sum over (d, n) of |X[t] - X[t-j]| (pairwise over n, then over d); not separable, so computed in chunks
-    of positions."""
+    """Sum over (g, d, n) of |X[t] - X[t-j]| (pairwise over n, then d, then g); not separable, so computed in
+    chunks of positions."""
     parts = []
     for s in range(j, a.shape[-1], chunk):
         e = min(s + chunk, a.shape[-1])
-        x_t = a[:, :, None, s:e] * b[:, None, :, s:e]
-        x_s = a[:, :, None, s - j : e - j] * b[:, None, :, s - j : e - j]
-        parts.append(pairwise_sum(pairwise_sum((x_t - x_s).abs(), 2), 1))
+        x_t = a[..., :, None, s:e] * b[..., None, :, s:e]
+        x_s = a[..., :, None, s - j : e - j] * b[..., None, :, s - j : e - j]
+        parts.append(pairwise_sum(pairwise_sum(pairwise_sum((x_t - x_s).abs(), 3), 2), 1))
     return torch.cat(parts, -1)
 
 
@@ -302,10 +327,15 @@ def build_tree(
         return native._build_tree(u, delta, B, context_lens, k, distance, start)
     # <<< native dispatch hook
     with torch.no_grad():
-        weights = edge_weights(u, delta, B, k, distance)
-        mask = edge_mask(context_lens, u.shape[-1], k, start)
-        in_tree = minimum_spanning_forest(weights, mask)
-        return root_tree(in_tree)
+        return spanning_tree(edge_weights(u, delta, B, k, distance), context_lens, start)
+
+
+def spanning_tree(weights: Tensor, context_lens: Tensor, start: Tensor | None = None) -> Tree:
+    """The minimum spanning tree of each row's token graph under ``weights`` (batch, L, k) on the comparison grid
+    (as :func:`edge_weights` gives them), rooted at ``L - 1``; context_lens and start as in :func:`build_tree`,
+    already checked."""
+    _, length, k = weights.shape
+    return root_tree(minimum_spanning_forest(weights, edge_mask(context_lens, length, k, start)))
 
 
 def minimum_spanning_forest(weights: Tensor, mask: Tensor) -> Tensor:

@@ -26,105 +26,64 @@ from torch import Tensor
 
 from grootl.tree import graph, scan
 from grootl.tree.graph import Tree, work_dtype
-from grootl.tree.validation import NonFiniteInputError, check_tree_inputs
-
-_EPS = 1e-12  # as grootl.tree.graph: a zero-norm position has cosine distance 1 to everything
-_MANHATTAN_CHUNK = 16  # positions per block when X has to be built
-
-
-def _shape(x) -> str:
-    return "x".join(map(str, x.shape)) if isinstance(x, Tensor) else type(x).__name__
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+from grootl.tree.validation import (
+    _check_device, _check_finite, _check_floating, _require, _shape, check_prompt, check_tree_settings, check_tree_shape,
+)
 
 
 def check_features(x: Tensor, dt: Tensor, B: Tensor) -> tuple[int, int, int, int, int, int]:
-    """x (batch, L, H, P), dt (batch, L, H), B (batch, L, G, N); returns (batch, L, H, P, G, N)."""
+    """x (batch, L, H, P), dt (batch, L, H), B (batch, L, G, N), floating, on one device; returns
+    (batch, L, H, P, G, N)."""
     for name, t, dims in (("x", x, 4), ("dt", dt, 3), ("B", B, 4)):
-        _require(isinstance(t, Tensor) and t.dim() == dims, f"{name} must be a {dims}-D tensor, got shape {_shape(t)}")
-        _require(t.is_floating_point(), f"{name} must be a floating tensor, got {t.dtype}")
+        _require(isinstance(t, Tensor) and t.dim() == dims, lambda: f"{name} must be a {dims}-D tensor, got shape {_shape(t)}")
+        _check_floating(name, t)
+        _check_device(name, t, x, "x")
     batch, length, heads, head_dim = x.shape
-    _require(length >= 1, f"sequences must have at least one position; got x {_shape(x)}")
-    _require(dt.shape == (batch, length, heads), f"dt must be (batch, L, H) = ({batch}, {length}, {heads}); got {_shape(dt)}")
-    _require(B.shape[:2] == (batch, length), f"B must be (batch, L, G, N) = ({batch}, {length}, G, N); got {_shape(B)}")
+    _require(length >= 1, lambda: f"sequences must have at least one position; got x {_shape(x)}")
+    _require(dt.shape == (batch, length, heads),
+             lambda: f"dt must be (batch, L, H) = ({batch}, {length}, {heads}); got {_shape(dt)}")
+    _require(B.shape[:2] == (batch, length),
+             lambda: f"B must be (batch, L, G, N) = ({batch}, {length}, G, N); got {_shape(B)}")
     groups = B.shape[2]
-    _require(groups >= 1 and heads % groups == 0, f"the {heads} heads of x must split evenly into B's {groups} groups")
+    _require(groups >= 1 and heads % groups == 0,
+             lambda: f"the {heads} heads of x must split evenly into B's {groups} groups")
     return batch, length, heads, head_dim, groups, B.shape[3]
 
 
-def _check_finite(**tensors: Tensor) -> None:
-    for name, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteInputError(f"{name} contains NaN or inf (shape {_shape(t)})")
-
-
 def check_scan_inputs(x, dt, A, B, C, tree, check_values: bool = True) -> None:
-    """Shapes and types always; with ``check_values`` also finite inputs."""
+    """Shapes and types always; with ``check_values`` also finite inputs (skipped while torch.compile traces)."""
     batch, length, heads, _, _, _ = check_features(x, dt, B)
-    _require(isinstance(A, Tensor) and A.shape == (heads,), f"A must be (H,) = ({heads},), one per head; got {_shape(A)}")
-    _require(isinstance(C, Tensor) and C.shape == B.shape, f"C must have B's shape {_shape(B)}; got {_shape(C)}")
-    _require(isinstance(tree, Tree), f"tree must be a grootl.tree.Tree; got {type(tree).__name__}")
-    _require(
-        tree.parent.shape == (batch, length) and tree.order.shape == (batch, length),
-        f"tree must be for (batch, L) = ({batch}, {length}); got parent {_shape(tree.parent)}, order {_shape(tree.order)}",
-    )
-    if check_values:
+    _require(isinstance(A, Tensor) and A.shape == (heads,),
+             lambda: f"A must be (H,) = ({heads},), one per head; got {_shape(A)}")
+    _require(isinstance(C, Tensor) and C.shape == B.shape, lambda: f"C must have B's shape {_shape(B)}; got {_shape(C)}")
+    for name, t in (("A", A), ("C", C)):
+        _check_floating(name, t)
+        _check_device(name, t, x, "x")
+    check_tree_shape(tree, batch, length, x, "x")
+    if check_values and not torch.compiler.is_compiling():
         _check_finite(x=x, dt=dt, A=A, B=B, C=C)
 
 
 def _group_features(x: Tensor, dt: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """a = dt·x per group (batch, L, G, heads per group·P) and B (batch, L, G, N), in the work dtype."""
+    """Per group, a = dt·x over the group's heads (batch, G, heads per group·P, L) and B (batch, G, N, L), in the
+    work dtype: the layout of :func:`grootl.tree.graph.grouped_edge_weights`."""
     f = work_dtype(x)
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
     a = (dt.to(f)[..., None] * x.to(f)).reshape(batch, length, groups, heads // groups * head_dim)
-    return a, B.to(f)
+    return a.permute(0, 2, 3, 1), B.to(f).permute(0, 2, 3, 1)
 
 
 def edge_weights(x: Tensor, dt: Tensor, B: Tensor, k: int = 3, distance: str = "cosine") -> Tensor:
-    """Distance between the X features of positions ``t-j`` and ``t``: (batch, L, k), laid out as
-    :func:`grootl.tree.edge_weights` (entry ``[b, t, j-1]`` is edge ``(t-j, t)``, undefined for t < j)."""
-    a, b = _group_features(x, dt, B)
-    length = a.shape[1]
-    out = torch.zeros(a.shape[0], length, k, dtype=a.dtype, device=a.device)
-    if distance == "manhattan":
-        for j in range(1, min(k, length - 1) + 1):
-            out[:, j:, j - 1] = _manhattan(a, b, j)
-        return out
-    sq = ((a * a).sum(-1) * (b * b).sum(-1)).sum(-1)  # |X[t]|², (batch, L)
-    for j in range(1, min(k, length - 1) + 1):
-        dot = ((a[:, j:] * a[:, :-j]).sum(-1) * (b[:, j:] * b[:, :-j]).sum(-1)).sum(-1)
-        if distance == "cosine":
-            out[:, j:, j - 1] = 1 - dot / (sq[:, j:] * sq[:, :-j]).sqrt().clamp_min(_EPS)
-        else:  # squared euclidean: orders edges as euclidean does
-            out[:, j:, j - 1] = (sq[:, j:] + sq[:, :-j] - 2 * dot).clamp_min(0)
-    return out
-
-
-def _manhattan(a: Tensor, b: Tensor, j: int) -> Tensor:
-    """Σ |X[t] - X[t-j]| over (h, p, n): not separable, so X is built a few positions at a time."""
-    parts = []
-    for s in range(j, a.shape[1], _MANHATTAN_CHUNK):
-        e = min(s + _MANHATTAN_CHUNK, a.shape[1])
-        x_t = a[:, s:e, :, :, None] * b[:, s:e, :, None, :]
-        x_s = a[:, s - j : e - j, :, :, None] * b[:, s - j : e - j, :, None, :]
-        parts.append((x_t - x_s).abs().sum((2, 3, 4)))
-    return torch.cat(parts, 1)
+    """Distance between the X features of positions ``t-j`` and ``t`` on the comparison grid: (batch, L, k), laid
+    out as :func:`grootl.tree.edge_weights` (entry ``[b, t, j-1]`` is edge ``(t-j, t)``, undefined for t < j),
+    with its summation order, norm clamp and grid (:func:`grootl.tree.graph.grouped_edge_weights`)."""
+    return graph.grouped_edge_weights(*_group_features(x, dt, B), k, distance)
 
 
 def build_tree(
-    x: Tensor,
-    dt: Tensor,
-    B: Tensor,
-    context_lens: Tensor,
-    k: int = 3,
-    distance: str = "cosine",
-    start: Tensor | None = None,
-    *,
-    check_values: bool = True,
+    x: Tensor, dt: Tensor, B: Tensor, context_lens: Tensor, k: int = 3, distance: str = "cosine",
+    start: Tensor | None = None, *, check_values: bool = True,
 ) -> Tree:
     """Minimum spanning tree of each row's token graph, rooted at ``L - 1`` (see the module docstring).
 
@@ -132,24 +91,21 @@ def build_tree(
     kept out of the k-neighbour edges. Not differentiable. ``check_values=False`` skips the checks that
     read values (finite inputs, lengths in range), as in :func:`grootl.tree.build_tree`.
     With one group X is rank 1 over (h, p, n) and :func:`grootl.tree.build_tree` (native kernels
-    included) builds the tree from ``dt·x`` and B directly.
+    included) builds the tree from ``dt·x`` and B directly; with more, the weights of :func:`edge_weights`
+    give the same tree (:func:`grootl.tree.graph.spanning_tree`), in plain PyTorch.
     """
-    batch, length, heads, head_dim, groups, n = check_features(x, dt, B)
+    batch, length, _, _, groups, _ = check_features(x, dt, B)
+    check_tree_settings(k, distance)
+    check_values = check_values and not torch.compiler.is_compiling()
     if check_values:
         _check_finite(x=x, dt=dt, B=B)
+    context_lens, start = check_prompt(context_lens, start, batch, length, x.device, check_values)
     with torch.no_grad():
         a, b = _group_features(x, dt, B)
         if groups == 1:
-            u = a[:, :, 0].transpose(1, 2)  # (batch, H·P, L)
-            return graph.build_tree(u, torch.ones_like(u), b[:, :, 0].transpose(1, 2), context_lens, k, distance,
-                                    start, check_values=check_values)
-        # lengths and settings checked as the Mamba-1 build checks them
-        u = a.reshape(batch, length, -1).transpose(1, 2)
-        context_lens, start = check_tree_inputs(u, u, b.reshape(batch, length, -1).transpose(1, 2), context_lens, k,
-                                                distance, start, check_values=check_values)
-        weights = edge_weights(x, dt, B, k, distance)
-        in_tree = graph.minimum_spanning_forest(weights, graph.edge_mask(context_lens, length, k, start))
-        return graph.root_tree(in_tree)
+            return graph.build_tree(a[:, 0], torch.ones_like(a[:, 0]), b[:, 0], context_lens, k, distance, start,
+                                    check_values=False)
+        return graph.spanning_tree(graph.grouped_edge_weights(a, b, k, distance), context_lens, start)
 
 
 def tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False,
@@ -175,10 +131,8 @@ def tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree
     u1 = fold(u.reshape(batch, length, groups, channels))
     delta1 = fold(delta[..., None].expand(-1, -1, -1, head_dim).reshape(batch, length, groups, channels))
     A1 = torch.full((channels, n), -1.0, dtype=f, device=x.device)
-    if groups > 1:
-        tree = Tree(tree.parent.repeat_interleave(groups, 0), tree.order.repeat_interleave(groups, 0))
-    y, root = scan.tree_scan(u1, delta1, A1, fold(B.to(f)), fold(C.to(f)), tree, return_root_state=True,
-                             check_values=False)
+    y, root = scan.tree_scan(u1, delta1, A1, fold(B.to(f)), fold(C.to(f)), graph.repeat_rows(tree, groups),
+                             return_root_state=True, check_values=False)
     y = y.reshape(batch, groups, heads // groups, head_dim, length).permute(0, 4, 1, 2, 3)
     y = y.reshape(batch, length, heads, head_dim).to(x.dtype)
     if not return_root_state:

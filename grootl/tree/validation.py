@@ -34,8 +34,9 @@ def _check_floating(name: str, x) -> None:
     _require(x.is_floating_point(), lambda: f"{name} must be a floating tensor, got {x.dtype}")
 
 
-def _check_device(name: str, x: Tensor, u: Tensor) -> None:
-    _require(x.device == u.device, lambda: f"{name} is on {x.device} but u is on {u.device}; put all inputs on one device")
+def _check_device(name: str, x: Tensor, u: Tensor, u_name: str = "u") -> None:
+    _require(x.device == u.device,
+             lambda: f"{name} is on {x.device} but {u_name} is on {u.device}; put all inputs on one device")
 
 
 def check_features(u: Tensor, delta: Tensor, B: Tensor) -> tuple[int, int, int, int]:
@@ -79,17 +80,28 @@ def check_tree_inputs(
     """Shapes, types and settings always; with ``check_values`` also what needs the values (finite inputs,
     lengths in [0, L], start <= context_lens): a pass over the inputs and, on CUDA, a host sync (skipped while
     torch.compile traces: a graph holds no host syncs)."""
-    from grootl.tree.graph import DISTANCES
-
     check_values = check_values and not torch.compiler.is_compiling()
     batch, _, _, length = check_features(u, delta, B)
-    _require(isinstance(k, int) and k >= 1, lambda: f"k must be a positive int; got {k!r}")
-    _require(distance in DISTANCES, lambda: f"distance must be one of {DISTANCES}; got {distance!r}")
+    check_tree_settings(k, distance)
     if check_values:
         _check_finite(u=u, delta=delta, B=B)
-    context_lens = _check_lengths("context_lens", context_lens, batch, length, u.device, check_values)
+    return check_prompt(context_lens, start, batch, length, u.device, check_values)
+
+
+def check_tree_settings(k, distance) -> None:
+    """The build's settings: k neighbours and the distance."""
+    from grootl.tree.graph import DISTANCES
+
+    _require(isinstance(k, int) and k >= 1, lambda: f"k must be a positive int; got {k!r}")
+    _require(distance in DISTANCES, lambda: f"distance must be one of {DISTANCES}; got {distance!r}")
+
+
+def check_prompt(context_lens, start, batch: int, length: int, device, check_values: bool) -> tuple[Tensor, Tensor | None]:
+    """context_lens and the optional start as (batch,) long tensors on ``device``; with ``check_values`` also in
+    [0, L] and start <= context_lens (a host sync on CUDA)."""
+    context_lens = _check_lengths("context_lens", context_lens, batch, length, device, check_values)
     if start is not None:
-        start = _check_lengths("start", start, batch, length, u.device, check_values)
+        start = _check_lengths("start", start, batch, length, device, check_values)
         if batch and check_values:
             bad = (start > context_lens) & (context_lens > 0)
             if bool(bad.any()):
@@ -102,8 +114,6 @@ def check_tree_inputs(
 def check_scan_inputs(u, delta, A, B, C, tree, check_values: bool = True) -> None:
     """Shapes and types always; with ``check_values`` also finite inputs (a pass over them, a host sync on CUDA;
     skipped while torch.compile traces)."""
-    from grootl.tree.graph import Tree
-
     check_values = check_values and not torch.compiler.is_compiling()
     batch, d, n, length = check_features(u, delta, B)
     _require(isinstance(A, Tensor) and A.shape == (d, n), lambda: f"A must be (D, N) = ({d}, {n}); got {_shape(A)}")
@@ -111,6 +121,15 @@ def check_scan_inputs(u, delta, A, B, C, tree, check_values: bool = True) -> Non
     for name, x in (("A", A), ("C", C)):
         _check_floating(name, x)
         _check_device(name, x, u)
+    check_tree_shape(tree, batch, length, u)
+    if check_values:
+        _check_finite(u=u, delta=delta, A=A, B=B, C=C)
+
+
+def check_tree_shape(tree, batch: int, length: int, u: Tensor, u_name: str = "u") -> None:
+    """A Tree for (batch, L) with int64 parent and order on u's device."""
+    from grootl.tree.graph import Tree
+
     _require(isinstance(tree, Tree), lambda: f"tree must be a grootl.tree.Tree; got {type(tree).__name__}")
     _require(
         tree.parent.shape == (batch, length) and tree.order.shape == (batch, length),
@@ -118,6 +137,4 @@ def check_scan_inputs(u, delta, A, B, C, tree, check_values: bool = True) -> Non
     )
     for name, x in (("tree.parent", tree.parent), ("tree.order", tree.order)):
         _require(x.dtype == torch.int64, lambda: f"{name} must hold int64; got {x.dtype}")
-        _check_device(name, x, u)
-    if check_values:
-        _check_finite(u=u, delta=delta, A=A, B=B, C=C)
+        _check_device(name, x, u, u_name)

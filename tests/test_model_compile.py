@@ -1,7 +1,9 @@
 """A GrootL model compiles with ``torch.compile(fullgraph=True)`` and exports with ``torch.export``, with the
-tree on (a prompt from labels or context_lens) and off (no prompt), and gives the eager numbers, gradients
-included. The fused CUDA kernels (mamba-ssm, causal-conv1d) are not custom ops: tracing uses grootl's chain
-scan instead (:func:`grootl.model.mixer.fast_kernels`)."""
+tree on (a prompt from labels or context_lens) and off (no prompt), with and without the cache, and gives the
+eager numbers, gradients included. The fused CUDA kernels (mamba-ssm, causal-conv1d) are not custom ops: tracing
+uses grootl's chain scan instead (:func:`grootl.model.mixer.fast_kernels`). The native kernels must be built
+(the default): the pure-PyTorch path (``GROOTL_NATIVE=0``) reads tree checks on the host and has data-dependent
+loops, so it compiles only with graph breaks (without ``fullgraph``) and does not export."""
 
 from __future__ import annotations
 
@@ -68,3 +70,16 @@ def test_export_matches_eager():
         torch.testing.assert_close(got, model(ids, context_lens=lens, use_cache=False).logits, rtol=1e-5, atol=1e-6)
     other = model(ids, context_lens=torch.tensor([0, 19]), use_cache=False).logits
     assert not torch.allclose(other, model(ids, context_lens=context_lens, use_cache=False).logits)  # the tree is on
+
+
+@torch.no_grad()
+def test_compile_fullgraph_prefill_and_decode_with_cache():
+    model, ids, _ = model_and_batch()
+    model.eval()
+    context_lens = torch.tensor([LENGTH, 7])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got, want = (m(ids, context_lens=context_lens, use_cache=True) for m in (compiled, model))
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+    token = torch.randint(0, model.config.vocab_size, (2, 1))  # one decoded position from each cache
+    torch.testing.assert_close(compiled(token, cache=got.cache, use_cache=True).logits,
+                               model(token, cache=want.cache, use_cache=True).logits, rtol=1e-5, atol=1e-6)

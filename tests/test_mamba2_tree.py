@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import random
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers.models.mamba2 import modeling_mamba2
 from grootl.tree import NonFiniteInputError, Tree, build_tree, edge_weights
 from grootl.tree import graph
 from grootl.tree import mamba2 as m2
+from test_native import preorder
 
 F64 = torch.float64
 
@@ -329,7 +331,8 @@ def test_edited_and_hand_made_trees_scan_as_their_parents_say():
     g = torch.Generator().manual_seed(0)
     parent = torch.stack([torch.tensor([int(torch.randint(v + 1, length, (1,), generator=g)) for v in range(length - 1)]
                                        + [-1]) for _ in range(2)])
-    order = torch.stack([torch.tensor(dfs_order(p.tolist())) for p in parent])
+    order = torch.stack([torch.tensor(preorder(p.tolist(), random.Random(1))) for p in parent])
+    assert not torch.equal(order, graph.heavy_last_preorder(parent)), "the test needs an order the scans do not use"
     replaced = dataclasses.replace(tree, parent=parent, order=order)
     hand_made = Tree(parent.clone(), order.clone())
     tree.parent.copy_(parent)
@@ -342,16 +345,3 @@ def test_edited_and_hand_made_trees_scan_as_their_parents_say():
     with pytest.raises(ValueError, match="tree.parent row 1 is not a tree"):
         m2.tree_scan(x, dt, A, B, C, Tree(bad, order))
 
-
-def dfs_order(parent):
-    """The preorder from the root L-1 with children by ascending position (not the heavy-last order)."""
-    children = [[] for _ in parent]
-    for v, p in enumerate(parent):
-        if p >= 0:
-            children[p].append(v)
-    order, stack = [], [len(parent) - 1]
-    while stack:
-        v = stack.pop()
-        order.append(v)
-        stack.extend(reversed(children[v]))
-    return order

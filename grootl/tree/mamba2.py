@@ -8,7 +8,9 @@ of G, head h reads group ``g(h) = h // (H // G)``. Per row, head h, head-dim p a
 2. The graph of ``grootl.tree.graph`` (chain, plus ``(t-j, t)`` for ``2 <= j <= k`` inside the prompt);
    edge weight = distance of the two positions' X flattened over (h, p, n). Per group X is rank 1
    (``a_g ⊗ B_g`` with ``a_g = dt·x`` over the group's heads), so ``X·X' = Σ_g (a_g·a'_g)(B_g·B'_g)``
-   and the norms likewise: X is never built (except for the manhattan distance, chunked).
+   and the norms likewise: X is never built (except for the manhattan distance, chunked). The sums, the
+   cosine's relative norm clamp and the comparison grid are graph's, so ties in real arithmetic (repeated
+   tokens, proportional or zero features) give one tree in every dtype.
 3. The same minimum spanning tree rooted at ``L - 1``; ``H[v] = X[v] + Σ_children Ā[c+1]·H[c]``;
    ``y_tree[t,h,p] = Σ_n C[t,g(h),n]·H[t,h,p,n]``. A mixer adds ``λ·y_tree`` to its chain output
    before its D skip, gate and norm; after the prompt one state decodes:
@@ -16,7 +18,8 @@ of G, head h reads group ``g(h) = h // (H // G)``. Per row, head h, head-dim p a
 
 The fast path is the Mamba-1 scan of ``grootl.tree.scan`` (native kernels included): groups fold into
 the batch, each head's channels are its P head dims, and the scalar decay becomes Mamba-1's
-``exp(delta·A)`` with ``delta = -dt·A``, ``A = -1`` and ``u = x / -A`` (so ``delta·u = dt·x``).
+``exp(delta·A)`` with ``delta = -dt·A``, ``A = -1`` and ``u = x / -A`` (so ``delta·u = dt·x``). The tree's
+rows are repeated over the groups once per tree, with its scan order (:func:`grootl.tree.graph.repeat_rows`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 tree on (a prompt from labels or context_lens) and off (no prompt), with and without the cache, and gives the
 eager numbers, gradients included. The fused CUDA kernels (mamba-ssm, causal-conv1d) are not custom ops: tracing
 uses grootl's chain scan instead (:func:`grootl.model.mixer.fast_kernels`). The native kernels must be built
-(the default): the pure-PyTorch path (``GROOTL_NATIVE=0``) reads tree checks on the host and has data-dependent
-loops, so it compiles only with graph breaks (without ``fullgraph``) and does not export."""
+(the default): the pure-PyTorch path (``GROOTL_NATIVE=0``) checks trees on the host and has data-dependent
+loops, so it neither compiles with ``fullgraph=True`` nor exports."""
 
 from __future__ import annotations
 

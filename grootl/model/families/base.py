@@ -12,6 +12,7 @@ import inspect
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
@@ -100,7 +101,7 @@ class GrootLCausalLMMixin:
                 context_lens = context_lens_from_labels(labels)
             if context_lens is not None:
                 context_lens = check_context_lens(context_lens, batch, length, embeds.device)
-            elif self.training and self.grootl.active:
+            elif self.training and not torch.compiler.is_compiling() and self.grootl.active:
                 warnings.warn(NO_PROMPT_WARNING, stacklevel=2)
             start = left_padding(mask[:, -length:]) if mask is not None and mask.dim() == 2 else None
             for mixer in mixers:

@@ -184,13 +184,17 @@ def check_tree(tree: "Tree") -> None:
 
 def scan_order(tree: "Tree") -> Tensor:
     """The heavy-last preorder of ``tree.parent`` that the scans follow: known for trees the builds (or
-    ``Tree(parent)``) made, else the tree is checked (one host sync) and the order derived and remembered."""
+    ``Tree(parent)``) made, else the tree is checked (one host sync) and the order derived and remembered
+    (while torch.compile traces: derived in the graph, unchecked)."""
     stamp = tree.plan()
-    if stamp is None:
-        check_tree(tree)
-        tree.remember(heavy_last_preorder(tree.parent))
-        stamp = tree.plan()
-    return stamp.scan_order
+    if stamp is not None:
+        return stamp.scan_order
+    if torch.compiler.is_compiling():  # no host reads and nothing cached inside a traced graph
+        return heavy_last_preorder(tree.parent)
+    check_tree(tree)
+    order = heavy_last_preorder(tree.parent)
+    tree.remember(order)
+    return order
 
 
 def repeat_rows(tree: Tree, times: int) -> Tree:

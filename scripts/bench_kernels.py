@@ -249,7 +249,7 @@ def launches(batch: int, d: int, n: int, length: int, precision: str, ckpt_entri
     dt, ks = PRECISIONS[precision], kernel_bytes(precision)
     E, S, T = batch * d * length, batch * length * n, batch * length  # elements of u, of B, of a row tree
     lanes, per = lane_shape(n)
-    chunks, sb = -(-length // CHUNK), stack_bound(length)
+    chunks = -(-length // CHUNK)
     tree = T * (2 * I64 + 1)  # parent, order, flags: one read of the tree per loop
     plan_out = tree + batch * (chunks + 1 + 3) * I32
     out: list[Launch] = []

@@ -110,6 +110,14 @@ def test_trl_packing_is_refused_in_one_line(tokenizer, tmp_path):
               "labels": torch.ones(1, 6, dtype=torch.long)}
     with pytest.raises(ValueError, match="packs several"):
         PromptLengthCollator(lambda rows: packed)([{}])
+    # right-padded position_ids (zeros where attention_mask is 0, as TRL pads them) are one example per row
+    padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+              "labels": torch.tensor([[-100, 5, 5, -100, -100], [-100, -100, 5, 5, 5]])}
+    assert PromptLengthCollator(lambda rows: padded)([{}])["context_lens"].tolist() == [1, 2]
+    packed_padded = dict(padded, position_ids=torch.tensor([[0, 1, 0, 0, 0], [0, 1, 2, 3, 4]]))
+    with pytest.raises(ValueError, match="packs several"):
+        PromptLengthCollator(lambda rows: packed_padded)([{}])
 
 
 def test_hf_trainer_with_label_smoothing_gives_the_tree_each_rows_prompt(tokenizer, tmp_path):

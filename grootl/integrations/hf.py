@@ -29,8 +29,7 @@ class PromptLengthCollator:
 
     def __call__(self, examples: list) -> dict[str, Any]:
         batch = self.collator(examples)
-        position_ids = batch.get("position_ids")
-        if position_ids is not None and bool((position_ids[:, 1:] == 0).any()):
+        if _packs_several_examples(batch):
             raise ValueError(
                 "GrootL needs one example per row, but this batch packs several (position_ids restart inside a "
                 "row): set packing=False and padding_free=False"
@@ -48,6 +47,19 @@ class PromptLengthCollator:
                     stacklevel=2,
                 )
         return batch
+
+
+def _packs_several_examples(batch: dict[str, Any]) -> bool:
+    """Whether ``position_ids`` restart at a real token inside a row (right padding, zeros where
+    ``attention_mask`` is 0, is not a restart)."""
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        return False
+    restarts = torch.as_tensor(position_ids)[:, 1:] == 0
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        restarts &= torch.as_tensor(mask)[:, 1:] != 0
+    return bool(restarts.any())
 
 
 def give_prompts(trainer):

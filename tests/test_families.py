@@ -106,7 +106,7 @@ def test_save_and_load_round_trip(model_type, tmp_path):
     stock.save_pretrained(tmp_path / "stock")
     loaded = grootl.load_model(str(tmp_path / "stock"), grootl=TREE)  # dispatches on the model type
     model.save_pretrained(tmp_path / "grootl")
-    again = families.load_model(str(tmp_path / "grootl"))
+    again = grootl.load_model(str(tmp_path / "grootl"))
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "grootl")
     x, prompt = ids(1, 9), torch.tensor([6])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Load a stock or GrootL Mamba checkpoint as a :class:`GrootLMambaForCausalLM`."""
+"""Load a stock or GrootL checkpoint (Mamba, or a supported family: grootl.model.families) as a GrootL model."""
 
 from __future__ import annotations
 
@@ -33,23 +33,26 @@ def load_model(
         config, model_kwargs = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a Mamba checkpoint from {name_or_path!r}: {err}") from err
-    if not isinstance(config, MambaConfig):
+    if isinstance(config, MambaConfig):
+        to_grootl, model_class = GrootLMambaConfig.from_mamba, GrootLMambaForCausalLM
+    else:
         from grootl.model import families
 
-        if families.family_of(config.model_type) is not None:  # Mamba-2, Falcon-Mamba, hybrids
-            return families.load_model(name_or_path, grootl=grootl, dtype=dtype, device=device, **kwargs)
-        raise ValueError(
-            f"{name_or_path!r} is not a Mamba checkpoint: its config has model_type={config.model_type!r}, "
-            f"expected 'mamba' or {GrootLMambaConfig.model_type!r}"
-        )
+        family = families.family_of(config.model_type)  # Mamba-2, Falcon-Mamba, hybrids
+        if family is None:
+            raise ValueError(
+                f"{name_or_path!r} is not a Mamba checkpoint: its config has model_type={config.model_type!r}, "
+                f"expected 'mamba', {GrootLMambaConfig.model_type!r} or a supported family: {sorted(families.FAMILIES)}"
+            )
+        to_grootl, model_class = family.config.from_stock, family.causal_lm
     grootl = None if grootl is None else GrootLConfig.coerce(grootl)
     try:
-        config = GrootLMambaConfig.from_mamba(config, grootl)
+        config = to_grootl(config, grootl)
     except ValueError as err:
         raise ValueError(f"{name_or_path!r}: bad 'grootl' settings in its config.json: {err}") from err
     if dtype is not None:
         model_kwargs["dtype"] = dtype
-    model = GrootLMambaForCausalLM.from_pretrained(name_or_path, config=config, **model_kwargs)
+    model = model_class.from_pretrained(name_or_path, config=config, **model_kwargs)
     return model if device is None else model.to(device)
 
 

@@ -81,8 +81,8 @@ class GrootLMixer(MambaMixer):
         **kwargs,
     ) -> Tensor:
         """hidden_states (batch, L, hidden). context_lens (batch,): prompt length per row (default: no
-        prompt, the tree is the chain); start (batch,): left-padding count per row. Both only matter where the tree runs, i.e. on a
-        sequence without a previous recurrent state in ``cache``."""
+        prompt, the tree is the chain); start (batch,): left-padding count per row. Both only matter where
+        the tree runs, i.e. on a sequence without a previous recurrent state in ``cache``."""
         dtype = hidden_states.dtype
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 

@@ -7,7 +7,6 @@ classes. Mamba-1 (``mamba``) lives in ``grootl.model``.
 
 from __future__ import annotations
 
-import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, FalconH1Config,
                           FalconH1ForCausalLM, FalconMambaConfig, FalconMambaForCausalLM, JambaConfig, JambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, Mamba2Config,
                           Mamba2ForCausalLM, NemotronHConfig, NemotronHForCausalLM, Zamba2Config, Zamba2ForCausalLM)
@@ -25,7 +24,6 @@ from grootl.model.config import GrootLConfig
 from grootl.model.families.base import Family, GrootLCausalLMMixin, GrootLConfigMixin, make_family
 from grootl.model.families.mamba1 import GrootLFalconMambaMixerBase
 from grootl.model.families.ssd import GrootLFalconH1MixerBase, GrootLSSDMixer
-from grootl.paths import resolve_model
 
 _ATTENTION_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -81,28 +79,6 @@ def from_config(config, grootl: GrootLConfig | dict | None = None) -> GrootLCaus
     """A randomly initialised GrootL model of a stock or GrootL config of a supported family."""
     family = _require_family(config, "this config")
     return family.causal_lm(family.config.from_stock(config, grootl))
-
-
-def load_model(name_or_path: str, grootl: GrootLConfig | dict | None = None, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None, **kwargs) -> GrootLCausalLMMixin:
-    """A GrootL model from a hub id or directory holding a stock or GrootL checkpoint of a supported
-    family (the weights load as they are). ``grootl``: an explicit value wins, else the checkpoint's
-    stored settings, else ``GrootLConfig()``. Other keyword arguments go to ``from_pretrained``. A
-    ``grootl train`` run directory means its ``final/`` model."""
-    name_or_path = resolve_model(str(name_or_path))
-    try:
-        config, model_kwargs = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load a checkpoint from {name_or_path!r}: {err}") from err
-    family = _require_family(config, repr(name_or_path))
-    try:
-        config = family.config.from_stock(config, None if grootl is None else GrootLConfig.coerce(grootl))
-    except ValueError as err:
-        raise ValueError(f"{name_or_path!r}: bad 'grootl' settings in its config.json: {err}") from err
-    if dtype is not None:
-        model_kwargs["dtype"] = dtype
-    model = family.causal_lm.from_pretrained(name_or_path, config=config, **model_kwargs)
-    return model if device is None else model.to(device)
 
 
 def _require_family(config, what: str) -> Family:
@@ -162,5 +138,4 @@ def tiny_config(model_type: str, **overrides):
     return config
 
 
-__all__ = ["FAMILIES", "Family", "GrootLCausalLMMixin", "GrootLConfigMixin", "family_of", "from_config", "load_model",
-           "tiny_config"]
+__all__ = ["FAMILIES", "Family", "GrootLCausalLMMixin", "GrootLConfigMixin", "family_of", "from_config", "tiny_config"]

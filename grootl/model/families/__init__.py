@@ -60,6 +60,9 @@ FAMILIES: dict[str, Family] = {
     )
 }
 _BY_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in (f.model_type, f.grootl_model_type)}
+# each family's GrootL classes by name, as module attributes (``GrootLMamba2Config``, ``GrootLMamba2ForCausalLM``)
+CLASSES = {cls.__name__: cls for f in FAMILIES.values() for cls in (f.config, f.causal_lm)}
+globals().update(CLASSES)
 
 for _family in FAMILIES.values():
     AutoConfig.register(_family.grootl_model_type, _family.config, exist_ok=True)
@@ -138,4 +141,4 @@ def tiny_config(model_type: str, **overrides):
     return config
 
 
-__all__ = ["FAMILIES", "Family", "GrootLCausalLMMixin", "GrootLConfigMixin", "family_of", "from_config", "tiny_config"]
+__all__ = [*CLASSES, "FAMILIES", "Family", "GrootLCausalLMMixin", "GrootLConfigMixin", "family_of", "from_config", "tiny_config"]

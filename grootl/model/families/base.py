@@ -58,10 +58,15 @@ class GrootLCausalLMMixin:
         config.grootl = config.grootl_config.to_dict()  # validated, and never None in a saved config
         super().__init__(config)
         grootl = config.grootl_config
+        stock, mixer = self.stock_mixer.__name__, self.grootl_mixer.__name__
         for module in self.modules():
             if type(module) is self.stock_mixer:
                 module.__class__ = self.grootl_mixer
                 module.grootl = grootl
+            # FSDP's wrap policy and device_map find these layer classes by name: the mixer's is GrootL's now
+            no_split = getattr(module, "_no_split_modules", None)
+            if isinstance(no_split, set) and stock in no_split:
+                module._no_split_modules = no_split - {stock} | {mixer}
 
     @classmethod
     def is_custom_code(cls) -> bool:

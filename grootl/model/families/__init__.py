@@ -65,8 +65,10 @@ CLASSES = {cls.__name__: cls for f in FAMILIES.values() for cls in (f.config, f.
 globals().update(CLASSES)
 
 for _family in FAMILIES.values():
+    # >>> grootl package only: a trust_remote_code copy must not take these model types over from grootl
     AutoConfig.register(_family.grootl_model_type, _family.config, exist_ok=True)
     AutoModelForCausalLM.register(_family.config, _family.causal_lm, exist_ok=True)
+    # <<< grootl package only
     # transformers renames some families' weights between the checkpoint layout and the modules, by model type
     _weights = get_checkpoint_conversion_mapping(_family.model_type)
     if _weights is not None:

@@ -1,6 +1,6 @@
 """GrootL models where grootl is not (or barely) imported: ``import grootl`` registers the Auto classes
-without importing torch, and a saved directory loads with ``trust_remote_code=True`` in a Python where
-grootl cannot be imported, giving the same outputs as grootl's own model."""
+without importing torch, and a saved directory of any family loads with ``trust_remote_code=True`` in a
+Python where grootl cannot be imported, giving the same outputs as grootl's own model."""
 
 from __future__ import annotations
 
@@ -10,22 +10,34 @@ import subprocess
 import sys
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from grootl.model import GrootLConfig, tiny_model
+from grootl.model import GrootLConfig, families, load_model, tiny_model
 
 LOAD_WITHOUT_GROOTL = """
 import json, sys
 sys.modules["grootl"] = None  # any import of grootl fails here
 import torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-ids = torch.tensor(json.loads(sys.argv[2]))
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+ids = torch.tensor(json.loads(sys.argv[1]))
+results = {}
+for name in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True).eval()
+    with torch.no_grad():
+        default = model(ids).logits
+        prompt = model(ids, context_lens=torch.tensor([4, 9])).logits
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    results[name] = {"class": type(model).__module__ + "." + type(model).__name__, "default": default.tolist(),
+                     "prompt": prompt.tolist(), "generated": generated.tolist(),
+                     "registered": model.config.model_type in CONFIG_MAPPING}
+# what the copy saves (stock transformers' custom-code saving) loads again, with the same outputs
+name = sys.argv[2]
+model.save_pretrained(name + "-again")
+again = AutoModelForCausalLM.from_pretrained(name + "-again", trust_remote_code=True).eval()
 with torch.no_grad():
-    default = model(ids).logits
-    prompt = model(ids, context_lens=torch.tensor([4, 9])).logits
-generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__, "default": default.tolist(),
-                  "prompt": prompt.tolist(), "generated": generated.tolist()}))
+    results["again"] = (again(ids, context_lens=torch.tensor([4, 9])).logits - prompt).abs().max().item()
+print(json.dumps(results))
 """
 
 
@@ -48,19 +60,45 @@ print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__module__)
     assert run_python(code, str(tmp_path / "model"), cwd=tmp_path) == "grootl.model.modeling"
 
 
-def test_saved_model_loads_without_grootl_and_gives_the_same_outputs(tmp_path):
-    model = tiny_model(grootl=GrootLConfig(modulation=0.4)).eval()
-    model.save_pretrained(tmp_path / "model")
-    saved = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert saved["auto_map"]["AutoModelForCausalLM"] == "grootl_model_modeling.GrootLMambaForCausalLM"
+def test_saved_models_of_every_kind_load_without_grootl_and_give_the_same_outputs(tmp_path):
+    """grootl_mamba, Mamba-2, a Mamba-1 family (Falcon-Mamba) and a hybrid with attention, MoE and renamed
+    checkpoint weights (Granite-4.0-H), with λ > 0; one subprocess loads them all."""
+    torch.manual_seed(0)
+    grootl = GrootLConfig(modulation=0.4)
+    models = {"grootl_mamba": tiny_model(grootl=grootl)}
+    for model_type in ("mamba2", "falcon_mamba", "granitemoehybrid"):
+        models[model_type] = families.from_config(families.tiny_config(model_type), grootl)
+    for name, model in models.items():
+        model.eval().save_pretrained(tmp_path / name)
+
+    auto_map = json.loads((tmp_path / "mamba2" / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "grootl_model_families.GrootLMamba2Config",
+                        "AutoModelForCausalLM": "grootl_model_families.GrootLMamba2ForCausalLM"}
+    copied = {name: {p.name for p in (tmp_path / name).glob("grootl_*.py")} for name in models}
+    assert "grootl_model_modeling.py" in copied["grootl_mamba"] and "grootl_tree_mamba2.py" in copied["mamba2"]
+    # only what loading imports: no families for grootl_mamba, never the native kernels or the save machinery
+    assert not any(f.startswith("grootl_model_families") for f in copied["grootl_mamba"])
+    assert not any({"grootl_tree_native.py", "grootl_model_portable.py"} & files for files in copied.values())
+
     ids = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(1))
-    out = json.loads(run_python(LOAD_WITHOUT_GROOTL, str(tmp_path / "model"), json.dumps(ids.tolist()), cwd=tmp_path))
-    assert out["class"].startswith("transformers_modules.") and out["class"].endswith(".GrootLMambaForCausalLM")
-    with torch.no_grad():
-        default = model(ids).logits
-        prompt = model(ids, context_lens=torch.tensor([4, 9])).logits
-    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    torch.testing.assert_close(torch.tensor(out["default"]), default, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(out["prompt"]), prompt, rtol=1e-4, atol=1e-5)
-    assert (prompt - default).abs().max() > 1e-4  # the prompt's tree ran there too
-    assert out["generated"] == generated.tolist()
+    out = json.loads(run_python(LOAD_WITHOUT_GROOTL, json.dumps(ids.tolist()), *models, cwd=tmp_path))
+    assert out["again"] < 1e-6
+    for name, model in models.items():
+        there = out[name]
+        assert there["class"].startswith("transformers_modules.")
+        assert there["class"].endswith("." + type(model).__name__)
+        assert not there["registered"]  # the copy leaves the Auto registry to grootl
+        with torch.no_grad():
+            default = model(ids).logits
+            prompt = model(ids, context_lens=torch.tensor([4, 9])).logits
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        torch.testing.assert_close(torch.tensor(there["default"]), default, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(torch.tensor(there["prompt"]), prompt, rtol=1e-4, atol=1e-5, msg=name)
+        assert (prompt - default).abs().max() > 1e-4, name  # the prompt's tree ran there too
+        assert there["generated"] == generated.tolist(), name
+
+        # with grootl: the same directory loads as grootl's own classes
+        for loaded in (load_model(str(tmp_path / name)), AutoModelForCausalLM.from_pretrained(tmp_path / name)):
+            assert type(loaded) is type(model), name
+            with torch.no_grad():
+                torch.testing.assert_close(loaded.eval()(ids, context_lens=torch.tensor([4, 9])).logits, prompt)

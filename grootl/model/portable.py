@@ -1,11 +1,13 @@
 """Code that travels with a saved model: ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
 loads a GrootL directory on a machine without grootl.
 
-At save time the modules the model classes need (config, mixer, modeling and the tree scan they call)
-are copied from this package's own sources into the directory as flat files (``grootl/tree/scan.py``
-becomes ``grootl_tree_scan.py``, imports of grootl become relative ones), and ``config.json`` gets an
-``auto_map``. Blocks marked ``# >>> native dispatch hook`` / ``# >>> grootl package only`` (up to the
-matching ``# <<<`` line) stay behind: the copy runs the pure-PyTorch path, with the same results.
+Every GrootL model (``grootl_mamba`` and each family of :mod:`grootl.model.families`) saves this way:
+its ``save_pretrained`` calls :func:`save_portable_code`. ``config.json`` gets an ``auto_map`` naming the
+model's own classes (config, causal LM, and the base model where it is GrootL's), and the modules that
+define them, with every grootl module they import, are copied from this package's own sources into
+the directory as flat files (``grootl/tree/scan.py`` becomes ``grootl_tree_scan.py``, imports of grootl
+become relative ones). Blocks marked ``# >>> native dispatch hook`` / ``# >>> grootl package only`` (up
+to the matching ``# <<<`` line) stay behind: the copy runs the pure-PyTorch path, with the same results.
 """
 
 from __future__ import annotations
@@ -13,22 +15,45 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 
 import grootl
 
-ROOT_MODULES = ("grootl.model.config", "grootl.model.modeling")
 STRIPPED_BLOCKS = ("native dispatch hook", "grootl package only")
-AUTO_MAP = {
-    "AutoConfig": "grootl_model_config.GrootLMambaConfig",
-    "AutoModel": "grootl_model_modeling.GrootLMambaModel",
-    "AutoModelForCausalLM": "grootl_model_modeling.GrootLMambaForCausalLM",
-}
 
 
 def flat_name(module: str) -> str:
     """``grootl.tree.scan`` -> ``grootl_tree_scan`` (a package's ``__init__`` takes the package's name)."""
     return module.replace(".", "_")
+
+
+def class_path(cls: type) -> str:
+    """``grootl.model.families.GrootLMamba2Config`` -> ``grootl_model_families.GrootLMamba2Config`` (an
+    ``auto_map`` entry); ValueError unless ``cls`` is an attribute of its module (the copy finds it there)."""
+    if getattr(importlib.import_module(cls.__module__), cls.__name__, None) is not cls:
+        raise ValueError(f"{cls.__module__}.{cls.__name__} is not an attribute of {cls.__module__}: no auto_map for it")
+    return f"{flat_name(cls.__module__)}.{cls.__name__}"
+
+
+def auto_classes(model) -> dict[str, type]:
+    """The Auto class each of ``model``'s GrootL classes registers with: its config and causal LM, and its
+    base model where that is GrootL's own (``GrootLMambaModel``; the families' wrap a stock one)."""
+    classes = {"AutoConfig": type(model.config), "AutoModelForCausalLM": type(model)}
+    if type(model.base_model).__module__.split(".")[0] == "grootl":
+        classes["AutoModel"] = type(model.base_model)
+    return classes
+
+
+def save_portable_code(model, directory: str | Path, is_main_process: bool = True) -> list[str]:
+    """Before ``model.save_pretrained(directory)``: point ``model.config.auto_map`` at the flat copies of its
+    classes and, on the main process, write those modules into ``directory``; returns the file names."""
+    classes = auto_classes(model)
+    model.config.auto_map = {auto: class_path(cls) for auto, cls in classes.items()}
+    if not is_main_process:
+        return []
+    os.makedirs(directory, exist_ok=True)
+    return write_flat_modules(directory, sorted({cls.__module__ for cls in classes.values()}))
 
 
 def _is_module(name: str) -> bool:
@@ -70,7 +95,10 @@ def portable_source(module: str) -> tuple[str, list[str]]:
             submodule = f"{node.module}.{alias.name}"
             if _is_module(submodule):  # from grootl.tree import scan
                 needed.append(submodule)
-                statements.append(f"{indent}from . import {flat_name(submodule)} as {alias.asname or alias.name}\n")
+                flat = flat_name(submodule)
+                # transformers copies a directory's modules into its cache by following 'from .x import' lines
+                statements.append(f"{indent}from .{flat} import __name__ as _{flat}_name  # copied with this file\n")
+                statements.append(f"{indent}from . import {flat} as {alias.asname or alias.name}\n")
             else:
                 plain.append(alias.name + (f" as {alias.asname}" if alias.asname else ""))
         if plain:
@@ -83,11 +111,11 @@ def portable_source(module: str) -> tuple[str, list[str]]:
     return header + "".join(lines), needed
 
 
-def write_portable_code(directory: str | Path) -> list[str]:
-    """Write the flat module files the ``auto_map`` names (and all they import) into ``directory``;
+def write_flat_modules(directory: str | Path, modules: list[str]) -> list[str]:
+    """Write the flat copies of ``modules`` and of every grootl module they import into ``directory``;
     returns the file names."""
     done: dict[str, str] = {}
-    todo = list(ROOT_MODULES)
+    todo = list(modules)
     while todo:
         module = todo.pop()
         if module in done:
@@ -97,3 +125,16 @@ def write_portable_code(directory: str | Path) -> list[str]:
     for module, source in done.items():
         (Path(directory) / f"{flat_name(module)}.py").write_text(source)
     return sorted(f"{flat_name(m)}.py" for m in done)
+
+
+# Transitional: grootl/model/modeling.py's save_pretrained still reads these two; once it calls
+# save_portable_code(self, save_directory, kwargs.get("is_main_process", True)) they go.
+AUTO_MAP = {
+    "AutoConfig": "grootl_model_config.GrootLMambaConfig",
+    "AutoModel": "grootl_model_modeling.GrootLMambaModel",
+    "AutoModelForCausalLM": "grootl_model_modeling.GrootLMambaForCausalLM",
+}
+
+
+def write_portable_code(directory: str | Path) -> list[str]:
+    return write_flat_modules(directory, ["grootl.model.config", "grootl.model.modeling"])

@@ -9,6 +9,7 @@ new family is one :class:`Family` entry (``grootl.model.families``), not a copie
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -89,6 +90,16 @@ class GrootLCausalLMMixin:
         for mixer in self.grootl_mixers():
             mixer.grootl = grootl
 
+    # >>> grootl package only: the portable copy of this file saves as stock transformers does
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, plus the code that lets ``AutoModelForCausalLM.from_pretrained(
+        dir, trust_remote_code=True)`` load the directory where grootl is not installed (:mod:`grootl.model.portable`)."""
+        from grootl.model.portable import save_portable_code
+
+        save_portable_code(self, save_directory, kwargs.get("is_main_process", True))
+        return super().save_pretrained(save_directory, *args, **kwargs)
+    # <<< grootl package only
+
     def generate(self, inputs: Tensor | None = None, *args, **kwargs):
         """``GenerationMixin.generate``, with ``context_lens`` defaulting to the prompt's length (its
         left padding, from ``attention_mask``, stays out of the tree)."""
@@ -139,8 +150,10 @@ class Family:
 
 def make_family(stock_config: type, stock_causal_lm: type, stock_mixer: type, grootl_mixer_base: type,
                 lora_targets: tuple[str, ...], examples: tuple[str, ...] = ()) -> Family:
-    """Derive a family's GrootL classes (named ``GrootL<Stock...>``) from its stock classes."""
-    module = __name__.rsplit(".", 1)[0]
+    """Derive a family's GrootL classes (named ``GrootL<Stock...>``) from its stock classes. Their ``__module__``
+    is the caller's (as for ``collections.namedtuple``), which publishes them: pickling and a saved model's
+    ``auto_map`` find them there, in grootl and in the portable copy alike."""
+    module = sys._getframe(1).f_globals["__name__"]
     config = type("GrootL" + stock_config.__name__, (GrootLConfigMixin, stock_config), {
         "model_type": "grootl_" + stock_config.model_type, "__module__": module,
         "__annotations__": {"grootl": dict | None},

@@ -18,7 +18,7 @@ from grootl.model.families import FAMILIES
 FAMILY_TYPES = sorted(FAMILIES)
 # one family per kind of GrootL mixer for the costlier checks (Granite-4.0-H and Nemotron-H share Bamba's
 # mixer and forward wrapper; they get the checks where their own code differs: stock parity, weights, cache)
-KINDS = ["bamba", "falcon_mamba", "mamba2"]
+KINDS = ["bamba", "falcon_mamba", "mamba2", "zamba"]
 TREE = GrootLConfig(modulation=0.5)
 
 
@@ -265,5 +265,132 @@ def test_mamba_ssm_path_trains_and_generates_like_the_torch_path(monkeypatch):
     fused = model.eval().generate(x, **greedy)
     layers = model.config.num_hidden_layers
     assert calls == ["scan"] * layers + ["update"] * 4 * layers  # the prefill, then every decoded position
+    assert torch.equal(fused.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-5)
+
+
+# ---- Zamba (v1): Mamba-1 heads, one tree over all heads ---------------------------------------------------
+
+
+def brute_force_x_distances(u, delta, B, k, distance):
+    """Distance between X[t] and X[t-j] with X[t] = (Δ·u ⊗ B) per head, built and flattened over (h, p, n)."""
+    X = (delta * u)[:, :, :, None] * B[:, :, None]  # (batch, H, P, N, L)
+    X = X.flatten(1, 3)
+    out = torch.zeros(X.shape[0], X.shape[-1], k, dtype=X.dtype)
+    for j in range(1, k + 1):
+        a, b = X[..., j:], X[..., :-j]
+        if distance == "cosine":
+            out[:, j:, j - 1] = 1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+        elif distance == "euclidean":  # squared: the same order
+            out[:, j:, j - 1] = ((a - b) ** 2).sum(1)
+        else:
+            out[:, j:, j - 1] = (a - b).abs().sum(1)
+    return out
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_zamba_tree_weights_are_the_distances_of_x_over_all_heads(distance):
+    from grootl.model.families import zamba
+
+    g = torch.Generator().manual_seed(7)
+    u, delta, B = (torch.randn(2, 2, *shape, generator=g, dtype=torch.float64) for shape in ((6, 11), (6, 11), (4, 11)))
+    delta = F.softplus(delta)
+    got = zamba.edge_weights(u, delta, B, k=3, distance=distance)
+    want = brute_force_x_distances(u, delta, B, 3, distance)
+    for j in range(1, 4):
+        torch.testing.assert_close(got[:, j:, j - 1], want[:, j:, j - 1], rtol=1e-9, atol=1e-9)
+
+
+def zamba_mixer_ref(mixer, hidden, context_lens, lam):
+    """ZambaMambaMixer's forward written plainly, head by head, plus λ·(the tree scan over the tree of the
+    brute-force X distances), from grootl.tree.tree_scan_ref."""
+    from grootl.tree import Tree, graph, tree_scan_ref
+
+    length = hidden.shape[1]
+    proj = mixer.in_proj(hidden).transpose(1, 2)
+    x, gate = proj[:, 0::2], proj[:, 1::2]  # in_proj's channels interleave x and the gate
+    u = F.silu(mixer.conv1d(x)[..., :length]).unflatten(1, (mixer.n_mamba_heads, -1))
+    heads = []
+    for h in range(mixer.n_mamba_heads):
+        time_step, B, C = (mixer.x_proj_weight[h] @ u[:, h]).split([mixer.time_step_rank] + [mixer.ssm_state_size] * 2, 1)
+        heads.append((u[:, h], F.softplus(mixer.dt_proj_weight[h] @ time_step + mixer.dt_proj_bias[h, :, None]),
+                      -torch.exp(mixer.A_log[h]), B, C))
+    u_all, delta_all, B_all = (torch.stack([head[i] for head in heads], 1) for i in (0, 1, 3))
+    weights = brute_force_x_distances(u_all.detach(), delta_all.detach(), B_all.detach(), 3, "cosine")
+    tree = graph.spanning_tree(weights, context_lens)
+    chain = Tree.chain(hidden.shape[0], length)
+    ys = [tree_scan_ref(*head, chain) + lam * tree_scan_ref(*head, tree) + mixer.D[h, :, None] * head[0]
+          for h, head in enumerate(heads)]
+    return mixer.out_proj((torch.cat(ys, 1) * F.silu(gate)).transpose(1, 2))
+
+
+def test_zamba_mixer_equals_its_plain_reference_with_gradients():
+    """float64, fresh random weights and inputs: the GrootL Zamba mixer's output and gradients are those of
+    the plain reference (chain + λ·tree + D skip per head, one tree over all heads)."""
+    from transformers.models.zamba.modeling_zamba import ZambaMambaMixer
+
+    torch.manual_seed(8)
+    config = families.tiny_config("zamba", mamba_d_state=4)
+    stock = ZambaMambaMixer(config, layer_idx=0).double()
+    with torch.no_grad():
+        for p in stock.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    hidden, lens = torch.randn(2, 12, 32, dtype=torch.float64), torch.tensor([7, 12])
+    mixer = ZambaMambaMixer(config, layer_idx=0).double()
+    mixer.load_state_dict(stock.state_dict())
+    mixer.__class__ = FAMILIES["zamba"].causal_lm.grootl_mixer
+    mixer.grootl, mixer.tree_inputs = TREE, (lens, None)
+    weights = torch.randn(2, 12, 32, dtype=torch.float64)
+    outs = []
+    for module, run in ((mixer, lambda h: mixer(h)), (stock, lambda h: zamba_mixer_ref(stock, h, lens, 0.5))):
+        h = hidden.clone().requires_grad_()
+        out = run(h)
+        (out * weights).sum().backward()
+        outs.append((out.detach(), h.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (got, got_dh, got_grads), (want, want_dh, want_grads) = outs
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_dh, want_dh)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_zamba_fused_kernel_path_trains_and_generates_like_the_torch_path(monkeypatch):
+    """What runs on CUDA with mamba_ssm / causal_conv1d installed, checked on CPU through twins that keep the
+    kernels' input checks: per head ``selective_scan_fn``, the multi-head ``selective_state_update`` (B scaled
+    by 1+λ), causal-conv1d; the same loss, gradients and generations as the torch path, tree branch included."""
+    from grootl.model import mixer as mixer_module
+    from test_model import TWINS
+
+    _, model = stock_and_grootl("zamba")
+    x = ids(2, 14, seed=9)
+    labels = torch.where(torch.arange(14) < 8, -100, x)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model.train()(x, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    greedy = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    loss, grads = loss_and_grads()
+    plain = model.eval().generate(x, **greedy)
+    calls = []
+
+    def scan_twin(u, delta, A, B, C, D=None, **kwargs):  # the mixer adds the D skip itself (test_model's twin needs a D)
+        calls.append("scan")
+        return TWINS.selective_scan(u, delta, A, B, C, D=torch.zeros(u.shape[1]) if D is None else D, **kwargs)
+
+    twins = TWINS._replace(selective_scan=scan_twin,
+                           state_update=lambda *a, **k: calls.append("update") or state_update_twin(*a, **k))
+    monkeypatch.setattr(mixer_module, "fast_kernels", lambda t: twins)
+    fused_loss, fused_grads = loss_and_grads()
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-4, atol=1e-5)
+    assert fused_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    calls.clear()
+    fused = model.eval().generate(x, **greedy)
+    layers, heads = model.config.num_hidden_layers, model.config.n_mamba_heads
+    assert calls == ["scan"] * heads * layers + ["update"] * 4 * layers  # the prefill, then every decoded position
     assert torch.equal(fused.sequences, plain.sequences)
     torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-5)

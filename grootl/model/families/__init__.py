@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from transformers import (AutoConfig, AutoModelForCausalLM, BambaConfig, BambaForCausalLM, FalconH1Config,
                           FalconH1ForCausalLM, FalconMambaConfig, FalconMambaForCausalLM, JambaConfig, JambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, Mamba2Config,
-                          Mamba2ForCausalLM, NemotronHConfig, NemotronHForCausalLM, Zamba2Config, Zamba2ForCausalLM)
+                          Mamba2ForCausalLM, NemotronHConfig, NemotronHForCausalLM, Zamba2Config, Zamba2ForCausalLM,
+                          ZambaConfig, ZambaForCausalLM)
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.bamba.modeling_bamba import BambaMixer
 from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer
@@ -18,12 +19,14 @@ from transformers.models.granitemoehybrid.modeling_granitemoehybrid import Grani
 from transformers.models.jamba.modeling_jamba import JambaMambaMixer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+from transformers.models.zamba.modeling_zamba import ZambaMambaMixer
 from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
 
 from grootl.model.config import GrootLConfig
 from grootl.model.families.base import Family, GrootLCausalLMMixin, GrootLConfigMixin, make_family
 from grootl.model.families.mamba1 import GrootLFalconMambaMixerBase
 from grootl.model.families.ssd import GrootLFalconH1MixerBase, GrootLSSDMixer
+from grootl.model.families.zamba import GrootLZambaMixerBase
 
 _ATTENTION_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -57,6 +60,9 @@ FAMILIES: dict[str, Family] = {
         make_family(Zamba2Config, Zamba2ForCausalLM, Zamba2MambaMixer, GrootLSSDMixer,  # embeddings tied: not adapted
                     lora_targets=("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
                     examples=("Zyphra/Zamba2-1.2B", "Zyphra/Zamba2-2.7B")),
+        make_family(ZambaConfig, ZambaForCausalLM, ZambaMambaMixer, GrootLZambaMixerBase,  # embeddings tied
+                    lora_targets=("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
+                    examples=("Zyphra/Zamba-7B-v1",)),
     )
 }
 _BY_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in (f.model_type, f.grootl_model_type)}
@@ -130,6 +136,10 @@ TINY_CONFIGS = {
         mamba_d_state=16, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=8, chunk_size=8, num_attention_heads=4,
         num_key_value_heads=4, intermediate_size=48, vocab_size=512, tie_word_embeddings=False,
         initializer_range=0.2),
+    "zamba": lambda: ZambaConfig(
+        hidden_size=32, num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"],
+        n_mamba_heads=2, mamba_d_state=8, mamba_dt_rank=4, mamba_expand=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=48, vocab_size=512, initializer_range=0.2),
 }
 
 

@@ -6,21 +6,27 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from accelerate.utils.launch import prepare_multi_gpu_env
 from peft import PeftModel
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoTokenizer
 
 from grootl import load_model
 from grootl.cli import main as cli_main
 from grootl.data import TEMPLATES
-from grootl.model import GrootLMambaForCausalLM
-from grootl.model.families import FAMILIES
+from grootl.model import families, tiny_model
 from grootl.train import RecipeError, load_recipe, train, valid_keys
-from grootl.train.modeling import build_base
+from grootl.train.modeling import add_lora, build_base
 from grootl.train.recipe import Recipe
 
 from conftest import ASSETS, REPO
@@ -32,9 +38,13 @@ PAPER_130M = {"grootl": RECIPES / "mamba-130m/alpaca-grootl.yaml", "lora": RECIP
 SIZES = ("130m", "370m", "790m", "1.4b", "2.8b")
 # tiny random-init recipes of the other families: one per kind of mixer (Mamba-2 SSD; a hybrid with attention)
 TINY_FAMILY_RECIPES = {"mamba2": RECIPES / "tiny/mamba2-demo.yaml", "bamba": RECIPES / "tiny/bamba-demo.yaml"}
-# the decoder layers FSDP may wrap (each model's no-split units), by the hub ids of each model type
-LAYERS = {"state-spaces/mamba": GrootLMambaForCausalLM._no_split_modules,
-          **{hub_id: family.causal_lm._no_split_modules for family in FAMILIES.values() for hub_id in family.examples}}
+FSDP_7B = RECIPES / "accelerate/fsdp-7b.yaml"
+# the family of a checkpoint, by hub id (prefix); Mamba-Codestral is a Mamba-2 checkpoint in transformers format
+CHECKPOINT_FAMILIES = {"state-spaces/mamba": "mamba", "mistralai/Mamba-Codestral-7B": "mamba2",
+                       **{hub_id: model_type for model_type, family in families.FAMILIES.items() for hub_id in family.examples}}
+# Zamba's hybrid layers share one attention block: FSDP2 cannot hold its weights in two units, so Zamba's
+# launch wraps its Mamba layers only (fsdp-7b.yaml's header; the shared block stays in the root unit)
+FSDP_7B_FLAGS = {"zamba": ["--fsdp_transformer_layer_cls_to_wrap", "ZambaMambaDecoderLayer"]}
 
 
 def test_the_promised_recipes_are_shipped():
@@ -87,15 +97,19 @@ def differences(a: Recipe, b: Recipe, prefix: str = "") -> set[str]:
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_every_size_runs_both_arms_with_the_paper_settings(size):
-    """The arms differ only in the scan; a larger size differs from 130M only in its checkpoint."""
-    grootl, lora = (load_recipe(RECIPES / f"mamba-{size}/alpaca-{arm}.yaml") for arm in ("grootl", "lora"))
-    assert (grootl.method, lora.method) == ("grootl", "lora")
-    assert differences(grootl, lora) == {"method", "output_dir"}
+def test_every_size_uses_the_paper_settings(size):
+    """A larger size differs from 130M only in its checkpoint (the arms: test_the_two_arms_differ_only_in_the_scan)."""
+    grootl = load_recipe(RECIPES / f"mamba-{size}/alpaca-grootl.yaml")
     assert grootl.model.name_or_path == f"state-spaces/mamba-{size}-hf"
-    assert Path(grootl.output_dir).name == f"mamba-{size}-alpaca-grootl" and Path(lora.output_dir).name == f"mamba-{size}-alpaca-lora"
     if size != "130m":
         assert differences(grootl, load_recipe(PAPER_130M["grootl"])) == {"model.name_or_path", "output_dir"}
+
+
+@pytest.mark.parametrize("folder", sorted({p.parent for p in RECIPES.glob("*/alpaca-lora.yaml")}), ids=lambda p: p.name)
+def test_the_two_arms_differ_only_in_the_scan(folder):
+    grootl, lora = (load_recipe(folder / f"alpaca-{arm}.yaml") for arm in ("grootl", "lora"))
+    assert (grootl.method, lora.method) == ("grootl", "lora") and differences(grootl, lora) == {"method", "output_dir"}
+    assert (Path(grootl.output_dir).name, Path(lora.output_dir).name) == (f"{folder.name}-alpaca-grootl", f"{folder.name}-alpaca-lora")
 
 
 def test_extends_lays_a_recipe_over_its_base(tmp_path):
@@ -132,12 +146,65 @@ def test_accelerate_configs_load(path):
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.num_processes >= 2 and config.mixed_precision == "bf16"
     if config.fsdp_config:
-        layer = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
-        assert layer in {name for names in LAYERS.values() for name in names}
-        assert config.fsdp_config["fsdp_use_orig_params"]  # frozen and LoRA weights share FSDP units
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"  # a unit per decoder layer
+        # FSDP1 puts frozen and LoRA weights in one unit only with use_orig_params; FSDP2 always can
+        assert config.fsdp_config.get("fsdp_version", 1) == 2 or config.fsdp_config["fsdp_use_orig_params"]
     if config.deepspeed_config:
         assert config.deepspeed_config["zero_stage"] == 2
         assert config.deepspeed_config["gradient_clipping"] == load_recipe(PAPER_130M["grootl"]).train.max_grad_norm
+
+
+def launched_fsdp_plugin(monkeypatch, launch_args: list[str]) -> FullyShardedDataParallelPlugin:
+    """The FSDP plugin of a process that `accelerate launch LAUNCH_ARGS script` starts: Accelerate's own
+    reading of the config file and flags into the FSDP_* environment, and the plugin's reading of it."""
+    args = launch_command_parser().parse_args([*launch_args, "train.py"])
+    _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    for key in env:
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, env[key])
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")  # FSDP1's broadcast init asks for a GPU; the wrap is the same
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_mixed_precision(env["ACCELERATE_MIXED_PRECISION"])  # as Accelerator does
+    return plugin
+
+
+def tiny_family_model(model_type: str, grootl: dict | None = None) -> torch.nn.Module:
+    """A tiny random GrootL model of a family (``mamba``: grootl_mamba)."""
+    if model_type == "mamba":
+        return tiny_model(grootl)
+    return families.from_config(families.tiny_config(model_type), grootl)
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group: what FSDP2 shards over on CPU."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model_type", ["mamba", *families.TINY_CONFIGS])
+def test_fsdp_7b_shards_every_family(monkeypatch, process_group, model_type):
+    """fsdp-7b.yaml as Accelerate prepares it (FSDP2, the wrap from the model's no-split classes): every
+    decoder layer is its own unit, the frozen base stays bf16 beside the float32 LoRA adapters (FSDP1
+    needs one dtype per unit and refuses that mix), and a GrootL step gives every adapter weight a gradient."""
+    plugin = launched_fsdp_plugin(monkeypatch, ["--config_file", str(FSDP_7B), *FSDP_7B_FLAGS.get(model_type, [])])
+    family = families.FAMILIES.get(model_type)
+    targets = family.lora_targets if family else load_recipe(PAPER_130M["grootl"]).lora.target_modules
+    recipe = load_recipe(PAPER_130M["grootl"], [f"lora.target_modules=[{','.join(targets)}]"])
+    model = add_lora(tiny_family_model(model_type, {"modulation": 0.3}).to(torch.bfloat16), recipe)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="bf16",
+                                  is_main_process=True, torch_device_mesh=None, device=torch.device("cpu"))
+    model = fsdp2_prepare_model(accelerator, model)  # what Accelerator.prepare runs for FSDP2
+    names = set(plugin.transformer_cls_names_to_wrap)  # fully_shard subclasses each unit (FSDPMamba2Block)
+    layers = [m for m in model.modules() if names & {cls.__name__ for cls in type(m).__mro__}]
+    assert layers and all(isinstance(m, FSDPModule) for m in layers)
+    dtypes = {trains: {p.dtype for p in model.parameters() if p.requires_grad is trains} for trains in (False, True)}
+    assert dtypes == {False: {torch.bfloat16}, True: {torch.float32}}
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids.masked_fill(torch.arange(16) < 8, -100)).loss.backward()  # 8 prompt tokens
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def documented_launches() -> list[str]:
@@ -159,14 +226,20 @@ def test_documented_launches_keep_the_papers_effective_batch(command):
 
 
 @pytest.mark.parametrize("command", [c for c in documented_launches() if "fsdp" in c])
-def test_documented_fsdp_launches_wrap_the_models_decoder_layers(command):
+def test_documented_fsdp_launches_wrap_the_models_decoder_layers(monkeypatch, command):
+    """Accelerate's own name resolution, on a tiny model of the recipe's family, finds every class the
+    launch wraps, and those units hold every GrootL mixer."""
     words = command.split()
-    config = ClusterConfig.from_yaml_file(str(REPO / words[words.index("--config_file") + 1]))
-    flag = "--fsdp_transformer_layer_cls_to_wrap"
-    wrapped = words[words.index(flag) + 1] if flag in words else config.fsdp_config[flag.lstrip("-")]
-    model = load_recipe(REPO / words[words.index("grootl.train") + 1]).model.name_or_path
-    layers = next(names for hub_id, names in LAYERS.items() if model.startswith(hub_id))
-    assert set(wrapped.split(",")) <= set(layers), f"{model}: wrap one of {layers}"
+    plugin = launched_fsdp_plugin(monkeypatch, words[words.index("launch") + 1:words.index("-m")])
+    hub_id = load_recipe(REPO / words[words.index("grootl.train") + 1]).model.name_or_path
+    model_type = next(family for prefix, family in CHECKPOINT_FAMILIES.items() if hub_id.startswith(prefix))
+    model = tiny_family_model(model_type)
+    plugin.set_auto_wrap_policy(model)  # raises naming a class the model lacks
+    wrapped = tuple(plugin.auto_wrap_policy.keywords["transformer_layer_cls"])
+    assert wrapped and {cls.__name__ for cls in wrapped} <= set(model._no_split_modules)
+    in_units = {id(sub) for unit in model.modules() if isinstance(unit, wrapped) for sub in unit.modules()}
+    mixers = model.grootl_mixers() if model_type != "mamba" else [m for m in model.modules() if type(m).__name__ == "GrootLMixer"]
+    assert mixers and all(id(mixer) in in_units for mixer in mixers)
 
 
 def test_random_family_config_errors_name_the_config_class():

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -17,6 +18,7 @@ from grootl.model import GrootLConfig, families, load_model, tiny_model
 LOAD_WITHOUT_GROOTL = """
 import json, sys
 sys.modules["grootl"] = None  # any import of grootl fails here
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -102,3 +104,19 @@ def test_saved_models_of_every_kind_load_without_grootl_and_give_the_same_output
             assert type(loaded) is type(model), name
             with torch.no_grad():
                 torch.testing.assert_close(loaded.eval()(ids, context_lens=torch.tensor([4, 9])).logits, prompt)
+
+
+class UserMamba2(families.GrootLMamba2ForCausalLM):
+    """A user's subclass: grootl cannot ship its code."""
+
+
+def test_a_class_grootl_does_not_publish_saves_without_portable_code(tmp_path):
+    model = UserMamba2(families.GrootLMamba2Config.from_stock(families.tiny_config("mamba2"), {"modulation": 0.4}))
+    model.config.auto_map = {"AutoConfig": "stale.Config"}  # e.g. from an earlier save
+    with pytest.warns(UserWarning, match="UserMamba2 is not a class of grootl's"):
+        model.save_pretrained(tmp_path)
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
+    assert not list(tmp_path.glob("grootl_*.py"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # with grootl: its own class, the same weights
+    assert type(loaded) is families.GrootLMamba2ForCausalLM
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())

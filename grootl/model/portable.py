@@ -7,7 +7,9 @@ model's own classes (config, causal LM, and the base model where it is GrootL's)
 define them, with every grootl module they import, are copied from this package's own sources into
 the directory as flat files (``grootl/tree/scan.py`` becomes ``grootl_tree_scan.py``, imports of grootl
 become relative ones). Blocks marked ``# >>> native dispatch hook`` / ``# >>> grootl package only`` (up
-to the matching ``# <<<`` line) stay behind: the copy runs the pure-PyTorch path, with the same results.
+to the matching ``# <<<`` line) stay behind: the copy runs grootl's pure-PyTorch tree scan, with the same
+results (mamba-ssm's and causal-conv1d's kernels, imported when a CUDA forward first needs them, serve it where
+installed, as they serve grootl).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import ast
 import importlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import grootl
@@ -28,14 +31,6 @@ def flat_name(module: str) -> str:
     return module.replace(".", "_")
 
 
-def class_path(cls: type) -> str:
-    """``grootl.model.families.GrootLMamba2Config`` -> ``grootl_model_families.GrootLMamba2Config`` (an
-    ``auto_map`` entry); ValueError unless ``cls`` is an attribute of its module (the copy finds it there)."""
-    if getattr(importlib.import_module(cls.__module__), cls.__name__, None) is not cls:
-        raise ValueError(f"{cls.__module__}.{cls.__name__} is not an attribute of {cls.__module__}: no auto_map for it")
-    return f"{flat_name(cls.__module__)}.{cls.__name__}"
-
-
 def auto_classes(model) -> dict[str, type]:
     """The Auto class each of ``model``'s GrootL classes registers with: its config and causal LM, and its
     base model where that is GrootL's own (``GrootLMambaModel``; the families' wrap a stock one)."""
@@ -45,11 +40,25 @@ def auto_classes(model) -> dict[str, type]:
     return classes
 
 
+def _published(cls: type) -> bool:
+    """Whether ``cls`` is an attribute of a grootl module (where the copy finds it)."""
+    module = cls.__module__
+    return module.split(".")[0] == "grootl" and getattr(importlib.import_module(module), cls.__name__, None) is cls
+
+
 def save_portable_code(model, directory: str | Path, is_main_process: bool = True) -> list[str]:
     """Before ``model.save_pretrained(directory)``: point ``model.config.auto_map`` at the flat copies of its
-    classes and, on the main process, write those modules into ``directory``; returns the file names."""
+    classes (``grootl.model.families.GrootLMamba2Config`` -> ``grootl_model_families.GrootLMamba2Config``)
+    and, on the main process, write those modules into ``directory``; returns the file names. A class
+    grootl does not publish (a subclass of the user's) gets a warning and no code: the save goes on."""
     classes = auto_classes(model)
-    model.config.auto_map = {auto: class_path(cls) for auto, cls in classes.items()}
+    foreign = next((cls for cls in classes.values() if not _published(cls)), None)
+    if foreign is not None:
+        warnings.warn(f"GrootL: {foreign.__module__}.{foreign.__qualname__} is not a class of grootl's, so "
+                      f"{directory} gets no trust_remote_code code (it loads where grootl is installed)", stacklevel=3)
+        vars(model.config).pop("auto_map", None)
+        return []
+    model.config.auto_map = {auto: f"{flat_name(cls.__module__)}.{cls.__name__}" for auto, cls in classes.items()}
     if not is_main_process:
         return []
     os.makedirs(directory, exist_ok=True)
@@ -65,7 +74,7 @@ def _is_module(name: str) -> bool:
 
 def _strip_blocks(lines: list[str], path: str) -> list[str]:
     kept, open_block = [], None
-    for number, line in enumerate(lines, 1):
+    for line in lines:
         marker = next((b for b in STRIPPED_BLOCKS if f"# >>> {b}" in line), None)
         if marker and open_block is None:
             open_block = marker
@@ -96,8 +105,8 @@ def portable_source(module: str) -> tuple[str, list[str]]:
             if _is_module(submodule):  # from grootl.tree import scan
                 needed.append(submodule)
                 flat = flat_name(submodule)
-                # transformers copies a directory's modules into its cache by following 'from .x import' lines
-                statements.append(f"{indent}from .{flat} import __name__ as _{flat}_name  # copied with this file\n")
+                note = "# transformers copies the modules that 'from .x import' lines name"
+                statements.append(f"{indent}from .{flat} import __name__ as _{flat}_name  {note}\n")
                 statements.append(f"{indent}from . import {flat} as {alias.asname or alias.name}\n")
             else:
                 plain.append(alias.name + (f" as {alias.asname}" if alias.asname else ""))

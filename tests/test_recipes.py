@@ -49,7 +49,10 @@ FSDP_7B_FLAGS = {"zamba": ["--fsdp_transformer_layer_cls_to_wrap", "ZambaMambaDe
 
 def test_the_promised_recipes_are_shipped():
     names = {p.relative_to(RECIPES).as_posix() for p in TRAIN_RECIPES + ACCELERATE_CONFIGS}
-    assert {"tiny/cpu-demo.yaml", "accelerate/ddp.yaml", "accelerate/fsdp.yaml", "accelerate/deepspeed-zero2.yaml"} <= names
+    assert {"tiny/cpu-demo.yaml", "accelerate/ddp.yaml", "accelerate/fsdp.yaml", "accelerate/fsdp-7b.yaml",
+            "accelerate/deepspeed-zero2.yaml"} <= names
+    assert {f"{model}/alpaca-{arm}.yaml" for model in ("mamba-codestral-7b", "falcon-mamba-7b", "bamba-9b",
+                                                        "nemotron-nano-9b-v2") for arm in ("grootl", "lora")} <= names
     assert {f"mamba-{size}/alpaca-{arm}.yaml" for size in SIZES for arm in ("grootl", "lora")} <= names
 
 

@@ -60,8 +60,10 @@ FAMILIES: dict[str, Family] = {
         make_family(Zamba2Config, Zamba2ForCausalLM, Zamba2MambaMixer, GrootLSSDMixer,  # embeddings tied: not adapted
                     lora_targets=("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
                     examples=("Zyphra/Zamba2-1.2B", "Zyphra/Zamba2-2.7B")),
-        make_family(ZambaConfig, ZambaForCausalLM, ZambaMambaMixer, GrootLZambaMixerBase,  # embeddings tied
-                    lora_targets=("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
+        # not the embeddings (tied to the output layer) nor the shared attention block: its weights are tied across
+        # the hybrid layers, and one adapter per layer could not merge into them; `linear` (per layer) maps its output
+        make_family(ZambaConfig, ZambaForCausalLM, ZambaMambaMixer, GrootLZambaMixerBase,
+                    lora_targets=("in_proj", "out_proj", "linear"),
                     examples=("Zyphra/Zamba-7B-v1",)),
     )
 }

@@ -242,6 +242,27 @@ def state_update_twin(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_so
     return (state * Ch).sum(-1).to(x.dtype)
 
 
+def train_and_generate(model, x: torch.Tensor, labels: torch.Tensor):
+    """A training step's loss and gradients, then greedy generations with their logits."""
+    model.zero_grad()
+    loss = model.train()(x, labels=labels).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    out = model.eval().generate(x, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return loss.detach(), grads, out
+
+
+def assert_same_run(got, want) -> None:
+    """Two :func:`train_and_generate` results agree: loss, every gradient, generations and their logits."""
+    (loss, grads, out), (want_loss, want_grads, want_out) = got, want
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(out.sequences, want_out.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(want_out.logits), rtol=1e-4, atol=1e-5)
+
+
 def test_mamba_ssm_path_trains_and_generates_like_the_torch_path(monkeypatch):
     """What runs on CUDA with mamba_ssm installed, checked on CPU: the mixer hands the kernels inputs they
     accept and gets the torch path's loss, gradients and generations back, tree branch included."""
@@ -250,31 +271,15 @@ def test_mamba_ssm_path_trains_and_generates_like_the_torch_path(monkeypatch):
     _, model = stock_and_grootl("mamba2")
     x = ids(2, 14, seed=6)
     labels = torch.where(torch.arange(14) < 8, -100, x)
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model.train()(x, labels=labels).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    greedy = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    loss, grads = loss_and_grads()
-    plain = model.eval().generate(x, **greedy)
+    plain = train_and_generate(model, x, labels)
     calls = []
     twins = ssd.SSDKernels(lambda *a, **k: calls.append("scan") or chunk_scan_twin(*a, **k),
                            lambda *a, **k: calls.append("update") or state_update_twin(*a, **k))
     monkeypatch.setattr(ssd, "ssd_kernels", lambda t: twins)
-    fused_loss, fused_grads = loss_and_grads()
-    torch.testing.assert_close(fused_loss, loss, rtol=1e-4, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    calls.clear()
-    fused = model.eval().generate(x, **greedy)
+    assert_same_run(train_and_generate(model, x, labels), plain)
     layers = model.config.num_hidden_layers
-    assert calls == ["scan"] * layers + ["update"] * 4 * layers  # the prefill, then every decoded position
-    assert torch.equal(fused.sequences, plain.sequences)
-    torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-5)
-
+    # training, the prefill, then every decoded position
+    assert calls == ["scan"] * 2 * layers + ["update"] * 4 * layers
 
 # ---- Zamba (v1): Mamba-1 heads, one tree over all heads ---------------------------------------------------
 
@@ -371,16 +376,7 @@ def test_zamba_fused_kernel_path_trains_and_generates_like_the_torch_path(monkey
     _, model = stock_and_grootl("zamba")
     x = ids(2, 14, seed=9)
     labels = torch.where(torch.arange(14) < 8, -100, x)
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model.train()(x, labels=labels).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    greedy = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    loss, grads = loss_and_grads()
-    plain = model.eval().generate(x, **greedy)
+    plain = train_and_generate(model, x, labels)
     calls = []
 
     def scan_twin(u, delta, A, B, C, D=None, **kwargs):  # the mixer adds the D skip itself (test_model's twin needs a D)
@@ -390,14 +386,7 @@ def test_zamba_fused_kernel_path_trains_and_generates_like_the_torch_path(monkey
     twins = TWINS._replace(selective_scan=scan_twin,
                            state_update=lambda *a, **k: calls.append("update") or state_update_twin(*a, **k))
     monkeypatch.setattr(mixer_module, "fast_kernels", lambda t: twins)
-    fused_loss, fused_grads = loss_and_grads()
-    torch.testing.assert_close(fused_loss, loss, rtol=1e-4, atol=1e-5)
-    assert fused_grads.keys() == grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    calls.clear()
-    fused = model.eval().generate(x, **greedy)
+    assert_same_run(train_and_generate(model, x, labels), plain)
     layers, heads = model.config.num_hidden_layers, model.config.n_mamba_heads
-    assert calls == ["scan"] * heads * layers + ["update"] * 4 * layers  # the prefill, then every decoded position
-    assert torch.equal(fused.sequences, plain.sequences)
-    torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-5)
+    # training and the prefill, per head, then every decoded position
+    assert calls == ["scan"] * 2 * heads * layers + ["update"] * 4 * layers

@@ -90,8 +90,7 @@ class GrootLZambaMixerBase:
     def _prefill(self, u, dt, dt_bias, delta, A, B, C, cache) -> Tensor:
         """Chain + λ·tree over whole sequences, per head (no D skip); stores ``h_last + λ·H_root`` in the cache."""
         keep_state = cache is not None
-        f = work_dtype(u)
-        lam = self.grootl.modulation if self.grootl.active else 0.0
+        f, lam = work_dtype(u), self.grootl.modulation
         context_lens, start = self.tree_inputs
         tree = None
         if self.grootl.active and context_lens is not None:
@@ -102,7 +101,7 @@ class GrootLZambaMixerBase:
         for h in range(self.n_mamba_heads):
             head = (u[:, h], delta[:, h], A[h], B[:, h], C[:, h])
             if selective_scan_fn is not None:
-                chain = selective_scan_fn(u[:, h], dt[:, h].to(u.dtype), A[h], B[:, h], C[:, h], delta_bias=dt_bias[h],
+                chain = selective_scan_fn(u[:, h], dt[:, h].to(u.dtype), *head[2:], delta_bias=dt_bias[h],
                                           delta_softplus=True, return_last_state=keep_state)
             else:
                 chain = chain_scan(*head, return_last_state=keep_state, check_values=False)

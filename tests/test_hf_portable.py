@@ -73,9 +73,12 @@ def test_saved_models_of_every_kind_load_without_grootl_and_give_the_same_output
     for name, model in models.items():
         model.eval().save_pretrained(tmp_path / name)
 
-    auto_map = json.loads((tmp_path / "mamba2" / "config.json").read_text())["auto_map"]
-    assert auto_map == {"AutoConfig": "grootl_model_families.GrootLMamba2Config",
-                        "AutoModelForCausalLM": "grootl_model_families.GrootLMamba2ForCausalLM"}
+    auto_map = {name: json.loads((tmp_path / name / "config.json").read_text())["auto_map"] for name in models}
+    assert auto_map["grootl_mamba"] == {"AutoConfig": "grootl_model_config.GrootLMambaConfig",
+                                        "AutoModel": "grootl_model_modeling.GrootLMambaModel",
+                                        "AutoModelForCausalLM": "grootl_model_modeling.GrootLMambaForCausalLM"}
+    assert auto_map["mamba2"] == {"AutoConfig": "grootl_model_families.GrootLMamba2Config",
+                                  "AutoModelForCausalLM": "grootl_model_families.GrootLMamba2ForCausalLM"}
     copied = {name: {p.name for p in (tmp_path / name).glob("grootl_*.py")} for name in models}
     assert "grootl_model_modeling.py" in copied["grootl_mamba"] and "grootl_tree_mamba2.py" in copied["mamba2"]
     # only what loading imports: no families for grootl_mamba, never the native kernels or the save machinery

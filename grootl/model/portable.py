@@ -8,8 +8,8 @@ define them, with every grootl module they import, are copied from this package'
 the directory as flat files (``grootl/tree/scan.py`` becomes ``grootl_tree_scan.py``, imports of grootl
 become relative ones). Blocks marked ``# >>> native dispatch hook`` / ``# >>> grootl package only`` (up
 to the matching ``# <<<`` line) stay behind: the copy runs grootl's pure-PyTorch tree scan, with the same
-results (mamba-ssm's and causal-conv1d's kernels, imported when a CUDA forward first needs them, serve it where
-installed, as they serve grootl).
+results (mamba-ssm's and causal-conv1d's kernels, imported when a CUDA forward first needs them, serve
+its chain where installed, as they serve grootl's).
 """
 
 from __future__ import annotations

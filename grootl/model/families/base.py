@@ -93,7 +93,8 @@ class GrootLCausalLMMixin:
     # >>> grootl package only: the portable copy of this file saves as stock transformers does
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, plus the code that lets ``AutoModelForCausalLM.from_pretrained(
-        dir, trust_remote_code=True)`` load the directory where grootl is not installed (:mod:`grootl.model.portable`)."""
+        dir, trust_remote_code=True)`` load the directory where grootl is not installed
+        (:mod:`grootl.model.portable`)."""
         from grootl.model.portable import save_portable_code
 
         save_portable_code(self, save_directory, kwargs.get("is_main_process", True))

@@ -33,8 +33,7 @@ for name in sys.argv[2:]:
     results[name] = {"class": type(model).__module__ + "." + type(model).__name__, "default": default.tolist(),
                      "prompt": prompt.tolist(), "generated": generated.tolist(),
                      "registered": model.config.model_type in CONFIG_MAPPING}
-# what the copy saves (stock transformers' custom-code saving) loads again, with the same outputs
-name = sys.argv[2]
+# what the copy saves (stock transformers' custom-code saving; here the last model) loads again, the same
 model.save_pretrained(name + "-again")
 again = AutoModelForCausalLM.from_pretrained(name + "-again", trust_remote_code=True).eval()
 with torch.no_grad():

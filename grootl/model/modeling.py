@@ -8,7 +8,6 @@ decoding does). ``generate`` passes the prompt's length itself, with or without 
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -224,12 +223,9 @@ class GrootLMambaForCausalLM(GrootLMambaPreTrainedModel, MambaForCausalLM):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, plus the code that lets ``AutoModelForCausalLM.from_pretrained(
         dir, trust_remote_code=True)`` load the directory where grootl is not installed (:mod:`grootl.model.portable`)."""
-        from grootl.model.portable import AUTO_MAP, write_portable_code
+        from grootl.model.portable import save_portable_code
 
-        self.config.auto_map = dict(AUTO_MAP)
-        if kwargs.get("is_main_process", True):
-            os.makedirs(save_directory, exist_ok=True)
-            write_portable_code(save_directory)
+        save_portable_code(self, save_directory, kwargs.get("is_main_process", True))
         return super().save_pretrained(save_directory, *args, **kwargs)
     # <<< grootl package only
 

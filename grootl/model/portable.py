@@ -134,16 +134,3 @@ def write_flat_modules(directory: str | Path, modules: list[str]) -> list[str]:
     for module, source in done.items():
         (Path(directory) / f"{flat_name(module)}.py").write_text(source)
     return sorted(f"{flat_name(m)}.py" for m in done)
-
-
-# Transitional: grootl/model/modeling.py's save_pretrained still reads these two; once it calls
-# save_portable_code(self, save_directory, kwargs.get("is_main_process", True)) they go.
-AUTO_MAP = {
-    "AutoConfig": "grootl_model_config.GrootLMambaConfig",
-    "AutoModel": "grootl_model_modeling.GrootLMambaModel",
-    "AutoModelForCausalLM": "grootl_model_modeling.GrootLMambaForCausalLM",
-}
-
-
-def write_portable_code(directory: str | Path) -> list[str]:
-    return write_flat_modules(directory, ["grootl.model.config", "grootl.model.modeling"])

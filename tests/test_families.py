@@ -163,14 +163,7 @@ def test_bad_context_lens_are_named():
         families.from_config(families.tiny_config("mamba2"), {"lambda": 0.3})
 
 
-# grootl.model.adapters.merge_adapter sets tie_word_embeddings=False even when the embeddings are not adapted; in
-# transformers that flag also ties Zamba's shared attention block across its hybrid layers, so the merged export
-# reloads that block untied and partly random. Strict: passes (and so fails here) once merge_adapter is fixed.
-MERGE_UNTIES_SHARED_BLOCK = pytest.mark.xfail(strict=True, reason="merge_adapter unties Zamba's shared block")
-
-
-@pytest.mark.parametrize("model_type", [pytest.param(k, marks=MERGE_UNTIES_SHARED_BLOCK) if k == "zamba" else k
-                                        for k in KINDS])
+@pytest.mark.parametrize("model_type", KINDS)
 def test_grootl_train_runs_the_family_recipe_on_a_local_checkpoint(model_type, tmp_path):
     """The code path of the family's shipped recipe, on a saved tiny stock checkpoint: train, export, reload."""
     from peft import PeftModel

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 
@@ -21,8 +22,11 @@ def untie_output_embeddings(model: PreTrainedModel) -> None:
 def merge_adapter(model: PeftModel) -> PreTrainedModel:
     """``model.merge_and_unload()`` that unties tied output embeddings first: plain PEFT merges a LoRA on
     ``embeddings`` into the matrix the output layer shares, which silently changes every logit. Returns the
-    merged base model (GrootL or stock), to ``save_pretrained`` as usual."""
+    merged base model (GrootL or stock), to ``save_pretrained`` as usual. Without a LoRA on the input embeddings
+    the ties stay as they are."""
     if not isinstance(model, PeftModel):
         raise ValueError(f"merge_adapter needs a peft.PeftModel (a model with a LoRA adapter); got {type(model).__name__}")
-    untie_output_embeddings(model.get_base_model())
+    base = model.get_base_model()
+    if isinstance(base.get_input_embeddings(), BaseTunerLayer):  # else nothing to untie: the flag stays as it is
+        untie_output_embeddings(base)  # (in transformers it also unties other shared blocks, e.g. Zamba's)
     return model.merge_and_unload()

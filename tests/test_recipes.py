@@ -44,7 +44,6 @@ CHECKPOINT_FAMILIES = {"state-spaces/mamba": "mamba", "mistralai/Mamba-Codestral
                        **{hub_id: model_type for model_type, family in families.FAMILIES.items() for hub_id in family.examples}}
 # Zamba's hybrid layers share one attention block: FSDP2 cannot hold its weights in two units, so Zamba's
 # launch wraps its Mamba layers only (fsdp-7b.yaml's header; the shared block stays in the root unit)
-FSDP_7B_FLAGS = {"zamba": ["--fsdp_transformer_layer_cls_to_wrap", "ZambaMambaDecoderLayer"]}
 
 
 def test_the_promised_recipes_are_shipped():
@@ -192,7 +191,7 @@ def test_fsdp_7b_shards_every_family(monkeypatch, process_group, model_type):
     """fsdp-7b.yaml as Accelerate prepares it (FSDP2, the wrap from the model's no-split classes): every
     decoder layer is its own unit, the frozen base stays bf16 beside the float32 LoRA adapters (FSDP1
     needs one dtype per unit and refuses that mix), and a GrootL step gives every adapter weight a gradient."""
-    plugin = launched_fsdp_plugin(monkeypatch, ["--config_file", str(FSDP_7B), *FSDP_7B_FLAGS.get(model_type, [])])
+    plugin = launched_fsdp_plugin(monkeypatch, ["--config_file", str(FSDP_7B)])
     family = families.FAMILIES.get(model_type)
     targets = family.lora_targets if family else load_recipe(PAPER_130M["grootl"]).lora.target_modules
     recipe = load_recipe(PAPER_130M["grootl"], [f"lora.target_modules=[{','.join(targets)}]"])

@@ -35,7 +35,7 @@ FAMILIES: dict[str, Family] = {
     for family in (
         make_family(Mamba2Config, Mamba2ForCausalLM, Mamba2Mixer, GrootLSSDMixer,
                     lora_targets=("embeddings", "in_proj", "out_proj"),
-                    examples=("AntonV/mamba2-130m-hf", "AntonV/mamba2-2.7b-hf")),
+                    examples=("AntonV/mamba2-130m-hf", "AntonV/mamba2-2.7b-hf", "mistralai/Mamba-Codestral-7B-v0.1")),
         make_family(FalconMambaConfig, FalconMambaForCausalLM, FalconMambaMixer, GrootLFalconMambaMixerBase,
                     lora_targets=("embeddings", "in_proj", "x_proj", "out_proj"),
                     examples=("tiiuae/falcon-mamba-7b",)),
@@ -48,7 +48,8 @@ FAMILIES: dict[str, Family] = {
                     examples=("ibm-ai-platform/Bamba-9B-v2",)),
         make_family(GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, GraniteMoeHybridMambaLayer, GrootLSSDMixer,
                     lora_targets=("embed_tokens", "in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
-                    examples=("ibm-granite/granite-4.0-h-micro", "ibm-granite/granite-4.0-h-tiny")),
+                    examples=("ibm-granite/granite-4.0-h-350m", "ibm-granite/granite-4.0-h-micro",
+                              "ibm-granite/granite-4.0-h-tiny")),
         make_family(NemotronHConfig, NemotronHForCausalLM, NemotronHMamba2Mixer, GrootLSSDMixer,
                     lora_targets=("embeddings", "in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj",
                                   "up_proj", "down_proj"),
@@ -57,11 +58,12 @@ FAMILIES: dict[str, Family] = {
                     lora_targets=("embed_tokens", "in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj",
                                   "gate_proj", "up_proj", "down_proj"),
                     examples=("tiiuae/Falcon-H1-0.5B-Base", "tiiuae/Falcon-H1-0.5B-Instruct")),
-        make_family(Zamba2Config, Zamba2ForCausalLM, Zamba2MambaMixer, GrootLSSDMixer,  # embeddings tied: not adapted
-                    lora_targets=("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
+        # Zamba2 and Zamba: not the embeddings (tied to the output layer) nor the shared attention block: its weights
+        # are tied across the hybrid layers, and one adapter per layer could not merge into them; `linear` (per
+        # layer) maps its output
+        make_family(Zamba2Config, Zamba2ForCausalLM, Zamba2MambaMixer, GrootLSSDMixer,
+                    lora_targets=("in_proj", "out_proj", "linear"),
                     examples=("Zyphra/Zamba2-1.2B", "Zyphra/Zamba2-2.7B")),
-        # not the embeddings (tied to the output layer) nor the shared attention block: its weights are tied across
-        # the hybrid layers, and one adapter per layer could not merge into them; `linear` (per layer) maps its output
         make_family(ZambaConfig, ZambaForCausalLM, ZambaMambaMixer, GrootLZambaMixerBase,
                     lora_targets=("in_proj", "out_proj", "linear"),
                     examples=("Zyphra/Zamba-7B-v1",)),
@@ -136,8 +138,7 @@ TINY_CONFIGS = {
     "zamba2": lambda: Zamba2Config(
         hidden_size=32, num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
         mamba_d_state=16, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=8, chunk_size=8, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=48, vocab_size=512, tie_word_embeddings=False,
-        initializer_range=0.2),
+        num_key_value_heads=4, intermediate_size=48, vocab_size=512, initializer_range=0.2),  # tied, as the real ones
     "zamba": lambda: ZambaConfig(
         hidden_size=32, num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"],
         n_mamba_heads=2, mamba_d_state=8, mamba_dt_rank=4, mamba_expand=2, num_attention_heads=4,

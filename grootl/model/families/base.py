@@ -68,6 +68,12 @@ class GrootLCausalLMMixin:
             no_split = getattr(module, "_no_split_modules", None)
             if isinstance(no_split, set) and stock in no_split:
                 module._no_split_modules = no_split - {stock} | {mixer}
+        # nor can a class whose layers tie weights to each other (Zamba's shared block) be an FSDP unit: FSDP2
+        # refuses to shard one weight in two units (its weights stay in the enclosing unit)
+        shared = _layer_classes_sharing_weights(self)
+        for module in self.modules():
+            if isinstance(getattr(module, "_no_split_modules", None), set):
+                module._no_split_modules = module._no_split_modules - shared
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -124,6 +130,21 @@ class GrootLCausalLMMixin:
             for mixer in mixers:
                 mixer.tree_inputs = (context_lens, start)
         return super().forward(*args, **kwargs)
+
+
+def _layer_classes_sharing_weights(model) -> set[str]:
+    """The names of the model's no-split layer classes whose instances tie weights to one another."""
+    layers = {name: type(m).__name__ for name, m in model.named_modules() if type(m).__name__ in model._no_split_modules}
+
+    def layer_of(param: str) -> str | None:
+        return next((name for name in layers if param.startswith(name + ".")), None)
+
+    shared = set()
+    for target, source in model.all_tied_weights_keys.items():
+        a, b = layer_of(target), layer_of(source)
+        if a is not None and b is not None and a != b:
+            shared |= {layers[a], layers[b]}
+    return shared
 
 
 def _continues(named: dict, layer_idx: int) -> bool:

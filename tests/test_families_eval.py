@@ -42,7 +42,7 @@ def loglikelihoods(results: dict) -> dict[str, list[float]]:
             for task, samples in results["samples"].items()}
 
 
-@pytest.mark.parametrize("model_type", ["mamba2"])  # the hybrids share its mixer and its forward wrapper
+@pytest.mark.parametrize("model_type", ["mamba2", "zamba"])  # the other hybrids share Mamba-2's mixer and wrapper
 def test_grootl_eval_scores_a_family(model_type, fixture_tasks, tmp_path):
     torch.manual_seed(0)
     stock = tmp_path / "stock"

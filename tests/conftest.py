@@ -13,6 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(1)  # one thread per xdist worker: the workers already fill the cores
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "tests" / "assets"
 SHARED_DATA = REPO.parent / "shared" / "data"

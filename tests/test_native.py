@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -687,11 +688,28 @@ def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch, autoca
     assert served, "the model never reached the native kernels"
 
 
-def test_gpu_benchmark_runs_on_the_emulated_extension(emulated_cuda, monkeypatch):
-    """A smoke run of scripts/bench_kernels.py's GPU part, so a GPU session does not find its bugs."""
+def bench_kernels():
+    """scripts/bench_kernels.py as a module."""
     spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_grouped_build_benchmark_runs(cpu_kernels, monkeypatch, tmp_path):
+    """A smoke run of scripts/bench_kernels.py --grouped on a tiny layout."""
+    bench = bench_kernels()
+    monkeypatch.setitem(bench.GROUPED, "tiny", (3, 8, 4))
+    out = tmp_path / "grouped.json"
+    argv = ["--grouped", "tiny", "--lengths", "40", "--batch", "2", "--repeats", "1", "--bytes-lengths", "64"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["G"], row["C"], row["N"], row["L"]) == (3, 8, 4, 40) and row["native_s"] > 0 and row["torch_s"] > 0
+
+
+def test_gpu_benchmark_runs_on_the_emulated_extension(emulated_cuda, monkeypatch):
+    """A smoke run of scripts/bench_kernels.py's GPU part, so a GPU session does not find its bugs."""
+    bench = bench_kernels()
     monkeypatch.setitem(bench.SIZES, "tiny", (32, 16))
     args = argparse.Namespace(sizes=["tiny"], batch=[1], lengths=[33], repeats=1)
     (row,), extra = bench.bench_cuda(args, device=emulated_cuda)

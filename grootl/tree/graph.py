@@ -336,16 +336,8 @@ def build_tree(
         return spanning_tree(edge_weights(u, delta, B, k, distance), context_lens, start)
 
 
-def build_grouped_tree(
-    a: Tensor,
-    b: Tensor,
-    context_lens: Tensor,
-    k: int = 3,
-    distance: str = "cosine",
-    start: Tensor | None = None,
-    *,
-    check_values: bool = True,
-) -> Tree:
+def build_grouped_tree(a: Tensor, b: Tensor, context_lens: Tensor, k: int = 3, distance: str = "cosine",
+                       start: Tensor | None = None, *, check_values: bool = True) -> Tree:
     """:func:`build_tree` for features made of G rank-one blocks, ``X[:, t] = (a[:, g, :, t] (outer) b[:, g, :, t]
     for g < G)`` (Mamba-2: one block per group of heads): a (batch, G, C, L), b (batch, G, N, L), floating (computed
     in their work dtype). The weights are :func:`grouped_edge_weights`; with G = 1 the tree is :func:`build_tree`'s

@@ -233,16 +233,17 @@ def _bounds(ext: ModuleType, length: int) -> list[int]:
     return [stack_bound(length), stack_bound(length), -(-length // ext.chunk_size()) * stack_bound(length)]
 
 
-def _build_outputs(ext: ModuleType, batch: int, length: int, device: torch.device, alloc=None) -> list[Tensor]:
+def _build_shapes(ext: ModuleType, batch: int, length: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """A build's outputs: parent, order (the heavy-last preorder) and the tree's plan (flags, ckpt_offset, sizes)."""
-    alloc = alloc or _alloc
-    shapes = [((batch, length), torch.long)] * 2 + _plan_shapes(ext, batch, length)
-    return [alloc(*shape, dtype=dt, device=device) for shape, dt in shapes]
+    return [((batch, length), torch.long)] * 2 + _plan_shapes(ext, batch, length)
+
+
+def _build_outputs(ext: ModuleType, batch: int, length: int, device: torch.device) -> list[Tensor]:
+    return [_alloc(*shape, dtype=dt, device=device) for shape, dt in _build_shapes(ext, batch, length)]
 
 
 def _fake_outputs(like: Tensor, batch: int, length: int) -> tuple[Tensor, ...]:
-    return tuple(_build_outputs(_kernel(like.device), batch, length, like.device,
-                                lambda *shape, dtype, device: like.new_empty(shape, dtype=dtype)))
+    return tuple(like.new_empty(shape, dtype=dt) for shape, dt in _build_shapes(_kernel(like.device), batch, length))
 
 
 @torch.library.custom_op("grootl::build_tree", mutates_args=())
@@ -454,6 +455,7 @@ def _build_grouped_tree(a: Tensor, b: Tensor, context_lens: Tensor, k: int, dist
 
 
 def _prompt(context_lens: Tensor, start: Tensor | None) -> tuple[Tensor, Tensor]:
+    """context_lens and start (zeros when None) as the build ops take them."""
     return context_lens.contiguous(), (torch.zeros_like(context_lens) if start is None else start).contiguous()
 
 

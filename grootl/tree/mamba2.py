@@ -8,10 +8,11 @@ of G, head h reads group ``g(h) = h // (H // G)``. Per row, head h, head-dim p a
 2. The graph of ``grootl.tree.graph`` (chain, plus ``(t-j, t)`` for ``2 <= j <= k`` inside the prompt);
    edge weight = distance of the two positions' X flattened over (h, p, n). Per group X is rank 1
    (``a_g ⊗ B_g`` with ``a_g = dt·x`` over the group's heads), so ``X·X' = Σ_g (a_g·a'_g)(B_g·B'_g)``
-   and the norms likewise: X is never built (the manhattan distance sums |X - X'| entry by entry, chunked in
-   PyTorch). The sums, the cosine's relative norm clamp and the comparison grid are graph's
-   (:func:`grootl.tree.graph.build_grouped_tree`; the native kernels form them in the same order), so ties in
-   real arithmetic (repeated tokens, proportional or zero features) give one tree in every dtype, on every path.
+   and the norms likewise: X is never built (the manhattan distance sums |X - X'| entry by entry, in
+   chunks of positions on the PyTorch path). The sums, the cosine's relative norm clamp and the comparison
+   grid are graph's (:func:`grootl.tree.graph.build_grouped_tree`; the native kernels form them in the same
+   order), so ties in real arithmetic (repeated tokens, proportional or zero features) give one tree in
+   every dtype, on every path.
 3. The same minimum spanning tree rooted at ``L - 1``; ``H[v] = X[v] + Σ_children Ā[c+1]·H[c]``;
    ``y_tree[t,h,p] = Σ_n C[t,g(h),n]·H[t,h,p,n]``. A mixer adds ``λ·y_tree`` to its chain output
    before its D skip, gate and norm; after the prompt one state decodes:

@@ -540,19 +540,19 @@ def tree_edges(parent):
     return {(min(v, p), max(v, p)) for v, p in enumerate(parent.tolist()) if p >= 0}
 
 
-def check_grouped_tree(groups, distance):
-    """graph.build_grouped_tree on the native kernel (made in this test by the extension _module_for gives) equals the
-    PyTorch build in fp64, fp32 and bf16; tie rows give one tree in every dtype, Kruskal's (tiny features: their
-    unscaled twin's); random rows give Kruskal's tree in fp64 and a tree within the comparison grid of its weight in
-    the others."""
+def check_grouped_tree(device, groups, distance):
+    """graph.build_grouped_tree on ``device``'s native kernel equals the PyTorch build in fp64, fp32 and bf16; tie
+    rows give one tree in every dtype, Kruskal's (tiny features: their unscaled twin's); random rows give Kruskal's
+    tree in fp64 and a tree within the comparison grid of its weight in the others."""
     trees = []
     for dtype in (F64, F32, torch.bfloat16):
         a, b = grouped_inputs(dtype, groups)
-        ours = graph.build_grouped_tree(a, b, GROUPED_CONTEXT, distance=distance, start=GROUPED_START)
+        on = [x.to(device) for x in (a, b, GROUPED_CONTEXT, GROUPED_START)]
+        ours = graph.build_grouped_tree(*on[:3], distance=distance, start=on[3])
         assert isinstance(ours.plan().payload, native._Plan), "the tree did not come from the kernel"
         theirs = torch_path(graph.build_grouped_tree, a, b, GROUPED_CONTEXT, distance=distance, start=GROUPED_START)
-        assert torch.equal(ours.parent, theirs.parent) and torch.equal(ours.order, theirs.order), dtype
-        trees.append(ours.parent)
+        assert torch.equal(ours.parent.cpu(), theirs.parent) and torch.equal(ours.order.cpu(), theirs.order), dtype
+        trees.append(theirs.parent)
     assert all(torch.equal(t[:4], trees[0][:4]) for t in trees), "ties resolved differently across dtypes"
     a, b = grouped_inputs(F64, groups)
     X = (a[:, :, :, None] * b[:, :, None]).flatten(1, 3).transpose(1, 2)  # (6, L, G·c·n)
@@ -571,7 +571,7 @@ def check_grouped_tree(groups, distance):
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
 @pytest.mark.parametrize("groups", [2, 3])
 def test_cpu_grouped_tree_equals_torch_and_kruskal(cpu_kernels, groups, distance):
-    check_grouped_tree(groups, distance)
+    check_grouped_tree("cpu", groups, distance)
 
 
 def check_runs_identical(device, shape):
@@ -613,7 +613,7 @@ def test_emulated_cuda_ties_give_one_tree(emulated_cuda):  # one distance: the o
 
 
 def test_emulated_cuda_grouped_tree_equals_torch_and_kruskal(emulated_cuda):  # the distances share the host code
-    check_grouped_tree(3, "cosine")
+    check_grouped_tree(emulated_cuda, 3, "cosine")
 
 
 @pytest.mark.parametrize("length", [1, 33, 150])
@@ -748,6 +748,13 @@ def test_cuda_tree_equals_cpu_tree(distance):
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
 def test_cuda_ties_give_one_tree(distance):
     check_ties_give_one_tree("cuda", distance)
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_cuda_grouped_tree_equals_torch_and_kruskal(distance):
+    check_grouped_tree("cuda", 3, distance)
 
 
 @CUDA

@@ -145,7 +145,8 @@ GROOTL_HD acc_t dot_weight(acc_t dot, acc_t sq_t, acc_t sq_s, int distance) {
 template <typename acc_t, typename Features>
 GROOTL_HD acc_t edge_weight(const Features& f, int k, int t, int j, const acc_t* sq, const acc_t* dots, int distance) {
   const int s = t - j;
-  if (distance != kManhattan) return quantize(dot_weight(dots[(int64_t)t * k + j - 1], sq[t], sq[s], distance), distance);
+  if (distance != kManhattan)
+    return quantize(dot_weight(dots[(int64_t)t * k + j - 1], sq[t], sq[s], distance), distance);
   PairwiseSum<acc_t> total;
   for (int g = 0; g < f.groups(); ++g) {
     PairwiseSum<acc_t> group;

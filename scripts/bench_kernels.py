@@ -10,7 +10,8 @@ inputs (called as the GrootL mixer calls them: ``check_values=False``), time and
 
 The Mamba-2 tree build (grouped features; native vs PyTorch, same run):
 
-    python scripts/bench_kernels.py --grouped mamba2-130m codestral-7b --lengths 512 2048 --out benchmarks/grouped_build_cpu.json
+    python scripts/bench_kernels.py --grouped mamba2-130m codestral-7b --lengths 512 2048 \
+        --out benchmarks/grouped_build_cpu.json
 
 Bytes model (no timing; see ``launches``): the bytes the CUDA kernels as launched today, and the casts and
 copies around them in grootl/tree/native.py, move per call against the minimum, and the threads each offers:

@@ -214,7 +214,7 @@ def test_grouped_build_bad_inputs_name_the_problem():
     a, b, ctx = torch.randn(2, 3, 4, 6), torch.randn(2, 3, 5, 6), torch.tensor([6, 6])
     with pytest.raises(ValueError, match=r"^a must be a 4-D tensor, got shape 3x4x6$"):
         graph.build_grouped_tree(a[0], b, ctx)
-    with pytest.raises(ValueError, match=r"b must be \(batch, G, N, L\) = \(2, 3, N, 6\) to match a 2x3x4x6; got 2x2x5x6"):
+    with pytest.raises(ValueError, match=r"b must be \(batch, G, N, L\) = \(2, 3, N, 6\) to match a 2x3x4x6; got 2x2x5"):
         graph.build_grouped_tree(a, b[:, :2], ctx)
     with pytest.raises(ValueError, match="got 2x3x5x5"):
         graph.build_grouped_tree(a, b[..., :5], ctx)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from grootl.tree.validation import (
-    _check_device, _check_finite, _check_floating, _require, _shape, check_prompt, check_tree_inputs, check_tree_settings,
+    _check_device, _check_finite, _check_floating, _require, _shape, check_prompt, check_tree_inputs,
+    check_tree_settings,
 )
 
 DISTANCES = ("cosine", "euclidean", "manhattan")

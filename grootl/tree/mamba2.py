@@ -105,7 +105,8 @@ def build_tree(
         _check_finite(x=x, dt=dt, B=B)
     context_lens, start = check_prompt(context_lens, start, batch, length, x.device, check_values)
     with torch.no_grad():
-        return graph.build_grouped_tree(*_group_features(x, dt, B), context_lens, k, distance, start, check_values=False)
+        a, b = _group_features(x, dt, B)
+        return graph.build_grouped_tree(a, b, context_lens, k, distance, start, check_values=False)
 
 
 def tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False,

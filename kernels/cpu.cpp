@@ -143,62 +143,94 @@ void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
   });
 }
 
-// For one row, aa[t] = |a[t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] with a = delta * u, each a PairwiseSum over d
-// (the same bits as cuda.cu's feature_kernel and graph.edge_weights), d outer and positions inner: contiguous reads.
-template <typename scalar_t, typename acc_t>
-void feature_dots(const scalar_t* u, const scalar_t* delta, int64_t D, int64_t L, int64_t k, acc_t* aa, acc_t* dots) {
+// For one row, sq[t] = |X[t]|^2 and dots[t*k + j-1] = X[t] . X[t-j]: the bits of grootl::feature_dot (and of
+// graph.grouped_edge_weights), here for chunks of positions with each factor's rows outer and positions inner
+// (contiguous reads).
+template <typename acc_t, typename Features>
+void feature_dots(const Features& f, int64_t k, acc_t* sq, acc_t* dots) {
+  const int64_t L = f.L, per = k + 1;  // per position: the norm, then the k dots
   at::parallel_for(0, L, 64, [&](int64_t t0, int64_t t1) {
-    const int64_t lo = std::max<int64_t>(0, t0 - k);
-    std::vector<acc_t> a(t1 - lo);
-    std::vector<grootl::PairwiseSum<acc_t>> sums((t1 - t0) * (k + 1));  // per position: aa, then the k dots
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t t = lo; t < t1; ++t) a[t - lo] = (acc_t)delta[d * L + t] * (acc_t)u[d * L + t];
-      for (int64_t t = t0; t < t1; ++t) {
-        const acc_t at = a[t - lo];
-        grootl::PairwiseSum<acc_t>* sum = &sums[(t - t0) * (k + 1)];
-        sum[0].add(at * at);
-        for (int64_t j = 1; j <= std::min(k, t); ++j) sum[j].add(at * a[t - j - lo]);
+    const int64_t lo = std::max<int64_t>(0, t0 - k), n = (t1 - t0) * per;
+    std::vector<acc_t> x(t1 - lo), a_sums(n), b_sums(n);
+    std::vector<grootl::PairwiseSum<acc_t>> sums(n), total(n);
+    // sums over one factor's rows (a_g's C or b_g's N) of its products at (t, t) and (t, t - j), into out
+    auto factor_sums = [&](int rows, auto&& value, acc_t* out) {
+      std::fill(sums.begin(), sums.end(), grootl::PairwiseSum<acc_t>{});
+      for (int r = 0; r < rows; ++r) {
+        for (int64_t t = lo; t < t1; ++t) x[t - lo] = value(r, (int)t);
+        for (int64_t t = t0; t < t1; ++t) {
+          const acc_t xt = x[t - lo];
+          grootl::PairwiseSum<acc_t>* sum = &sums[(t - t0) * per];
+          sum[0].add(xt * xt);
+          for (int64_t j = 1; j <= std::min(k, t); ++j) sum[j].add(xt * x[t - j - lo]);
+        }
       }
+      for (int64_t i = 0; i < n; ++i) out[i] = sums[i].total();
+    };
+    for (int g = 0; g < f.groups(); ++g) {
+      factor_sums(f.C, [&](int c, int t) { return f.a(g, c, t); }, a_sums.data());
+      factor_sums(f.N, [&](int m, int t) { return f.b(g, m, t); }, b_sums.data());
+      for (int64_t i = 0; i < n; ++i) total[i].add(a_sums[i] * b_sums[i]);
     }
     for (int64_t t = t0; t < t1; ++t) {
-      aa[t] = sums[(t - t0) * (k + 1)].total();
-      for (int64_t j = 1; j <= k; ++j) dots[t * k + j - 1] = sums[(t - t0) * (k + 1) + j].total();
+      sq[t] = total[(t - t0) * per].total();
+      for (int64_t j = 1; j <= k; ++j) dots[t * k + j - 1] = total[(t - t0) * per + j].total();
     }
   });
 }
 
-// parent, order: the trees; flags, ckpt_offset, sizes: their plans (as plan() would make them).
+// The trees of a batch's rows from their features (grootl::ScaledFeatures or grootl::GroupedFeatures of row 0) and
+// their plans; parent, order, flags, ckpt_offset, sizes as plan() makes them.
+template <typename acc_t, typename Features>
+void build_rows(const Features& features, int64_t batch, const at::Tensor& context_lens, const at::Tensor& start,
+                int64_t k, int64_t distance, at::Tensor parent, at::Tensor order, at::Tensor flags,
+                at::Tensor ckpt_offset, at::Tensor sizes) {
+  const int L = features.L;
+  const int64_t chunks = grootl::num_chunks(L);
+  const int64_t* ctx = context_lens.data_ptr<int64_t>();
+  const int64_t* st = start.data_ptr<int64_t>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sq(L), dots(L * k), weight(L * k);
+    std::vector<int32_t> ints(grootl::build_scratch_ints(L, (int)k));
+    std::vector<uint8_t> bytes(L * k);
+    const auto scratch = grootl::build_scratch(ints.data(), bytes.data(), L, (int)k);
+    grootl::SerialPar par;
+    for (int64_t b = begin; b < end; ++b) {
+      const auto f = features.row(b);
+      feature_dots(f, k, sq.data(), dots.data());
+      for (int t = 0; t < L; ++t)
+        for (int j = 1; j <= k; ++j)
+          if (grootl::edge_exists(t, j, L, ctx[b], st[b]))
+            weight[t * k + j - 1] = grootl::edge_weight(f, (int)k, t, j, sq.data(), dots.data(), (int)distance);
+      grootl::build_row(par, weight.data(), L, (int)k, ctx[b], st[b], scratch, parent.data_ptr<int64_t>() + b * L,
+                        order.data_ptr<int64_t>() + b * L, flags.data_ptr<uint8_t>() + b * L,
+                        ckpt_offset.data_ptr<int32_t>() + b * (chunks + 1), sizes.data_ptr<int32_t>() + b * 3);
+    }
+  });
+}
+
+// Mamba-1 features: u, delta (batch, D, L), B (batch, N, L).
 void build_tree(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B, const at::Tensor& context_lens,
                 const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
                 at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes) {
-  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1), chunks = grootl::num_chunks((int)L);
-  const int64_t* ctx = context_lens.data_ptr<int64_t>();
-  const int64_t* st = start.data_ptr<int64_t>();
+  const int D = u.size(1), L = u.size(2), N = B.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_build_tree", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> aa(L), bb(L), dots(L * k), weight(L * k);
-      std::vector<int32_t> ints(grootl::build_scratch_ints((int)L, (int)k));
-      std::vector<uint8_t> bytes(L * k);
-      const auto scratch = grootl::build_scratch(ints.data(), bytes.data(), (int)L, (int)k);
-      grootl::SerialPar par;
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* u_b = u.data_ptr<scalar_t>() + b * D * L;
-        const scalar_t* delta_b = delta.data_ptr<scalar_t>() + b * D * L;
-        const scalar_t* B_b = B.data_ptr<scalar_t>() + b * N * L;
-        feature_dots(u_b, delta_b, D, L, k, aa.data(), dots.data());
-        for (int t = 0; t < L; ++t) bb[t] = grootl::norm_b<scalar_t, acc_t>(B_b, (int)N, (int)L, t);
-        for (int t = 0; t < L; ++t)
-          for (int j = 1; j <= k; ++j)
-            if (grootl::edge_exists(t, j, (int)L, ctx[b], st[b]))
-              weight[t * k + j - 1] = grootl::edge_weight(u_b, delta_b, B_b, (int)D, (int)N, (int)L, t, j, aa.data(),
-                                                          bb.data(), dots[t * k + j - 1], (int)distance);
-        grootl::build_row(par, weight.data(), (int)L, (int)k, ctx[b], st[b], scratch,
-                          parent.data_ptr<int64_t>() + b * L, order.data_ptr<int64_t>() + b * L,
-                          flags.data_ptr<uint8_t>() + b * L, ckpt_offset.data_ptr<int32_t>() + b * (chunks + 1),
-                          sizes.data_ptr<int32_t>() + b * 3);
-      }
-    });
+    const grootl::ScaledFeatures<scalar_t, acc_t> f{u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+                                                    B.data_ptr<scalar_t>(), D, N, L};
+    build_rows<acc_t>(f, u.size(0), context_lens, start, k, distance, parent, order, flags, ckpt_offset, sizes);
+  });
+}
+
+// Grouped (Mamba-2) features: a (batch, G, C, L), b (batch, G, N, L).
+void build_grouped_tree(const at::Tensor& a, const at::Tensor& b, const at::Tensor& context_lens,
+                        const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
+                        at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes) {
+  const int G = a.size(1), C = a.size(2), L = a.size(3), N = b.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grootl_build_grouped_tree", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const grootl::GroupedFeatures<scalar_t, acc_t> f{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), G, C, N, L};
+    build_rows<acc_t>(f, a.size(0), context_lens, start, k, distance, parent, order, flags, ckpt_offset, sizes);
   });
 }
 
@@ -213,4 +245,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "tree scan forward (B, C as (batch, L, N))");
   m.def("backward", &backward, "tree scan backward (partial sums for dA, dB, dC)");
   m.def("build_tree", &build_tree, "minimum spanning tree of the token graph, rooted at L-1, and its plan");
+  m.def("build_grouped_tree", &build_grouped_tree, "build_tree from grouped (Mamba-2) features a_g (outer) b_g");
 }

@@ -10,9 +10,10 @@
 //             channels with shuffles, staged per warp in shared memory and summed over the block's warps
 //             every few nodes (fixed orders: deterministic) into the block's (L, N) partials, which the
 //             caller sums. H is recomputed from stack checkpoints every kChunk nodes.
-//   build:    per-position norms and neighbour dot products on a grid over positions; then one block per row:
-//             edge weights and tree_build.h's data-parallel phases (Borůvka, Euler tour ranked by pointer
-//             jumping, the tree's plan), a barrier between phases. No host round trip.
+//   build:    per-position norms and neighbour dot products of the features (Mamba-1's, or Mamba-2's grouped
+//             ones) on a grid over positions; then one block per row: edge weights and tree_build.h's
+//             data-parallel phases (Borůvka, Euler tour ranked by pointer jumping, the tree's plan), a barrier
+//             between phases. No host round trip.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
@@ -211,31 +212,16 @@ __global__ void __launch_bounds__(kBackwardThreads)
                              du + bd_pad * L, d_delta + bd_pad * L, dA + bd_pad * N, sink);
 }
 
-// aa[t] = |a[t]|^2, bb[t] = |B[:, t]|^2 and dots[t*k + j-1] = a[t] . a[t-j] (a = delta * u), each a PairwiseSum
-// over d like the CPU build, products unfused (same bits), one thread per position.
-template <typename scalar_t, typename acc_t>
-__global__ void feature_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* B, int D, int N, int L,
-                               int k, acc_t* norms, acc_t* dots) {
-  constexpr int kMaxK = 8;  // neighbours summed in registers; k above it is rare and takes more passes
-  const int t = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+// sq[t] = |X[t]|^2 and dots[t*k + j-1] = X[t] . X[t-j] (grootl::feature_dot: the CPU build's bits), one thread
+// per position of each row; features: row 0's (grootl::ScaledFeatures or grootl::GroupedFeatures).
+template <typename acc_t, typename Features>
+__global__ void feature_kernel(Features features, int k, acc_t* sq, acc_t* dots) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y, L = features.L;
   if (t >= L) return;
-  const scalar_t* u_b = u + (int64_t)b * D * L;
-  const scalar_t* delta_b = delta + (int64_t)b * D * L;
-  acc_t* dot = dots + ((int64_t)b * L + t) * k;
-  grootl::PairwiseSum<acc_t> aa;
-  for (int j0 = 1; j0 <= k; j0 += kMaxK) {
-    grootl::PairwiseSum<acc_t> sums[kMaxK];
-    for (int d = 0; d < D; ++d) {
-      const int64_t row = (int64_t)d * L;
-      const acc_t at = grootl::mul((acc_t)delta_b[row + t], (acc_t)u_b[row + t]);
-      if (j0 == 1) aa.add(grootl::mul(at, at));
-      for (int j = j0; j < j0 + kMaxK && j <= k && j <= t; ++j)
-        sums[j - j0].add(grootl::mul(at, grootl::mul((acc_t)delta_b[row + t - j], (acc_t)u_b[row + t - j])));
-    }
-    for (int j = j0; j < j0 + kMaxK && j <= k; ++j) dot[j - 1] = sums[j - j0].total();
-  }
-  norms[(int64_t)b * 2 * L + t] = aa.total();
-  norms[(int64_t)b * 2 * L + L + t] = grootl::norm_b<scalar_t, acc_t>(B + (int64_t)b * N * L, N, L, t);
+  const auto f = features.row(b);
+  const int64_t at = (int64_t)b * L + t;
+  sq[at] = grootl::feature_dot<acc_t>(f, t, t);
+  for (int j = 1; j <= k; ++j) dots[at * k + j - 1] = j <= t ? grootl::feature_dot<acc_t>(f, t, t - j) : acc_t(0);
 }
 
 // Phases on the threads of a block, a barrier after each (see SerialPar in tree_build.h).
@@ -288,30 +274,51 @@ __global__ void __launch_bounds__(kBuildThreads)
 }
 
 // One block per row: the edge weights, then tree_build.h's phases (spanning tree, Euler tour, rooting).
-template <typename scalar_t, typename acc_t>
+template <typename acc_t, typename Features>
 __global__ void __launch_bounds__(kBuildThreads)
-    build_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* B, const int64_t* context_lens,
-                 const int64_t* start, int D, int N, int L, int k, int distance, const acc_t* norms, const acc_t* dots,
-                 acc_t* weights, int32_t* ints, uint8_t* bytes, int64_t* parent, int64_t* order, uint8_t* flags,
-                 int32_t* ckpt_offset, int32_t* sizes) {
-  const int b = blockIdx.x;
-  const scalar_t* u_b = u + (int64_t)b * D * L;
-  const scalar_t* delta_b = delta + (int64_t)b * D * L;
-  const scalar_t* B_b = B + (int64_t)b * N * L;
-  const acc_t* aa = norms + (int64_t)b * 2 * L;
-  const acc_t* bb = aa + L;
+    build_kernel(Features features, const int64_t* context_lens, const int64_t* start, int k, int distance,
+                 const acc_t* sq, const acc_t* dots, acc_t* weights, int32_t* ints, uint8_t* bytes, int64_t* parent,
+                 int64_t* order, uint8_t* flags, int32_t* ckpt_offset, int32_t* sizes) {
+  const int b = blockIdx.x, L = features.L;
+  const auto f = features.row(b);
+  const acc_t* sq_b = sq + (int64_t)b * L;
+  const acc_t* dots_b = dots + (int64_t)b * L * k;
   acc_t* weight = weights + (int64_t)b * L * k;
   BlockPar par;
   par.each(L * k, [&](int e) {
     const int t = e / k, j = e % k + 1;
     if (grootl::edge_exists(t, j, L, context_lens[b], start[b]))
-      weight[e] = grootl::edge_weight(u_b, delta_b, B_b, D, N, L, t, j, aa, bb, dots[(int64_t)b * L * k + e], distance);
+      weight[e] = grootl::edge_weight(f, k, t, j, sq_b, dots_b, distance);
   });
   const auto scratch = grootl::build_scratch(ints + (int64_t)b * grootl::build_scratch_ints(L, k),
                                              bytes + (int64_t)b * L * k, L, k);
   grootl::build_row(par, weight, L, k, context_lens[b], start[b], scratch, parent + (int64_t)b * L,
                     order + (int64_t)b * L, flags + (int64_t)b * L,
                     ckpt_offset + (int64_t)b * (grootl::num_chunks(L) + 1), sizes + b * 3);
+}
+
+// The trees of a batch's rows from their features (row 0's) and their plans: features on a grid over positions,
+// then a block per row.
+template <typename acc_t, typename Features>
+void launch_build(const Features& features, int batch, const at::Tensor& like, const at::Tensor& context_lens,
+                  const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
+                  at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes) {
+  const int L = features.L;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto ints = at::empty({batch * grootl::build_scratch_ints(L, k)}, like.options().dtype(at::kInt));
+  auto bytes = at::empty({batch, L * k}, like.options().dtype(at::kByte));
+  const at::TensorOptions acc_opts = like.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor sq = at::empty({batch, L}, acc_opts), dots = at::empty({batch, L * k}, acc_opts),
+                   weights = at::empty({batch, L * k}, acc_opts);
+  GROOTL_LAUNCH(dim3((L + kFeatureThreads - 1) / kFeatureThreads, batch), kFeatureThreads, stream,
+                feature_kernel<acc_t, Features>)(features, (int)k, sq.data_ptr<acc_t>(), dots.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GROOTL_LAUNCH(batch, kBuildThreads, stream, build_kernel<acc_t, Features>)(
+      features, context_lens.data_ptr<int64_t>(), start.data_ptr<int64_t>(), (int)k, (int)distance,
+      sq.data_ptr<acc_t>(), dots.data_ptr<acc_t>(), weights.data_ptr<acc_t>(), ints.data_ptr<int32_t>(),
+      bytes.data_ptr<uint8_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
+      ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -417,27 +424,25 @@ void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Ten
                      at::Tensor parent, at::Tensor order, at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes) {
   CHECK_CUDA_INPUT(u);
   const c10::cuda::CUDAGuard guard(u.device());
-  const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(1);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  auto ints = at::empty({batch * grootl::build_scratch_ints(L, k)}, u.options().dtype(at::kInt));
-  auto bytes = at::empty({batch, L * k}, u.options().dtype(at::kByte));
+  const int D = u.size(1), L = u.size(2), N = B.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_build_tree_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_opts = u.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    auto norms = at::empty({batch, 2 * L}, acc_opts);
-    auto dots = at::empty({batch, L * k}, acc_opts);
-    auto weights = at::empty({batch, L * k}, acc_opts);
-    GROOTL_LAUNCH(dim3((L + kFeatureThreads - 1) / kFeatureThreads, batch), kFeatureThreads, stream,
-                  feature_kernel<scalar_t, acc_t>)(u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
-                                                   B.data_ptr<scalar_t>(), D, N, L, (int)k, norms.data_ptr<acc_t>(),
-                                                   dots.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    GROOTL_LAUNCH(batch, kBuildThreads, stream, build_kernel<scalar_t, acc_t>)(
-        u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), context_lens.data_ptr<int64_t>(),
-        start.data_ptr<int64_t>(), D, N, L, (int)k, (int)distance, norms.data_ptr<acc_t>(), dots.data_ptr<acc_t>(),
-        weights.data_ptr<acc_t>(), ints.data_ptr<int32_t>(), bytes.data_ptr<uint8_t>(), parent.data_ptr<int64_t>(),
-        order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(), ckpt_offset.data_ptr<int32_t>(),
-        sizes.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const grootl::ScaledFeatures<scalar_t, acc_t> f{u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+                                                    B.data_ptr<scalar_t>(), D, N, L};
+    launch_build<acc_t>(f, u.size(0), u, context_lens, start, k, distance, parent, order, flags, ckpt_offset, sizes);
+  });
+}
+
+void build_grouped_tree_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& context_lens,
+                             const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
+                             at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes) {
+  CHECK_CUDA_INPUT(a);
+  CHECK_CUDA_INPUT(b);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int G = a.size(1), C = a.size(2), L = a.size(3), N = b.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grootl_build_grouped_tree_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const grootl::GroupedFeatures<scalar_t, acc_t> f{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), G, C, N, L};
+    launch_build<acc_t>(f, a.size(0), a, context_lens, start, k, distance, parent, order, flags, ckpt_offset, sizes);
   });
 }

@@ -20,6 +20,9 @@ void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
 void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B,
                      const at::Tensor& context_lens, const at::Tensor& start, int64_t k, int64_t distance,
                      at::Tensor parent, at::Tensor order, at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes);
+void build_grouped_tree_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& context_lens,
+                             const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
+                             at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "GrootL tree scan, CUDA";
@@ -30,4 +33,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward_cuda, "tree scan forward (B, C as (batch, L, N))");
   m.def("backward", &backward_cuda, "tree scan backward (partial sums for dA, dB, dC)");
   m.def("build_tree", &build_tree_cuda, "minimum spanning tree of the token graph, rooted at L-1, and its plan");
+  m.def("build_grouped_tree", &build_grouped_tree_cuda, "build_tree from grouped (Mamba-2) features a_g (outer) b_g");
 }

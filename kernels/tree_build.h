@@ -3,7 +3,8 @@
 // slot [t, j-1]; ties in weight break towards the smaller id (a strict total order, so the tree is unique);
 // the order is the heavy-last DFS preorder (children by subtree size, the largest last, ties by position), as
 // graph.heavy_last_preorder; edge weights are formed in one defined order and compared on a grid, as
-// graph.edge_weights, so every path builds the same tree.
+// graph.grouped_edge_weights (Mamba-1's rank-one features are its one-group case), so every path builds the same
+// tree.
 //
 // The tree is built by data-parallel phases, `par.each(n, body)` over edges, nodes or directed edges: the
 // CPU runs them one after another on one thread (SerialPar), the GPU on the threads of a block with a barrier
@@ -63,17 +64,6 @@ struct PairwiseSum {
   }
 };
 
-// Squared norm over N of B[:, t] (B: (N, L)).
-template <typename scalar_t, typename acc_t>
-GROOTL_HD acc_t norm_b(const scalar_t* B, int N, int L, int t) {
-  PairwiseSum<acc_t> total;
-  for (int n = 0; n < N; ++n) {
-    const acc_t b = (acc_t)B[feature_index(n, L, t)];
-    total.add(mul(b, b));
-  }
-  return total.total();
-}
-
 // Weights are compared on a grid so that ties in real arithmetic stay ties whatever the rounding (see
 // grootl.tree.graph.quantize): cosine distances in steps of 2^-bits, the others to `bits` significant bits.
 template <typename acc_t>
@@ -89,13 +79,58 @@ GROOTL_HD acc_t quantize(acc_t w, int distance) {
   return mul((acc_t)rint(mul(m, pow2<acc_t>(bits))), pow2<acc_t>(e - bits));
 }
 
-// Weight of edge (s, t) from the dot products of its rank-one features X = a (outer) B (before quantize):
-// cosine distance, its norm clamp relative to the pair's own scale, or squared euclidean distance (same edge
-// order as euclidean), exactly zero within the rounding of its terms.
+// A row's features as G rank-one blocks: X[t] = (a_g[:, t] (outer) b_g[:, t] for g < G), a_g of C values and
+// b_g of N values per position, read (as acc_t) by a(g, c, t) and b(g, n, t). Mamba-1 has one block, a = delta * u
+// (ScaledFeatures); Mamba-2 has one per group of heads, a_g = dt * x over the group's heads (GroupedFeatures).
+// Made for row 0 of a batch laid out row after row; row(b) gives row b's.
+template <typename scalar_t, typename acc_t>
+struct ScaledFeatures {
+  const scalar_t* u;      // (D, L)
+  const scalar_t* delta;  // (D, L)
+  const scalar_t* B;      // (N, L)
+  int C, N, L;            // C = D
+  GROOTL_HD ScaledFeatures row(int64_t b) const { return {u + b * C * L, delta + b * C * L, B + b * N * L, C, N, L}; }
+  GROOTL_HD int groups() const { return 1; }
+  GROOTL_HD acc_t a(int, int c, int t) const {
+    const int64_t i = feature_index(c, L, t);
+    return mul((acc_t)delta[i], (acc_t)u[i]);
+  }
+  GROOTL_HD acc_t b(int, int n, int t) const { return (acc_t)B[feature_index(n, L, t)]; }
+};
+
+template <typename scalar_t, typename acc_t>
+struct GroupedFeatures {
+  const scalar_t* a_;  // (G, C, L)
+  const scalar_t* b_;  // (G, N, L)
+  int G, C, N, L;
+  GROOTL_HD GroupedFeatures row(int64_t b) const {
+    return {a_ + b * G * C * L, b_ + b * G * N * L, G, C, N, L};
+  }
+  GROOTL_HD int groups() const { return G; }
+  GROOTL_HD acc_t a(int g, int c, int t) const { return (acc_t)a_[feature_index(g * C + c, L, t)]; }
+  GROOTL_HD acc_t b(int g, int n, int t) const { return (acc_t)b_[feature_index(g * N + n, L, t)]; }
+};
+
+// X[t] . X[s] (s = t: the squared norm) without forming X: sum over g of (a_g[t] . a_g[s]) * (b_g[t] . b_g[s]),
+// each sum a PairwiseSum (over c, over n, then over g), as graph.grouped_edge_weights.
+template <typename acc_t, typename Features>
+GROOTL_HD acc_t feature_dot(const Features& f, int t, int s) {
+  PairwiseSum<acc_t> total;
+  for (int g = 0; g < f.groups(); ++g) {
+    PairwiseSum<acc_t> da, db;
+    for (int c = 0; c < f.C; ++c) da.add(mul(f.a(g, c, t), f.a(g, c, s)));
+    for (int n = 0; n < f.N; ++n) db.add(mul(f.b(g, n, t), f.b(g, n, s)));
+    total.add(mul(da.total(), db.total()));
+  }
+  return total.total();
+}
+
+// Weight of edge (s, t) from X[t] . X[s] and the squared norms (before quantize): cosine distance, its norm clamp
+// relative to the pair's own scale, or squared euclidean distance (same edge order as euclidean), exactly zero
+// within the rounding of its terms.
 template <typename acc_t>
-GROOTL_HD acc_t rank_one_weight(acc_t dot_a, acc_t dot_b, acc_t aa_t, acc_t aa_s, acc_t bb_t, acc_t bb_s,
-                                int distance) {
-  const acc_t dot = mul(dot_a, dot_b), sq_t = mul(aa_t, bb_t), sq_s = mul(aa_s, bb_s), total = sq_t + sq_s;
+GROOTL_HD acc_t dot_weight(acc_t dot, acc_t sq_t, acc_t sq_s, int distance) {
+  const acc_t total = sq_t + sq_s;
   if (distance == kCosine) {
     const acc_t prod = mul((acc_t)sqrt(sq_t), (acc_t)sqrt(sq_s)), floor = mul(pow2<acc_t>(-40), total);
     const acc_t den = prod > floor ? prod : floor;
@@ -105,29 +140,28 @@ GROOTL_HD acc_t rank_one_weight(acc_t dot_a, acc_t dot_b, acc_t aa_t, acc_t aa_s
   return sq > mul(total, pow2<acc_t>(-grid_bits<acc_t>())) ? sq : acc_t(0);
 }
 
-// Weight of edge (t - j, t) on the comparison grid: rank-one distances from dot products, manhattan summed over
-// (d, n), every sum a PairwiseSum (over n, then over d).
-template <typename scalar_t, typename acc_t>
-GROOTL_HD acc_t edge_weight(const scalar_t* u, const scalar_t* delta, const scalar_t* B, int D, int N, int L, int t,
-                            int j, const acc_t* aa, const acc_t* bb, acc_t da, int distance) {
+// Weight of edge (t - j, t) on the comparison grid. sq[t] = |X[t]|^2 and dots[t*k + j-1] = X[t] . X[t-j] (see
+// feature_dot) serve cosine and euclidean; manhattan is summed over (g, c, n), a PairwiseSum over n, then c, then g.
+template <typename acc_t, typename Features>
+GROOTL_HD acc_t edge_weight(const Features& f, int k, int t, int j, const acc_t* sq, const acc_t* dots, int distance) {
   const int s = t - j;
-  if (distance == kManhattan) {
-    PairwiseSum<acc_t> total;
-    for (int d = 0; d < D; ++d) {
-      const acc_t at = mul((acc_t)delta[feature_index(d, L, t)], (acc_t)u[feature_index(d, L, t)]);
-      const acc_t as = mul((acc_t)delta[feature_index(d, L, s)], (acc_t)u[feature_index(d, L, s)]);
+  if (distance != kManhattan)
+    return quantize(dot_weight(dots[(int64_t)t * k + j - 1], sq[t], sq[s], distance), distance);
+  PairwiseSum<acc_t> total;
+  for (int g = 0; g < f.groups(); ++g) {
+    PairwiseSum<acc_t> group;
+    for (int c = 0; c < f.C; ++c) {
+      const acc_t at = f.a(g, c, t), as = f.a(g, c, s);
       PairwiseSum<acc_t> row;
-      for (int n = 0; n < N; ++n) {
-        const acc_t diff = mul(at, (acc_t)B[feature_index(n, L, t)]) - mul(as, (acc_t)B[feature_index(n, L, s)]);
+      for (int n = 0; n < f.N; ++n) {
+        const acc_t diff = mul(at, f.b(g, n, t)) - mul(as, f.b(g, n, s));
         row.add(diff < 0 ? -diff : diff);
       }
-      total.add(row.total());
+      group.add(row.total());
     }
-    return quantize(total.total(), distance);
+    total.add(group.total());
   }
-  PairwiseSum<acc_t> db;
-  for (int n = 0; n < N; ++n) db.add(mul((acc_t)B[feature_index(n, L, t)], (acc_t)B[feature_index(n, L, s)]));
-  return quantize(rank_one_weight(da, db.total(), aa[t], aa[s], bb[t], bb[s], distance), distance);
+  return quantize(total.total(), distance);
 }
 
 // Order-preserving integer key of a weight; equal weights (+0 and -0 too) get equal keys.

@@ -8,6 +8,11 @@ inputs (called as the GrootL mixer calls them: ``check_values=False``), time and
     python scripts/bench_kernels.py --device cpu --out benchmarks/kernels_cpu.json
     python scripts/bench_kernels.py --device cuda --out benchmarks/kernels_gpu.json
 
+The Mamba-2 tree build (grouped features; native vs PyTorch, same run):
+
+    python scripts/bench_kernels.py --grouped mamba2-130m codestral-7b --lengths 512 2048 \
+        --out benchmarks/grouped_build_cpu.json
+
 Bytes model (no timing; see ``launches``): the bytes the CUDA kernels as launched today, and the casts and
 copies around them in grootl/tree/native.py, move per call against the minimum, and the threads each offers:
 
@@ -30,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
-from grootl.tree.graph import DISTANCES, stack_bound
+from grootl.tree.graph import DISTANCES, build_grouped_tree, stack_bound
 
 SIZES = {"130m": (1536, 16), "370m": (2048, 16)}  # Mamba d_inner, d_state
 
@@ -108,6 +113,29 @@ def bench_cpu(args):
             row["speedup_vs_torch"] = row["torch_s"] / row["native_s"]
             rows.append(row)
             print(format_row(row), flush=True)
+    return rows
+
+
+# Mamba-2 layouts of the grouped build: G, channels per group (heads per group x head dim), N
+GROUPED = {"mamba2-130m": (1, 1536, 128), "codestral-7b": (8, 1024, 128)}
+
+
+def bench_grouped_build(args):
+    """The Mamba-2 tree build (graph.build_grouped_tree) on the native kernel and on the PyTorch path, same run."""
+    rows = []
+    for name in args.grouped:
+        groups, c, n = GROUPED[name]
+        for batch in args.batch:
+            for length in args.lengths:
+                g = torch.Generator().manual_seed(0)
+                a, b = (torch.randn(batch, groups, m, length, generator=g).to(args.device) for m in (c, n))
+                context = torch.full((batch,), length // 2, device=args.device)
+                row = {"layout": name, "G": groups, "C": c, "N": n, "batch": batch, "L": length, "context": length // 2}
+                row["native_s"] = timed(lambda: build_grouped_tree(a, b, context), args.device, args.repeats)
+                row["torch_s"] = timed(lambda: torch_path(build_grouped_tree)(a, b, context), args.device, args.repeats)
+                row["speedup"] = row["torch_s"] / row["native_s"]
+                rows.append(row)
+                print(format_row(row), flush=True)
     return rows
 
 
@@ -266,9 +294,9 @@ def launches(batch: int, d: int, n: int, length: int, precision: str, ckpt_entri
     cast("build", "delta.to(dtype)", E, dt["delta"], ks)
     cast("build", "B.to(dtype).contiguous()", S, dt["B"], ks, copy=True)
     feature_threads = batch * -(-length // FEATURE_THREADS) * FEATURE_THREADS
-    add("build", "feature_kernel", 2 * E * ks + S * ks, T * (2 + K) * F32, feature_threads)
+    add("build", "feature_kernel", 2 * E * ks + S * ks, T * (1 + K) * F32, feature_threads)  # |X|^2, K dots
     scratch = batch * build_scratch_ints(length, K) * I32 + T * K  # counted once each way (Borůvka loops more)
-    add("build", "build_kernel", S * ks + T * (2 + K) * F32 + T * K * F32 + scratch,
+    add("build", "build_kernel", T * (1 + K) * F32 + T * K * F32 + scratch,
         T * K * F32 + scratch + plan_out, batch * BUILD_THREADS)
     # plan: a tree from elsewhere is checked (a thread per row), then planned (a block per row); one host sync
     add("plan", "check_kernel", 2 * T * I64 + 3 * T * I32, 3 * T * I32 + batch * I32, -(-batch // 64) * 64)
@@ -434,6 +462,8 @@ def main(argv=None):
     parser.add_argument("--bytes-only", action="store_true", help="only the CUDA kernels' bytes model (no timing)")
     parser.add_argument("--bytes-batch", type=int, nargs="+", default=[1, 8], help="batches of the bytes model")
     parser.add_argument("--bytes-lengths", type=int, nargs="+", default=[2048, 8192], help="lengths of the bytes model")
+    parser.add_argument("--grouped", nargs="+", choices=sorted(GROUPED), default=None,
+                        help="time only the Mamba-2 grouped tree build of these layouts, native vs PyTorch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.lengths is None:
@@ -446,9 +476,11 @@ def main(argv=None):
     extra = {"bytes_model": {"rules": BYTES_RULES, "misses": BYTES_MISSES, "verdict": verdict, "rows": bytes_rows}}
     if args.bytes_only:
         rows = []
+    elif not native.available(args.device):
+        raise SystemExit(f"no native kernels for {args.device} (see the warning above)")
+    elif args.grouped:
+        rows = bench_grouped_build(args)
     else:
-        if not native.available(args.device):
-            raise SystemExit(f"no native kernels for {args.device} (see the warning above)")
         rows, timing_extra = (bench_cpu(args), {}) if args.device == "cpu" else bench_cuda(args)
         extra |= timing_extra
     meta = {

@@ -15,7 +15,7 @@ from transformers.models.mamba2 import modeling_mamba2
 from grootl.tree import NonFiniteInputError, Tree, build_tree, edge_weights
 from grootl.tree import graph
 from grootl.tree import mamba2 as m2
-from test_native import preorder
+from test_native import allowed_edges, kruskal_edges, preorder, tree_edges
 
 F64 = torch.float64
 
@@ -78,12 +78,6 @@ def kruskal_weight(weights, length, allowed):
             root[a] = b
             total += weights[(lo, hi)]
     return total
-
-
-def allowed_edges(length, context_len, start, k=3):
-    edges = [(t - 1, t) for t in range(1, length)]
-    edges += [(t - j, t) for t in range(length) for j in range(2, k + 1) if t - j >= start and t < context_len]
-    return edges
 
 
 @pytest.mark.parametrize("groups,n", [(1, 5), (2, 3), (4, 128)])
@@ -216,6 +210,26 @@ def test_bad_inputs_name_the_problem():
         m2.build_tree(bad, dt, B, torch.tensor([6, 6]))
 
 
+def test_grouped_build_bad_inputs_name_the_problem():
+    a, b, ctx = torch.randn(2, 3, 4, 6), torch.randn(2, 3, 5, 6), torch.tensor([6, 6])
+    with pytest.raises(ValueError, match=r"^a must be a 4-D tensor, got shape 3x4x6$"):
+        graph.build_grouped_tree(a[0], b, ctx)
+    with pytest.raises(ValueError, match=r"b must be \(batch, G, N, L\) = \(2, 3, N, 6\) to match a 2x3x4x6; got 2x2x5"):
+        graph.build_grouped_tree(a, b[:, :2], ctx)
+    with pytest.raises(ValueError, match="got 2x3x5x5"):
+        graph.build_grouped_tree(a, b[..., :5], ctx)
+    with pytest.raises(ValueError, match="b must be a floating tensor"):
+        graph.build_grouped_tree(a, b.long(), ctx)
+    with pytest.raises(ValueError, match=r"context_lens must have shape \(2,\)"):
+        graph.build_grouped_tree(a, b, ctx[:1])
+    with pytest.raises(ValueError, match="distance must be one of"):
+        graph.build_grouped_tree(a, b, ctx, distance="cos")
+    bad = b.clone()
+    bad[1, 2, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteInputError, match=r"b contains NaN or inf \(shape 2x3x5x6\)"):
+        graph.build_grouped_tree(a, bad, ctx)
+
+
 def tie_inputs(dtype, groups, length=40, heads=6, head_dim=2, n=4, seed=0):
     """Rows whose edge weights tie in real arithmetic, the same numbers in every dtype (made in bfloat16):
     repeated tokens (four (x, dt, B) triples), x proportional to one vector (power-of-two factors of either
@@ -235,41 +249,6 @@ def tie_inputs(dtype, groups, length=40, heads=6, head_dim=2, n=4, seed=0):
     return [torch.stack([r[i] for r in rows]).to(torch.bfloat16).to(dtype) for i in range(3)]
 
 
-def kruskal_edges(x, dt, B, context_len, distance):
-    """The minimum spanning tree's edges by Kruskal on distances of X built in full in float64, rounded to nine
-    significant digits (so ties in real arithmetic tie here), ties broken towards the smaller edge id."""
-    X = full_X(x[None], dt[None], B[None]).flatten(2)[0]
-    length = X.shape[0]
-
-    def weight(lo, hi):
-        a, b = X[hi], X[lo]
-        if distance == "cosine":
-            w = 1 - float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-300))
-        else:
-            w = float((a - b).square().sum() if distance == "euclidean" else (a - b).abs().sum())
-        return float(f"{w:.9e}")
-
-    allowed = allowed_edges(length, context_len, 0)
-    root = list(range(length))
-
-    def find(v):
-        while root[v] != v:
-            v = root[v]
-        return v
-
-    chosen = set()
-    for lo, hi in sorted(allowed, key=lambda e: (weight(*e), e[1] * 3 + (e[1] - e[0] - 1))):
-        a, b = find(lo), find(hi)
-        if a != b:
-            root[a] = b
-            chosen.add((lo, hi))
-    return chosen
-
-
-def tree_edges(parent):
-    return {(min(v, p), max(v, p)) for v, p in enumerate(parent.tolist()) if p >= 0}
-
-
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
 @pytest.mark.parametrize("groups", [1, 3])
 def test_ties_give_one_tree_in_every_dtype(groups, distance):
@@ -282,7 +261,8 @@ def test_ties_give_one_tree_in_every_dtype(groups, distance):
         assert torch.equal(tree.parent, trees[0].parent) and torch.equal(tree.order, trees[0].order)
     x, dt, B = tie_inputs(F64, groups)
     for row in range(3):  # the tiny row's exact weights are below nine digits' reach for the sums
-        assert tree_edges(trees[0].parent[row]) == kruskal_edges(x[row], dt[row], B[row], 40, distance), row
+        X = full_X(x[row : row + 1], dt[row : row + 1], B[row : row + 1]).flatten(2)[0]
+        assert tree_edges(trees[0].parent[row]) == kruskal_edges(X, 40, 0, distance), row
     if distance == "cosine":
         assert torch.equal(trees[0].parent[3], trees[0].parent[0]), "tiny features changed the tree"
     assert not torch.equal(trees[0].parent[0], Tree.chain(1, 40).parent[0]), "the test needs a tree other than the chain"

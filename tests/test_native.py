@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
+from grootl.tree import Tree, build_tree, graph, native, tree_scan, tree_scan_ref
 from grootl.tree.graph import heavy_last_preorder
 from scan_inputs import random_inputs
 
@@ -270,6 +271,13 @@ def test_public_api_dispatches_to_native(cpu_kernels, monkeypatch):
     assert calls == ["_build_tree", "_tree_scan"]
     torch.testing.assert_close(torch_path(tree_scan, u, delta, A, B, C, tree), y)
     assert calls == ["_build_tree", "_tree_scan"], "GROOTL_NATIVE=0 must take the PyTorch path"
+    a, b = grouped_inputs(F32, 2)
+    monkeypatch.setattr(native, "_build_grouped_tree", lambda *a, _real=native._build_grouped_tree:
+                        calls.append("_build_grouped_tree") or _real(*a))
+    grouped = graph.build_grouped_tree(a, b, torch.full((6,), 40))
+    assert calls[2:] == ["_build_grouped_tree"]
+    assert torch.equal(torch_path(graph.build_grouped_tree, a, b, torch.full((6,), 40)).parent, grouped.parent)
+    assert calls[2:] == ["_build_grouped_tree"], "GROOTL_NATIVE=0 must take the PyTorch path"
 
 
 def test_native_disabled_by_env(monkeypatch):
@@ -471,6 +479,101 @@ def test_cpu_ties_give_one_tree(cpu_kernels, distance):
     check_ties_give_one_tree("cpu", distance)
 
 
+def grouped_inputs(dtype, groups, length=40, c=5, n=4, seed=0):
+    """Grouped features a (6, G, c, L), b (6, G, n, L), the same numbers in every dtype (made in bfloat16). Rows 0-3
+    have weights that tie in real arithmetic: repeated tokens (four (a, b) pairs), a proportional to one vector
+    (power-of-two factors of either sign), zero a amid random ones, and the repeated tokens with a scaled by 2^-30
+    (tiny features); rows 4-5 are random."""
+    g = torch.Generator().manual_seed(seed)
+    a0, b0 = torch.randn(groups, c, 4, generator=g), torch.randn(groups, n, 4, generator=g)
+    token = torch.randint(0, 4, (length,), generator=g)
+    repeated = [a0[..., token], b0[..., token]]
+    scale = 2.0 ** torch.randint(-3, 4, (length,), generator=g) * (torch.randint(0, 2, (length,), generator=g) * 2 - 1)
+    proportional = [a0[..., :1] * scale, b0[..., :1].expand(-1, -1, length)]
+    zeros = [torch.randn(groups, c, length, generator=g), torch.randn(groups, n, length, generator=g)]
+    zeros[0][..., torch.rand(length, generator=g) < 0.5] = 0
+    tiny = [repeated[0] * 2.0**-30, repeated[1]]
+    rows = [repeated, proportional, zeros, tiny] + [
+        [torch.randn(groups, c, length, generator=g), torch.randn(groups, n, length, generator=g)] for _ in range(2)]
+    return [torch.stack([r[i] for r in rows]).to(torch.bfloat16).to(dtype) for i in range(2)]
+
+
+GROUPED_CONTEXT, GROUPED_START = torch.tensor([40, 40, 40, 40, 40, 25]), torch.tensor([0, 0, 0, 0, 0, 3])
+
+
+def allowed_edges(length, context_len, start, k=3):
+    """The token graph's edges (lo, hi) of one row."""
+    edges = [(t - 1, t) for t in range(1, length)]
+    return edges + [(t - j, t) for t in range(length) for j in range(2, k + 1) if t - j >= start and t < context_len]
+
+
+def exact_weight(X, lo, hi, distance):
+    """The distance of two rows of features X built in full, in float64."""
+    a, b = X[hi].double(), X[lo].double()
+    if distance == "cosine":
+        return 1 - float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-300))
+    return float((a - b).square().sum() if distance == "euclidean" else (a - b).abs().sum())
+
+
+def kruskal_edges(X, context_len, start, distance, k=3):
+    """Kruskal's minimum spanning tree of one row of features X (L, features) built in full, weights in float64
+    rounded to nine significant digits (so ties in real arithmetic tie here), ties towards the smaller edge id."""
+    length = X.shape[0]
+    root = list(range(length))
+
+    def find(v):
+        while root[v] != v:
+            v = root[v]
+        return v
+
+    chosen = set()
+    weight = {e: float(f"{exact_weight(X, *e, distance):.9e}") for e in allowed_edges(length, context_len, start, k)}
+    for lo, hi in sorted(weight, key=lambda e: (weight[e], e[1] * k + (e[1] - e[0] - 1))):
+        ra, rb = find(lo), find(hi)
+        if ra != rb:
+            root[ra] = rb
+            chosen.add((lo, hi))
+    return chosen
+
+
+def tree_edges(parent):
+    return {(min(v, p), max(v, p)) for v, p in enumerate(parent.tolist()) if p >= 0}
+
+
+def check_grouped_tree(device, groups, distance):
+    """graph.build_grouped_tree on ``device``'s native kernel equals the PyTorch build in fp64, fp32 and bf16; tie
+    rows give one tree in every dtype, Kruskal's (tiny features: their unscaled twin's); random rows give Kruskal's
+    tree in fp64 and a tree within the comparison grid of its weight in the others."""
+    trees = []
+    for dtype in (F64, F32, torch.bfloat16):
+        a, b = grouped_inputs(dtype, groups)
+        on = [x.to(device) for x in (a, b, GROUPED_CONTEXT, GROUPED_START)]
+        ours = graph.build_grouped_tree(*on[:3], distance=distance, start=on[3])
+        assert isinstance(ours.plan().payload, native._Plan), "the tree did not come from the kernel"
+        theirs = torch_path(graph.build_grouped_tree, a, b, GROUPED_CONTEXT, distance=distance, start=GROUPED_START)
+        assert torch.equal(ours.parent.cpu(), theirs.parent) and torch.equal(ours.order.cpu(), theirs.order), dtype
+        trees.append(theirs.parent)
+    assert all(torch.equal(t[:4], trees[0][:4]) for t in trees), "ties resolved differently across dtypes"
+    a, b = grouped_inputs(F64, groups)
+    X = (a[:, :, :, None] * b[:, :, None]).flatten(1, 3).transpose(1, 2)  # (6, L, G·c·n)
+    for row in (0, 1, 2, 4, 5):  # the tiny row's exact weights are below nine digits' reach for the sums
+        want = kruskal_edges(X[row], int(GROUPED_CONTEXT[row]), int(GROUPED_START[row]), distance)
+        assert tree_edges(trees[0][row]) == want, row
+        for tree in trees[1:]:  # rounding may reorder random weights closer than the fp32 comparison grid
+            weight = sum(exact_weight(X[row], *e, distance) for e in tree_edges(tree[row]))
+            best = sum(exact_weight(X[row], *e, distance) for e in want)
+            assert weight <= best + 40 * 2.0**-14 * max(1.0, abs(best)), row
+    if distance == "cosine":
+        assert torch.equal(trees[0][3], trees[0][0]), "tiny features changed the tree"
+    assert not torch.equal(trees[0][0], Tree.chain(1, 40).parent[0]), "the test needs a tree other than the chain"
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+@pytest.mark.parametrize("groups", [2, 3])
+def test_cpu_grouped_tree_equals_torch_and_kruskal(cpu_kernels, groups, distance):
+    check_grouped_tree("cpu", groups, distance)
+
+
 def check_runs_identical(device, shape):
     batch, d, n, length = shape
     inputs = random_inputs(batch, d, n, length, F32, seed=5, device=device)
@@ -507,6 +610,10 @@ def test_emulated_cuda_tree_equals_cpu_tree(emulated_cuda, distance, k):
 
 def test_emulated_cuda_ties_give_one_tree(emulated_cuda):  # one distance: the others share its code path
     check_ties_give_one_tree(emulated_cuda, "cosine")
+
+
+def test_emulated_cuda_grouped_tree_equals_torch_and_kruskal(emulated_cuda):  # the distances share the host code
+    check_grouped_tree(emulated_cuda, 3, "cosine")
 
 
 @pytest.mark.parametrize("length", [1, 33, 150])
@@ -581,11 +688,28 @@ def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch, autoca
     assert served, "the model never reached the native kernels"
 
 
-def test_gpu_benchmark_runs_on_the_emulated_extension(emulated_cuda, monkeypatch):
-    """A smoke run of scripts/bench_kernels.py's GPU part, so a GPU session does not find its bugs."""
+def bench_kernels():
+    """scripts/bench_kernels.py as a module."""
     spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_grouped_build_benchmark_runs(cpu_kernels, monkeypatch, tmp_path):
+    """A smoke run of scripts/bench_kernels.py --grouped on a tiny layout."""
+    bench = bench_kernels()
+    monkeypatch.setitem(bench.GROUPED, "tiny", (3, 8, 4))
+    out = tmp_path / "grouped.json"
+    argv = ["--grouped", "tiny", "--lengths", "40", "--batch", "2", "--repeats", "1", "--bytes-lengths", "64"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["G"], row["C"], row["N"], row["L"]) == (3, 8, 4, 40) and row["native_s"] > 0 and row["torch_s"] > 0
+
+
+def test_gpu_benchmark_runs_on_the_emulated_extension(emulated_cuda, monkeypatch):
+    """A smoke run of scripts/bench_kernels.py's GPU part, so a GPU session does not find its bugs."""
+    bench = bench_kernels()
     monkeypatch.setitem(bench.SIZES, "tiny", (32, 16))
     args = argparse.Namespace(sizes=["tiny"], batch=[1], lengths=[33], repeats=1)
     (row,), extra = bench.bench_cuda(args, device=emulated_cuda)
@@ -624,6 +748,13 @@ def test_cuda_tree_equals_cpu_tree(distance):
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
 def test_cuda_ties_give_one_tree(distance):
     check_ties_give_one_tree("cuda", distance)
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_cuda_grouped_tree_equals_torch_and_kruskal(distance):
+    check_grouped_tree("cuda", 3, distance)
 
 
 @CUDA

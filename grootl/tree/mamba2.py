@@ -8,9 +8,11 @@ of G, head h reads group ``g(h) = h // (H // G)``. Per row, head h, head-dim p a
 2. The graph of ``grootl.tree.graph`` (chain, plus ``(t-j, t)`` for ``2 <= j <= k`` inside the prompt);
    edge weight = distance of the two positions' X flattened over (h, p, n). Per group X is rank 1
    (``a_g ⊗ B_g`` with ``a_g = dt·x`` over the group's heads), so ``X·X' = Σ_g (a_g·a'_g)(B_g·B'_g)``
-   and the norms likewise: X is never built (except for the manhattan distance, chunked). The sums, the
-   cosine's relative norm clamp and the comparison grid are graph's, so ties in real arithmetic (repeated
-   tokens, proportional or zero features) give one tree in every dtype.
+   and the norms likewise: X is never built (the manhattan distance sums |X - X'| entry by entry, in
+   chunks of positions on the PyTorch path). The sums, the cosine's relative norm clamp and the comparison
+   grid are graph's (:func:`grootl.tree.graph.build_grouped_tree`; the native kernels form them in the same
+   order), so ties in real arithmetic (repeated tokens, proportional or zero features) give one tree in
+   every dtype, on every path.
 3. The same minimum spanning tree rooted at ``L - 1``; ``H[v] = X[v] + Σ_children Ā[c+1]·H[c]``;
    ``y_tree[t,h,p] = Σ_n C[t,g(h),n]·H[t,h,p,n]``. A mixer adds ``λ·y_tree`` to its chain output
    before its D skip, gate and norm; after the prompt one state decodes:
@@ -93,11 +95,10 @@ def build_tree(
     context_lens: (batch,) prompt length per row in [0, L]; start: optional (batch,) left-padding count,
     kept out of the k-neighbour edges. Not differentiable. ``check_values=False`` skips the checks that
     read values (finite inputs, lengths in range), as in :func:`grootl.tree.build_tree`.
-    With one group X is rank 1 over (h, p, n) and :func:`grootl.tree.build_tree` (native kernels
-    included) builds the tree from ``dt·x`` and B directly; with more, the weights of :func:`edge_weights`
-    give the same tree (:func:`grootl.tree.graph.spanning_tree`), in plain PyTorch.
+    Built by :func:`grootl.tree.graph.build_grouped_tree` from ``dt·x`` and B per group (native kernels
+    included, for any number of groups); with one group this is :func:`grootl.tree.build_tree`'s tree.
     """
-    batch, length, _, _, groups, _ = check_features(x, dt, B)
+    batch, length, _, _, _, _ = check_features(x, dt, B)
     check_tree_settings(k, distance)
     check_values = check_values and not torch.compiler.is_compiling()
     if check_values:
@@ -105,10 +106,7 @@ def build_tree(
     context_lens, start = check_prompt(context_lens, start, batch, length, x.device, check_values)
     with torch.no_grad():
         a, b = _group_features(x, dt, B)
-        if groups == 1:
-            return graph.build_tree(a[:, 0], torch.ones_like(a[:, 0]), b[:, 0], context_lens, k, distance, start,
-                                    check_values=False)
-        return graph.spanning_tree(graph.grouped_edge_weights(a, b, k, distance), context_lens, start)
+        return graph.build_grouped_tree(a, b, context_lens, k, distance, start, check_values=False)
 
 
 def tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False,

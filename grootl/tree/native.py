@@ -233,23 +233,47 @@ def _bounds(ext: ModuleType, length: int) -> list[int]:
     return [stack_bound(length), stack_bound(length), -(-length // ext.chunk_size()) * stack_bound(length)]
 
 
+def _build_shapes(ext: ModuleType, batch: int, length: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """A build's outputs: parent, order (the heavy-last preorder) and the tree's plan (flags, ckpt_offset, sizes)."""
+    return [((batch, length), torch.long)] * 2 + _plan_shapes(ext, batch, length)
+
+
+def _build_outputs(ext: ModuleType, batch: int, length: int, device: torch.device) -> list[Tensor]:
+    return [_alloc(*shape, dtype=dt, device=device) for shape, dt in _build_shapes(ext, batch, length)]
+
+
+def _fake_outputs(like: Tensor, batch: int, length: int) -> tuple[Tensor, ...]:
+    return tuple(like.new_empty(shape, dtype=dt) for shape, dt in _build_shapes(_kernel(like.device), batch, length))
+
+
 @torch.library.custom_op("grootl::build_tree", mutates_args=())
 def _build_op(u: Tensor, delta: Tensor, B: Tensor, context_lens: Tensor, start: Tensor, k: int, distance: int
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """parent, order (the heavy-last preorder) and the tree's plan (flags, ckpt_offset, sizes)."""
     ext = _kernel(u.device)
-    batch, _, length = u.shape
-    parent, order = (_alloc(batch, length, dtype=torch.long, device=u.device) for _ in range(2))
-    plan = [_alloc(*shape, dtype=dt, device=u.device) for shape, dt in _plan_shapes(ext, batch, length)]
-    ext.build_tree(u, delta, B, context_lens, start, k, distance, parent, order, *plan)
-    return parent, order, *plan
+    out = _build_outputs(ext, u.shape[0], u.shape[2], u.device)
+    ext.build_tree(u, delta, B, context_lens, start, k, distance, *out)
+    return tuple(out)
 
 
 @_build_op.register_fake
 def _(u, delta, B, context_lens, start, k, distance):
-    batch, _, length = u.shape
-    tree = [u.new_empty(batch, length, dtype=torch.long) for _ in range(2)]
-    return *tree, *(u.new_empty(shape, dtype=dt) for shape, dt in _plan_shapes(_kernel(u.device), batch, length))
+    return _fake_outputs(u, u.shape[0], u.shape[2])
+
+
+@torch.library.custom_op("grootl::build_grouped_tree", mutates_args=())
+def _build_grouped_op(a: Tensor, b: Tensor, context_lens: Tensor, start: Tensor, k: int, distance: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As grootl::build_tree, from grouped features a (batch, G, C, L), b (batch, G, N, L)."""
+    ext = _kernel(a.device)
+    out = _build_outputs(ext, a.shape[0], a.shape[3], a.device)
+    ext.build_grouped_tree(a, b, context_lens, start, k, distance, *out)
+    return tuple(out)
+
+
+@_build_grouped_op.register_fake
+def _(a, b, context_lens, start, k, distance):
+    return _fake_outputs(a, a.shape[0], a.shape[3])
 
 
 @torch.library.custom_op("grootl::plan", mutates_args=())
@@ -418,9 +442,26 @@ def build_tree(
 def _build_tree(u, delta, B, context_lens: Tensor, k: int, distance: str, start: Tensor | None) -> Tree:
     """:func:`build_tree` on checked inputs (the dispatch in grootl.tree.graph lands here)."""
     dt = _scan_dtype(u, delta, B, B)
-    start = torch.zeros_like(context_lens) if start is None else start
-    plan = _Plan(*torch.ops.grootl.build_tree(*(x.detach().to(dt).contiguous() for x in (u, delta, B)),
-                                              context_lens.contiguous(), start.contiguous(), k, DISTANCES.index(distance)))
+    return _built(torch.ops.grootl.build_tree(*(x.detach().to(dt).contiguous() for x in (u, delta, B)),
+                                              *_prompt(context_lens, start), k, DISTANCES.index(distance)))
+
+
+def _build_grouped_tree(a: Tensor, b: Tensor, context_lens: Tensor, k: int, distance: str, start: Tensor | None
+                        ) -> Tree:
+    """:func:`grootl.tree.graph.build_grouped_tree` on checked inputs, on the native kernel of the tensors' device."""
+    dt = a.dtype if b.dtype == a.dtype else work_dtype(a)
+    return _built(torch.ops.grootl.build_grouped_tree(*(x.detach().to(dt).contiguous() for x in (a, b)),
+                                                      *_prompt(context_lens, start), k, DISTANCES.index(distance)))
+
+
+def _prompt(context_lens: Tensor, start: Tensor | None) -> tuple[Tensor, Tensor]:
+    """context_lens and start (zeros when None) as the build ops take them."""
+    return context_lens.contiguous(), (torch.zeros_like(context_lens) if start is None else start).contiguous()
+
+
+def _built(outputs: tuple[Tensor, ...]) -> Tree:
+    """The Tree of a build op's outputs, carrying their plan."""
+    plan = _Plan(*outputs)
     tree = Tree(plan.parent, plan.order)
     if not torch.compiler.is_compiling():
         tree.remember(plan.order, plan)

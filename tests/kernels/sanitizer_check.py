@@ -23,7 +23,7 @@ os.environ.pop("LD_PRELOAD", None)  # this process keeps the sanitizer; the comp
 import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
-from grootl.tree import build_tree, native, tree_scan_ref  # noqa: E402
+from grootl.tree import build_tree, graph, native, tree_scan_ref  # noqa: E402
 from scan_inputs import random_inputs  # noqa: E402
 
 # N=16 (16 lanes), N=64 (32 lanes x 2), N=5 (idle lanes); D not a multiple of a block's channels
@@ -42,7 +42,8 @@ def extension(sanitizer: str, build_dir: Path):
 
 
 def run(device: str) -> None:
-    """Build trees on the device, plan trees made elsewhere, and scan forward and backward."""
+    """Build trees on the device (from Mamba-1 and grouped features), plan trees made elsewhere, and scan forward
+    and backward."""
     for batch, d, n, length in SHAPES:
         u, delta, A, B, C = random_inputs(batch, d, n, length, torch.float32, seed=length, device=device)
         context = torch.tensor([length // 2, length], device=device)[:batch]
@@ -51,6 +52,11 @@ def run(device: str) -> None:
         torch_tree = build_tree(u, delta, B, context)  # no plan: the check and plan kernels make it
         del os.environ["GROOTL_NATIVE"]
         assert torch.equal(device_tree.parent, torch_tree.parent), "device tree != torch tree"
+        a, b = torch.stack([u, delta], 1), torch.stack([B, B.flip(-1)], 1)  # two groups
+        grouped = graph.build_grouped_tree(a, b, context)
+        os.environ["GROOTL_NATIVE"] = "0"
+        assert torch.equal(grouped.parent, graph.build_grouped_tree(a, b, context).parent), "grouped: device != torch"
+        del os.environ["GROOTL_NATIVE"]
         for tree in (device_tree, torch_tree):
             leaves = [x.clone().requires_grad_() for x in (u, delta, A, B, C)]
             native.tree_scan(*leaves, tree).square().sum().backward()

@@ -46,9 +46,9 @@ def build_tree(u: Tensor, delta: Tensor, B: Tensor, context_lens: Tensor, k: int
                start: Tensor | None = None) -> Tree:
     """The minimum spanning tree of each row under :func:`edge_weights`, rooted at ``L - 1``; context_lens and
     start (batch,) as in :func:`grootl.tree.build_tree`, already checked (the model checks them once per
-    forward). Not differentiable."""
+    forward). Not differentiable; native kernels where they serve the device (:func:`graph.build_grouped_tree`)."""
     with torch.no_grad():
-        return graph.spanning_tree(edge_weights(u, delta, B, k, distance), context_lens, start)
+        return graph.build_grouped_tree(delta * u, B, context_lens, k, distance, start, check_values=False)
 
 
 class GrootLZambaMixerBase:

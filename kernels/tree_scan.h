@@ -418,19 +418,21 @@ namespace grootl {
 //     y[t] = C[t, :] . (h[t] + lam * H[t]),   h[t] = a(t) * h[t-1] + X[t]   (the chain)
 // with H the tree scan above. Both share a channel's discretisation a(t) = exp(delta[t] * A), computed once
 // per pass into a table, and keep whole-sequence buffers per channel instead of stacks and checkpoints:
-// O(L * N) scratch per thread (a CPU holds a few), any DFS preorder from the root L-1, no plan.
+// O(L * N) scratch per thread (a CPU holds a few), any DFS preorder from the root L-1, no plan. With lam == 0
+// the tree is skipped (parent and order unread): the chain scan alone.
 // Scratch in units of L * N: a table, H, and for the backward the chain's h and the tree's G.
 constexpr int kChainTreeForwardBuffers = 2;
 constexpr int kChainTreeBackwardBuffers = 4;
 
-// a[t * N + n] = exp(delta[t] * A[n]) and H[v * N + n] the tree scan's states.
+// a[t * N + n] = exp(delta[t] * A[n]) and, with the tree, H[v * N + n] the tree scan's states.
 template <typename scalar_t, typename acc_t>
-GROOTL_HD void chain_tree_states(const Channel<scalar_t, acc_t>& ch, acc_t* a, acc_t* H) {
+GROOTL_HD void chain_tree_states(const Channel<scalar_t, acc_t>& ch, bool tree, acc_t* a, acc_t* H) {
   const int L = ch.L, N = ch.N;
   for (int t = 0; t < L; ++t) {
     const acc_t dt = (acc_t)ch.delta[t];
     for (int n = 0; n < N; ++n) a[(int64_t)t * N + n] = fast_exp(dt * ch.A[n]);
   }
+  if (!tree) return;
   for (int64_t i = 0; i < (int64_t)L * N; ++i) H[i] = 0;
   for (int i = L - 1; i >= 0; --i) {  // leaves to root: a node's children are done before it
     const int64_t v = ch.order[i], p = ch.parent[v];
@@ -455,7 +457,8 @@ GROOTL_HD void chain_tree_forward(const Channel<scalar_t, acc_t>& ch, acc_t lam,
   acc_t* a = scratch;
   acc_t* H = a + (int64_t)L * N;
   acc_t* h = H + (int64_t)L * N;
-  chain_tree_states(ch, a, H);
+  const bool tree = lam != acc_t(0);
+  chain_tree_states(ch, tree, a, H);
   for (int n = 0; n < N; ++n) h[n] = 0;
   for (int t = 0; t < L; ++t) {
     const acc_t x = (acc_t)ch.delta[t] * (acc_t)ch.u[t];
@@ -466,12 +469,12 @@ GROOTL_HD void chain_tree_forward(const Channel<scalar_t, acc_t>& ch, acc_t lam,
     acc_t out = 0;
     for (int n = 0; n < N; ++n) {
       h[n] = at[n] * h[n] + x * (acc_t)Bt[n];
-      out += (acc_t)Ct[n] * (h[n] + lam * Ht[n]);
+      out += (acc_t)Ct[n] * (tree ? h[n] + lam * Ht[n] : h[n]);
     }
     y[t] = (scalar_t)out;
   }
   if (state != nullptr)
-    for (int n = 0; n < N; ++n) state[n] = h[n] + lam * H[(int64_t)(L - 1) * N + n];
+    for (int n = 0; n < N; ++n) state[n] = tree ? h[n] + lam * H[(int64_t)(L - 1) * N + n] : h[n];
 }
 
 // Backward of chain_tree_forward. gy (L); g_state (N) or null. Writes du (L), d_delta (L, acc_t) and dA (N);
@@ -488,7 +491,8 @@ GROOTL_HD void chain_tree_backward(const Channel<scalar_t, acc_t>& ch, acc_t lam
   acc_t* h = H + LN;   // the chain's states, by position
   acc_t* G = h + LN;   // d loss / d H (through lam * y and the tree), by node
   acc_t* gh = G + LN;  // d loss / d h of the position being visited
-  chain_tree_states(ch, a, H);
+  const bool tree = lam != acc_t(0);
+  chain_tree_states(ch, tree, a, H);
   for (int t = 0; t < L; ++t) {
     const acc_t x = (acc_t)ch.delta[t] * (acc_t)ch.u[t];
     const scalar_t* Bt = ch.B + (int64_t)t * N;
@@ -497,7 +501,7 @@ GROOTL_HD void chain_tree_backward(const Channel<scalar_t, acc_t>& ch, acc_t lam
     acc_t* ht = h + (int64_t)t * N;
     for (int n = 0; n < N; ++n) ht[n] = (t > 0 ? at[n] * prev[n] : acc_t(0)) + x * (acc_t)Bt[n];
   }
-  for (int i = 0; i < L; ++i) {  // root to leaves: G[v] = lam * gy[v] * C[v] + a(v + 1) * G[parent]
+  for (int i = 0; tree && i < L; ++i) {  // root to leaves: G[v] = lam * gy[v] * C[v] + a(v + 1) * G[parent]
     const int64_t v = ch.order[i], p = ch.parent[v];
     const acc_t g = lam * (acc_t)gy[v];
     const scalar_t* Cv = ch.C + v * N;
@@ -525,18 +529,18 @@ GROOTL_HD void chain_tree_backward(const Channel<scalar_t, acc_t>& ch, acc_t lam
     acc_t gx = 0;  // d loss / d (delta[t] * u[t])
     for (int n = 0; n < N; ++n) {
       gh[n] = gyt * (acc_t)Ct[n] + (t < L - 1 ? next[n] * gh[n] : gh[n]);
-      const acc_t gX = gh[n] + Gt[n];
+      const acc_t gX = tree ? gh[n] + Gt[n] : gh[n];
       gx += gX * (acc_t)Bt[n];
-      sink.add(n, n, t, gX * x, gyt * (ht[n] + lam * Ht[n]));
+      sink.add(n, n, t, gX * x, gyt * (tree ? ht[n] + lam * Ht[n] : ht[n]));
     }
     acc_t dd = 0;
     if (t > 0) {  // a(t) moves h[t-1] along the chain and H[t-1] to its parent
       const acc_t* at = a + (int64_t)t * N;
-      const acc_t* Gp = G + ch.parent[t - 1] * N;
+      const acc_t* Gp = tree ? G + ch.parent[t - 1] * N : G;
       const acc_t* hp = h + (int64_t)(t - 1) * N;
       const acc_t* Hc = H + (int64_t)(t - 1) * N;
       for (int n = 0; n < N; ++n) {
-        const acc_t dlog = at[n] * (gh[n] * hp[n] + Gp[n] * Hc[n]);  // d loss / d log a(t)
+        const acc_t dlog = at[n] * (tree ? gh[n] * hp[n] + Gp[n] * Hc[n] : gh[n] * hp[n]);  // d loss / d log a(t)
         dd += dlog * ch.A[n];
         dA[n] += dlog * dt;
       }

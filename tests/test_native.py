@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
+from grootl.tree import Tree, build_tree, chain_scan, native, tree_scan, tree_scan_ref
 from grootl.tree.graph import heavy_last_preorder
 from grootl.tree.scan import chain_tree_scan
 from scan_inputs import random_inputs
@@ -186,7 +186,8 @@ def chain_tree_native(modulation):
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
 def test_cpu_chain_tree_scan_matches_reference(cpu_kernels, shape, dtype):
     """The one-call chain + modulation * tree scan against the oracle on built trees (per-row prompts 0, 1, 2,
-    L) and on arbitrary trees in random DFS preorders, gradients through y and the last state included."""
+    L) and on arbitrary trees in random DFS preorders, gradients through y and the last state included; and
+    chain_scan, which runs on it with modulation 0."""
     batch, d, n, length = shape
     inputs = random_inputs(batch, d, n, length, dtype, seed=length + 1)
     context = torch.tensor([[0, 1, 2, length][i % 4] for i in range(batch)])
@@ -194,21 +195,23 @@ def test_cpu_chain_tree_scan_matches_reference(cpu_kernels, shape, dtype):
                              (random_tree(batch, length, seed=length), 1.7)):
         ours = run_scan(chain_tree_native(modulation), inputs, tree)
         assert_close(ours, run_scan(chain_tree_ref(modulation), inputs, tree), *TOL[dtype])
+    # modulation 0: the same kernel, tree skipped, serves chain_scan
+    chain = Tree.chain(batch, length)
+    ours = run_scan(lambda *a, return_root_state: chain_scan(*a[:5], return_last_state=return_root_state), inputs, chain)
+    assert_close(ours, run_scan(tree_scan_ref, inputs, chain), *TOL[dtype])
 
 
 def test_cpu_chain_tree_scan_equals_the_two_scans(cpu_kernels):
-    """Native one-call, native two-call and PyTorch paths give the same numbers (bf16 inputs: float32 inside)."""
+    """The one-call kernel, the two native scan kernels and the PyTorch path agree (bf16 inputs: float32 inside)."""
     inputs = random_inputs(2, 19, 8, 40, torch.bfloat16, seed=9)
     tree = random_tree(2, 40, seed=2)
     ours = run_scan(chain_tree_native(0.3), inputs, tree)
-    two_calls = run_scan(lambda *a, **k: chain_tree_scan(*a, 0.3, return_last_state=True), inputs, tree)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(native, "serves_chain_tree", lambda device: False)
-        split = run_scan(lambda *a, **k: chain_tree_scan(*a, 0.3, return_last_state=True), inputs, tree)
+        two_calls = run_scan(lambda *a, **k: chain_tree_scan(*a, 0.3, return_last_state=True), inputs, tree)
     torch_out = torch_path(run_scan, lambda *a, **k: chain_tree_scan(*a, 0.3, return_last_state=True), inputs, tree)
-    for other in (split, torch_out):
+    for other in (two_calls, torch_out):
         assert_close(ours, other, 2e-2, 2e-2)
-    assert_close(ours, two_calls, 0, 0)
 
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])

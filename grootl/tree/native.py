@@ -464,12 +464,17 @@ def serves_chain_tree(device: torch.device | str) -> bool:
 
 
 def _chain_tree_scan(u, delta, A, B, C, tree: Tree, modulation: float, return_last_state: bool):
-    """:func:`grootl.tree.chain_tree_scan` on checked inputs (its dispatch lands here)."""
-    plan = _Plan.of(_kernel(u.device), tree, u.device)  # checks the tree; its order is a DFS preorder
+    """:func:`grootl.tree.chain_tree_scan` on checked inputs (its dispatch lands here); with modulation 0 the
+    kernel reads no tree (``chain_scan``)."""
+    if modulation != 0:  # the plan checks the tree and gives a DFS preorder
+        plan = _Plan.of(_kernel(u.device), tree, u.device)
+        parent, order = plan.parent, plan.order
+    else:  # unread by the kernel
+        parent, order = tree.parent.contiguous(), tree.order.contiguous()
     dt, acc = _scan_dtype(u, delta, B, C), work_dtype(u)
     y, state = torch.ops.grootl.chain_tree_scan(u.to(dt).contiguous(), delta.to(dt).contiguous(),
                                                 A.to(acc).contiguous(), _states_last(B, dt), _states_last(C, dt),
-                                                plan.parent, plan.order, float(modulation))
+                                                parent, order, float(modulation))
     y = y.to(u.dtype)
     return (y, state) if return_last_state else y
 

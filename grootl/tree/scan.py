@@ -139,8 +139,14 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
 
 def chain_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, return_last_state: bool = False,
                *, check_values: bool = True):
-    """Plain Mamba selective scan without the D skip (the tree scan on the chain)."""
+    """Plain Mamba selective scan without the D skip (the tree scan on the chain; :func:`chain_tree_scan` with
+    modulation 0)."""
     tree = Tree.chain(u.shape[0], u.shape[-1], u.device)
+    from grootl.tree import native
+
+    if u.shape[0] and native.serves_chain_tree(u.device):  # the one-pass kernel, tree skipped
+        check_scan_inputs(u, delta, A, B, C, tree, check_values)
+        return native._chain_tree_scan(u, delta, A, B, C, tree, 0.0, return_last_state)
     return tree_scan(u, delta, A, B, C, tree, return_root_state=return_last_state, check_values=check_values)
 
 

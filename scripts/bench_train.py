@@ -1,7 +1,7 @@
 """Training throughput and peak memory per optimizer step: full fine-tuning, LoRA and GrootL arms on
 the same model and the same batches (prompt = the first ``--context`` fraction of each row). Beside wall time, each arm's process
-CPU time per step (all its threads): on a shared, loaded machine tokens per CPU-second against LoRA's is the
-steadier ratio.
+CPU time per step (all its threads): on a shared machine its ratio to LoRA's is less swayed by other load than
+the wall-time ratio, though not immune (compare runs, and repeat).
 
     python scripts/bench_train.py                                   # tiny random-init model on CPU
     python scripts/bench_train.py --size 130m --device cuda --lengths 512 2048 --precision bf16 --grad-ckpt

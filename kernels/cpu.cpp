@@ -54,7 +54,7 @@ std::vector<int64_t> plan(const at::Tensor& parent, const at::Tensor& order, at:
 template <typename scalar_t, typename acc_t>
 grootl::Channel<scalar_t, acc_t> channel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                          const at::Tensor& B, const at::Tensor& C, const at::Tensor& parent,
-                                         const at::Tensor& order, const at::Tensor& flags, int64_t b, int64_t d) {
+                                         const at::Tensor& order, const uint8_t* flags, int64_t b, int64_t d) {
   const int64_t D = u.size(1), L = u.size(2), N = B.size(2);
   return {u.data_ptr<scalar_t>() + (b * D + d) * L,
           delta.data_ptr<scalar_t>() + (b * D + d) * L,
@@ -63,7 +63,7 @@ grootl::Channel<scalar_t, acc_t> channel(const at::Tensor& u, const at::Tensor& 
           C.data_ptr<scalar_t>() + b * N * L,
           parent.data_ptr<int64_t>() + b * L,
           order.data_ptr<int64_t>() + b * L,
-          flags.data_ptr<uint8_t>() + b * L,
+          flags != nullptr ? flags + b * L : nullptr,
           (int)L,
           (int)N};
 }
@@ -82,7 +82,7 @@ void forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, 
       const grootl::SerialLanes lanes{(int)N};
       for (int64_t bd = begin; bd < end; ++bd) {
         const int64_t b = bd / D, d = bd % D;
-        const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags, b, d);
+        const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>(), b, d);
         grootl::tree_scan_forward(ch, lanes, grootl::Slots<acc_t>{scratch.data(), 1, (int)N}, cur.data(),
                                   y_ptr + bd * ch.L, root_ptr ? root_ptr + bd * N : nullptr);
       }
@@ -131,12 +131,65 @@ void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
         std::fill(sink.dC, sink.dC + N * L, acc_t(0));
         for (int64_t d = grp * kGroup; d < std::min(D, (grp + 1) * kGroup); ++d) {
           const int64_t bd = b * D + d;
-          const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags, b, d);
+          const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>(), b, d);
           grootl::tree_scan_backward(ch, lanes, gy_ptr + bd * L, g_root_ptr ? g_root_ptr + bd * N : nullptr,
                                      ck + b * (chunks + 1), row_sizes[0], row_sizes[1],
                                      grootl::Slots<acc_t>{scratch.data(), 1, (int)N}, r,
                                      du.data_ptr<scalar_t>() + bd * L, d_delta.data_ptr<acc_t>() + bd * L,
                                      dA_part.data_ptr<acc_t>() + bd * N, sink);
+        }
+      }
+    });
+  });
+}
+
+// The chain scan plus modulation * the tree scan (tree_scan.h's chain_tree_forward), one channel per task step.
+// B, C: (batch, L, N); order: any DFS preorder from the root L-1. state (batch, D, N) may be absent.
+void chain_tree_forward_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, double modulation,
+                            at::Tensor y, c10::optional<at::Tensor> state) {
+  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_chain_tree_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* y_ptr = y.data_ptr<scalar_t>();
+    acc_t* state_ptr = state.has_value() ? state->data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, batch * D, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(grootl::kChainTreeForwardBuffers * L * N + N);
+      for (int64_t bd = begin; bd < end; ++bd) {
+        const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr, bd / D, bd % D);
+        grootl::chain_tree_forward(ch, (acc_t)modulation, scratch.data(), y_ptr + bd * L,
+                                   state_ptr ? state_ptr + bd * N : nullptr);
+      }
+    });
+  });
+}
+
+// Backward of chain_tree_forward_cpu: du; d_delta in the accumulation type; dA_part (batch, D, N) per channel;
+// dB_part, dC_part (batch, groups, L, N) per channel group (the caller sums the partials).
+void chain_tree_backward_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                             const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, double modulation,
+                             const at::Tensor& gy, c10::optional<at::Tensor> g_state, at::Tensor du,
+                             at::Tensor d_delta, at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
+  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(2);
+  const int64_t groups = (D + kGroup - 1) / kGroup;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_chain_tree_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gy_ptr = gy.data_ptr<scalar_t>();
+    const acc_t* g_state_ptr = g_state.has_value() ? g_state->data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(grootl::kChainTreeBackwardBuffers * L * N + N);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / groups, grp = task % groups;
+        GroupSink<acc_t> sink{dB_part.data_ptr<acc_t>() + task * N * L, dC_part.data_ptr<acc_t>() + task * N * L, N};
+        std::fill(sink.dB, sink.dB + N * L, acc_t(0));
+        std::fill(sink.dC, sink.dC + N * L, acc_t(0));
+        for (int64_t d = grp * kGroup; d < std::min(D, (grp + 1) * kGroup); ++d) {
+          const int64_t bd = b * D + d;
+          const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr, b, d);
+          grootl::chain_tree_backward(ch, (acc_t)modulation, gy_ptr + bd * L,
+                                      g_state_ptr ? g_state_ptr + bd * N : nullptr, scratch.data(),
+                                      du.data_ptr<scalar_t>() + bd * L, d_delta.data_ptr<acc_t>() + bd * L,
+                                      dA_part.data_ptr<acc_t>() + bd * N, sink);
         }
       }
     });
@@ -244,6 +297,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan, "row plans of a tree; returns the largest stack sizes over the rows");
   m.def("forward", &forward, "tree scan forward (B, C as (batch, L, N))");
   m.def("backward", &backward, "tree scan backward (partial sums for dA, dB, dC)");
+  m.def("chain_tree_forward", &chain_tree_forward_cpu, "chain scan + modulation * tree scan (B, C as (batch, L, N))");
+  m.def("chain_tree_backward", &chain_tree_backward_cpu, "its backward (partial sums for dA, dB, dC)");
   m.def("build_tree", &build_tree, "minimum spanning tree of the token graph, rooted at L-1, and its plan");
   m.def("build_grouped_tree", &build_grouped_tree, "build_tree from grouped (Mamba-2) features a_g (outer) b_g");
 }

@@ -241,7 +241,7 @@ struct Channel {
   const scalar_t* C;      // (L, N)
   const int64_t* parent;  // (L)
   const int64_t* order;   // (L)
-  const uint8_t* flags;   // (L), by preorder step
+  const uint8_t* flags;   // (L), by preorder step (the plan's; unused by chain_tree_*)
   int L, N;
 };
 
@@ -408,6 +408,148 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const Lane
     if (n >= N) break;
     dA[n] = r.dA[j];
   }
+}
+
+}  // namespace grootl
+
+namespace grootl {
+
+// The chain scan and the tree scan of one channel together, as the GrootL mixer merges them:
+//     y[t] = C[t, :] . (h[t] + lam * H[t]),   h[t] = a(t) * h[t-1] + X[t]   (the chain)
+// with H the tree scan above. Both share a channel's discretisation a(t) = exp(delta[t] * A), computed once
+// per pass into a table, and keep whole-sequence buffers per channel instead of stacks and checkpoints:
+// O(L * N) scratch per thread (a CPU holds a few), any DFS preorder from the root L-1, no plan. With lam == 0
+// the tree is skipped (parent and order unread): the chain scan alone.
+// Scratch in units of L * N: a table, H, and for the backward the chain's h and the tree's G.
+constexpr int kChainTreeForwardBuffers = 2;
+constexpr int kChainTreeBackwardBuffers = 4;
+
+// a[t * N + n] = exp(delta[t] * A[n]) and, with the tree, H[v * N + n] the tree scan's states.
+template <typename scalar_t, typename acc_t>
+GROOTL_HD void chain_tree_states(const Channel<scalar_t, acc_t>& ch, bool tree, acc_t* a, acc_t* H) {
+  const int L = ch.L, N = ch.N;
+  for (int t = 0; t < L; ++t) {
+    const acc_t dt = (acc_t)ch.delta[t];
+    for (int n = 0; n < N; ++n) a[(int64_t)t * N + n] = fast_exp(dt * ch.A[n]);
+  }
+  if (!tree) return;
+  for (int64_t i = 0; i < (int64_t)L * N; ++i) H[i] = 0;
+  for (int i = L - 1; i >= 0; --i) {  // leaves to root: a node's children are done before it
+    const int64_t v = ch.order[i], p = ch.parent[v];
+    const acc_t x = (acc_t)ch.delta[v] * (acc_t)ch.u[v];
+    acc_t* Hv = H + v * N;
+    const scalar_t* Bv = ch.B + v * N;
+    for (int n = 0; n < N; ++n) Hv[n] = x * (acc_t)Bv[n] + Hv[n];
+    if (p >= 0) {
+      const acc_t* av = a + (v + 1) * N;
+      acc_t* Hp = H + p * N;
+      for (int n = 0; n < N; ++n) Hp[n] += av[n] * Hv[n];
+    }
+  }
+}
+
+// Forward: y (L) and, if not null, state (N) = h[L-1] + lam * H[L-1]. scratch: kChainTreeForwardBuffers * L * N
+// + N entries.
+template <typename scalar_t, typename acc_t>
+GROOTL_HD void chain_tree_forward(const Channel<scalar_t, acc_t>& ch, acc_t lam, acc_t* scratch, scalar_t* y,
+                                  acc_t* state) {
+  const int L = ch.L, N = ch.N;
+  acc_t* a = scratch;
+  acc_t* H = a + (int64_t)L * N;
+  acc_t* h = H + (int64_t)L * N;
+  const bool tree = lam != acc_t(0);
+  chain_tree_states(ch, tree, a, H);
+  for (int n = 0; n < N; ++n) h[n] = 0;
+  for (int t = 0; t < L; ++t) {
+    const acc_t x = (acc_t)ch.delta[t] * (acc_t)ch.u[t];
+    const scalar_t* Bt = ch.B + (int64_t)t * N;
+    const scalar_t* Ct = ch.C + (int64_t)t * N;
+    const acc_t* at = a + (int64_t)t * N;
+    const acc_t* Ht = H + (int64_t)t * N;
+    acc_t out = 0;
+    for (int n = 0; n < N; ++n) {
+      h[n] = at[n] * h[n] + x * (acc_t)Bt[n];
+      out += (acc_t)Ct[n] * (tree ? h[n] + lam * Ht[n] : h[n]);
+    }
+    y[t] = (scalar_t)out;
+  }
+  if (state != nullptr)
+    for (int n = 0; n < N; ++n) state[n] = tree ? h[n] + lam * H[(int64_t)(L - 1) * N + n] : h[n];
+}
+
+// Backward of chain_tree_forward. gy (L); g_state (N) or null. Writes du (L), d_delta (L, acc_t) and dA (N);
+// the per-channel terms of dB[t, n] and dC[t, n] go to sink.add(n, n, t, dB_term, dC_term), then sink.commit(t),
+// positions from L-1 down; sink.finish() at the end. scratch: kChainTreeBackwardBuffers * L * N + N entries.
+template <typename scalar_t, typename acc_t, typename Sink>
+GROOTL_HD void chain_tree_backward(const Channel<scalar_t, acc_t>& ch, acc_t lam, const scalar_t* gy,
+                                   const acc_t* g_state, acc_t* scratch, scalar_t* du, acc_t* d_delta, acc_t* dA,
+                                   Sink& sink) {
+  const int L = ch.L, N = ch.N;
+  const int64_t LN = (int64_t)L * N;
+  acc_t* a = scratch;
+  acc_t* H = a + LN;
+  acc_t* h = H + LN;   // the chain's states, by position
+  acc_t* G = h + LN;   // d loss / d H (through lam * y and the tree), by node
+  acc_t* gh = G + LN;  // d loss / d h of the position being visited
+  const bool tree = lam != acc_t(0);
+  chain_tree_states(ch, tree, a, H);
+  for (int t = 0; t < L; ++t) {
+    const acc_t x = (acc_t)ch.delta[t] * (acc_t)ch.u[t];
+    const scalar_t* Bt = ch.B + (int64_t)t * N;
+    const acc_t* at = a + (int64_t)t * N;
+    const acc_t* prev = h + (int64_t)(t - 1) * N;  // read only for t > 0
+    acc_t* ht = h + (int64_t)t * N;
+    for (int n = 0; n < N; ++n) ht[n] = (t > 0 ? at[n] * prev[n] : acc_t(0)) + x * (acc_t)Bt[n];
+  }
+  for (int i = 0; tree && i < L; ++i) {  // root to leaves: G[v] = lam * gy[v] * C[v] + a(v + 1) * G[parent]
+    const int64_t v = ch.order[i], p = ch.parent[v];
+    const acc_t g = lam * (acc_t)gy[v];
+    const scalar_t* Cv = ch.C + v * N;
+    acc_t* Gv = G + v * N;
+    if (p < 0) {
+      for (int n = 0; n < N; ++n) Gv[n] = g * (acc_t)Cv[n] + (g_state != nullptr ? lam * g_state[n] : acc_t(0));
+    } else {
+      const acc_t* av = a + (v + 1) * N;
+      const acc_t* Gp = G + p * N;
+      for (int n = 0; n < N; ++n) Gv[n] = g * (acc_t)Cv[n] + av[n] * Gp[n];
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    gh[n] = g_state != nullptr ? g_state[n] : acc_t(0);
+    dA[n] = 0;
+  }
+  for (int t = L - 1; t >= 0; --t) {
+    const acc_t gyt = (acc_t)gy[t], dt = (acc_t)ch.delta[t], ut = (acc_t)ch.u[t], x = dt * ut;
+    const scalar_t* Bt = ch.B + (int64_t)t * N;
+    const scalar_t* Ct = ch.C + (int64_t)t * N;
+    const acc_t* next = a + (int64_t)(t + 1) * N;  // a(t + 1), read only below L - 1
+    const acc_t* Gt = G + (int64_t)t * N;
+    const acc_t* ht = h + (int64_t)t * N;
+    const acc_t* Ht = H + (int64_t)t * N;
+    acc_t gx = 0;  // d loss / d (delta[t] * u[t])
+    for (int n = 0; n < N; ++n) {
+      gh[n] = gyt * (acc_t)Ct[n] + (t < L - 1 ? next[n] * gh[n] : gh[n]);
+      const acc_t gX = tree ? gh[n] + Gt[n] : gh[n];
+      gx += gX * (acc_t)Bt[n];
+      sink.add(n, n, t, gX * x, gyt * (tree ? ht[n] + lam * Ht[n] : ht[n]));
+    }
+    acc_t dd = 0;
+    if (t > 0) {  // a(t) moves h[t-1] along the chain and H[t-1] to its parent
+      const acc_t* at = a + (int64_t)t * N;
+      const acc_t* Gp = tree ? G + ch.parent[t - 1] * N : G;
+      const acc_t* hp = h + (int64_t)(t - 1) * N;
+      const acc_t* Hc = H + (int64_t)(t - 1) * N;
+      for (int n = 0; n < N; ++n) {
+        const acc_t dlog = at[n] * (tree ? gh[n] * hp[n] + Gp[n] * Hc[n] : gh[n] * hp[n]);  // d loss / d log a(t)
+        dd += dlog * ch.A[n];
+        dA[n] += dlog * dt;
+      }
+    }
+    sink.commit(t);
+    du[t] = (scalar_t)(gx * dt);
+    d_delta[t] = gx * ut + dd;
+  }
+  sink.finish();
 }
 
 }  // namespace grootl

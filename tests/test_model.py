@@ -223,17 +223,17 @@ def test_mixer_follows_the_published_semantics():
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-9)
 
 
-def test_each_block_runs_the_chain_scan_once_and_the_tree_once(monkeypatch):
+def test_each_block_runs_the_chain_and_tree_scans_in_one_call(monkeypatch):
     import grootl.model.mixer as mixer_module
 
     calls = []
-    for name in ("chain_scan", "tree_scan"):
+    for name in ("chain_scan", "tree_scan", "chain_tree_scan"):
         original = getattr(mixer_module, name)
         monkeypatch.setattr(mixer_module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     model = tiny_model(num_hidden_layers=3).eval()
     with torch.no_grad():
         model(random_ids(2, 10), use_cache=True, context_lens=[6, 10])
-    assert sorted(calls) == ["chain_scan"] * 3 + ["tree_scan"] * 3
+    assert calls == ["chain_tree_scan"] * 3
     calls.clear()
     with torch.no_grad():  # no prompt: the tree is the chain, nothing more to scan
         model(random_ids(2, 10), use_cache=True)

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grootl.tree import Tree, build_tree, graph, native, tree_scan, tree_scan_ref
+from grootl.tree import Tree, build_tree, chain_scan, graph, native, tree_scan, tree_scan_ref
 from grootl.tree.graph import heavy_last_preorder
+from grootl.tree.scan import chain_tree_scan
 from scan_inputs import random_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +164,55 @@ def test_cpu_scan_half_precision(cpu_kernels, dtype):
 
 def test_cpu_scan_is_deterministic(cpu_kernels):
     check_runs_identical("cpu", (2, 40, 16, 50))
+
+
+def chain_tree_ref(modulation):
+    """The merge of the two scans written out with the oracle: chain + modulation * tree, and its last state."""
+    def scan(u, delta, A, B, C, tree, return_root_state=False):
+        chain = Tree.chain(u.shape[0], u.shape[-1])
+        y, h = tree_scan_ref(u, delta, A, B, C, chain, return_root_state=True)
+        y_tree, H = tree_scan_ref(u, delta, A, B, C, tree, return_root_state=True)
+        return y + modulation * y_tree, h + modulation * H
+    return scan
+
+
+def chain_tree_native(modulation):
+    def scan(u, delta, A, B, C, tree, return_root_state=False):
+        assert native.serves_chain_tree(u.device)
+        return chain_tree_scan(u, delta, A, B, C, tree, modulation, return_last_state=return_root_state)
+    return scan
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_cpu_chain_tree_scan_matches_reference(cpu_kernels, shape, dtype):
+    """The one-call chain + modulation * tree scan against the oracle on built trees (per-row prompts 0, 1, 2,
+    L) and on arbitrary trees in random DFS preorders, gradients through y and the last state included; and
+    chain_scan, which runs on it with modulation 0."""
+    batch, d, n, length = shape
+    inputs = random_inputs(batch, d, n, length, dtype, seed=length + 1)
+    context = torch.tensor([[0, 1, 2, length][i % 4] for i in range(batch)])
+    for tree, modulation in ((build_tree(*inputs[:2], inputs[3], context), 0.3),
+                             (random_tree(batch, length, seed=length), 1.7)):
+        ours = run_scan(chain_tree_native(modulation), inputs, tree)
+        assert_close(ours, run_scan(chain_tree_ref(modulation), inputs, tree), *TOL[dtype])
+    # modulation 0: the same kernel, tree skipped, serves chain_scan
+    chain = Tree.chain(batch, length)
+    ours = run_scan(lambda *a, return_root_state: chain_scan(*a[:5], return_last_state=return_root_state), inputs, chain)
+    assert_close(ours, run_scan(tree_scan_ref, inputs, chain), *TOL[dtype])
+
+
+def test_cpu_chain_tree_scan_equals_the_two_scans(cpu_kernels):
+    """The one-call kernel, the two native scan kernels and the PyTorch path agree (bf16 inputs: float32 inside)."""
+    inputs = random_inputs(2, 19, 8, 40, torch.bfloat16, seed=9)
+    tree = random_tree(2, 40, seed=2)
+    ours = run_scan(chain_tree_native(0.3), inputs, tree)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "serves_chain_tree", lambda device: False)
+        two_calls = run_scan(lambda *a, **k: chain_tree_scan(*a, 0.3, return_last_state=True), inputs, tree)
+    torch_out = torch_path(run_scan, lambda *a, **k: chain_tree_scan(*a, 0.3, return_last_state=True), inputs, tree)
+    for other in (two_calls, torch_out):
+        assert_close(ours, other, 2e-2, 2e-2)
 
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
@@ -680,6 +730,9 @@ def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch, autoca
         loss.backward()
         return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
+    # the two scan kernels on both extensions (the CPU's one-call chain + tree kernel rounds a bf16 y once instead
+    # of twice: test_cpu_chain_tree_scan_equals_the_two_scans compares it)
+    monkeypatch.setattr(native, "serves_chain_tree", lambda device: False)
     on_cpu_kernels = loss_and_grads()
     served = []
     monkeypatch.setattr(native, "_module_for", lambda device: served.append(device) or emulated_cuda_build)

@@ -19,6 +19,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from grootl.model.config import GrootLConfig
 from grootl.tree import build_tree, chain_scan, tree_scan
+from grootl.tree.scan import chain_tree_scan
 from grootl.tree.graph import work_dtype
 
 
@@ -125,41 +126,39 @@ class GrootLMixer(MambaMixer):
         """Chain scan (+ D skip) plus modulation * tree scan over a whole sequence; fills the cache."""
         keep_state = cache is not None
         selective_scan_fn = fast_kernels(u).selective_scan
-        if selective_scan_fn is not None:
-            chain = selective_scan_fn(
-                u,
-                dt.to(u.dtype),
-                A,
-                B,
-                C,
-                D=self.D.float(),
-                delta_bias=dt_bias,
-                delta_softplus=True,
-                return_last_state=keep_state,
-            )
-        else:
-            chain = chain_scan(u, delta, A, B, C, return_last_state=keep_state, check_values=False)
-        y, h_last = chain if keep_state else (chain, None)
         skip = u * self.D.float()[:, None]
-        if selective_scan_fn is None:
+        lam = self.grootl.modulation
+        tree = None
+        if self.grootl.active and context_lens is not None:
+            # values unchecked (no per-layer passes or host syncs): the model checks context_lens once per
+            # forward and start comes from the attention mask; non-finite activations show in the loss
+            tree = build_tree(u.detach(), delta.detach(), B.detach(), context_lens, self.grootl.k,
+                              self.grootl.distance, start, check_values=False)
+        if tree is not None and selective_scan_fn is None:  # both scans in one call
+            out = chain_tree_scan(u, delta, A, B, C, tree, lam, return_last_state=keep_state, check_values=False)
+            y, state = out if keep_state else (out, None)
             y = y + skip
-
-        if self.grootl.active:
-            lam = self.grootl.modulation
-            if context_lens is None:  # no prompt: the tree is the chain, so H = h and y_tree = C·h
-                y_tree, h_root = y - skip, h_last
+        else:
+            if selective_scan_fn is not None:
+                chain = selective_scan_fn(u, dt.to(u.dtype), A, B, C, D=self.D.float(), delta_bias=dt_bias,
+                                          delta_softplus=True, return_last_state=keep_state)
             else:
-                # values unchecked (no per-layer passes or host syncs): the model checks context_lens once per
-                # forward and start comes from the attention mask; non-finite activations show in the loss
-                tree = build_tree(u.detach(), delta.detach(), B.detach(), context_lens, self.grootl.k,
-                                  self.grootl.distance, start, check_values=False)
+                chain = chain_scan(u, delta, A, B, C, return_last_state=keep_state, check_values=False)
+            y, state = chain if keep_state else (chain, None)
+            if selective_scan_fn is None:
+                y = y + skip
+            if tree is not None:
                 tree_out = tree_scan(u, delta, A, B, C, tree, return_root_state=keep_state, check_values=False)
                 y_tree, h_root = tree_out if keep_state else (tree_out, None)
-            y = y + lam * y_tree
-            if keep_state:
-                h_last = h_last.to(h_root.dtype) + lam * h_root
+                y = y + lam * y_tree
+                if keep_state:
+                    state = state.to(h_root.dtype) + lam * h_root
+            elif self.grootl.active:  # no prompt: the tree is the chain, so H = h and y_tree = C·h
+                y = y + lam * (y - skip)
+                if keep_state:
+                    state = state + lam * state
         if keep_state:
-            cache.update_recurrent_state(h_last.to(work_dtype(u)), self.layer_idx)
+            cache.update_recurrent_state(state.to(work_dtype(u)), self.layer_idx)
         return y
 
     def _recurrent_scan(self, state: Tensor, u, delta, A, B, C, cache) -> Tensor:

@@ -310,29 +310,44 @@ def _(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes):
     return torch.empty_like(u), A.new_empty(u.shape[0], u.shape[1], A.shape[1])
 
 
+def _backward_outputs(ext: ModuleType, u: Tensor, A: Tensor) -> tuple[Tensor, ...]:
+    """A scan backward's outputs: du; d_delta and dA per (row, channel) in the accumulation dtype; dB, dC as
+    partial sums per channel group (batch, groups, L, N)."""
+    (batch, dim, length), n, dev, acc = u.shape, A.shape[1], u.device, A.dtype
+    groups = -(-dim // ext.channel_group(n))
+    return (_alloc(batch, dim, length, dtype=u.dtype, device=dev), _alloc(batch, dim, length, dtype=acc, device=dev),
+            _alloc(batch, dim, n, dtype=acc, device=dev),
+            *(_alloc(batch, groups, length, n, dtype=acc, device=dev) for _ in range(2)))
+
+
+def _backward_fakes(u: Tensor, A: Tensor) -> tuple[Tensor, ...]:
+    """_backward_outputs' shapes and dtypes, for tracing."""
+    (batch, dim, length), n = u.shape, A.shape[1]
+    groups = -(-dim // _kernel(u.device).channel_group(n))
+    parts = (A.new_empty(batch, groups, length, n) for _ in range(2))
+    return torch.empty_like(u), A.new_empty(u.shape), A.new_empty(batch, dim, n), *parts
+
+
+def _summed_grads(delta: Tensor, B: Tensor, C: Tensor, du, d_delta, dA, dB, dC) -> tuple[Tensor, ...]:
+    """Gradients of (u, delta, A, B, C) from a scan backward's outputs: partial sums summed, input dtypes."""
+    return du, d_delta.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype)
+
+
 @torch.library.custom_op("grootl::tree_scan_backward", mutates_args=())
 def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
                       flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, gy: Tensor, g_root: Tensor | None
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """du; d_delta and dA per (row, channel) in the accumulation dtype; dB, dC as partial sums per channel group."""
     ext = _kernel(u.device)
-    (batch, dim, length), n, dev, acc = u.shape, A.shape[1], u.device, A.dtype
-    groups = -(-dim // ext.channel_group(n))
-    du = _alloc(batch, dim, length, dtype=u.dtype, device=dev)
-    d_delta = _alloc(batch, dim, length, dtype=acc, device=dev)
-    dA = _alloc(batch, dim, n, dtype=acc, device=dev)
-    dB, dC = (_alloc(batch, groups, length, n, dtype=acc, device=dev) for _ in range(2))
-    ext.backward(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, _bounds(ext, length), gy, g_root,
-                 du, d_delta, dA, dB, dC)
-    return du, d_delta, dA, dB, dC
+    grads = _backward_outputs(ext, u, A)
+    ext.backward(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, _bounds(ext, u.shape[2]), gy, g_root,
+                 *grads)
+    return grads
 
 
 @_scan_backward_op.register_fake
 def _(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, gy, g_root):
-    (batch, dim, length), n = u.shape, A.shape[1]
-    groups = -(-dim // _kernel(u.device).channel_group(n))
-    parts = (A.new_empty(batch, groups, length, n) for _ in range(2))
-    return torch.empty_like(u), A.new_empty(u.shape), A.new_empty(batch, dim, n), *parts
+    return _backward_fakes(u, A)
 
 
 def _scan_setup(ctx, inputs, output):
@@ -344,11 +359,60 @@ def _scan_backward(ctx, gy, g_root):
     u, delta, A, B, C, *plan = ctx.saved_tensors
     gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
     g_root = None if g_root is None else g_root.to(A.dtype).contiguous()
-    du, d_delta, dA, dB, dC = torch.ops.grootl.tree_scan_backward(u, delta, A, B, C, *plan, gy, g_root)
-    return du, d_delta.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype), *([None] * 5)
+    grads = torch.ops.grootl.tree_scan_backward(u, delta, A, B, C, *plan, gy, g_root)
+    return *_summed_grads(delta, B, C, *grads), *([None] * 5)
 
 
 torch.library.register_autograd("grootl::tree_scan", _scan_backward, setup_context=_scan_setup)
+
+
+@torch.library.custom_op("grootl::chain_tree_scan", mutates_args=())
+def _chain_tree_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
+                   modulation: float) -> tuple[Tensor, Tensor]:
+    """y = chain + modulation * tree (batch, D, L) and the state h[L-1] + modulation * H[L-1] (batch, D, N)."""
+    ext = _kernel(u.device)
+    (batch, dim, length), n = u.shape, A.shape[1]
+    y = _alloc(batch, dim, length, dtype=u.dtype, device=u.device)
+    state = _alloc(batch, dim, n, dtype=A.dtype, device=u.device)
+    ext.chain_tree_forward(u, delta, A, B, C, parent, order, modulation, y, state)
+    return y, state
+
+
+@_chain_tree_op.register_fake
+def _(u, delta, A, B, C, parent, order, modulation):
+    return torch.empty_like(u), A.new_empty(u.shape[0], u.shape[1], A.shape[1])
+
+
+@torch.library.custom_op("grootl::chain_tree_scan_backward", mutates_args=())
+def _chain_tree_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
+                            modulation: float, gy: Tensor, g_state: Tensor | None
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As tree_scan_backward, for grootl::chain_tree_scan."""
+    ext = _kernel(u.device)
+    grads = _backward_outputs(ext, u, A)
+    ext.chain_tree_backward(u, delta, A, B, C, parent, order, modulation, gy, g_state, *grads)
+    return grads
+
+
+@_chain_tree_backward_op.register_fake
+def _(u, delta, A, B, C, parent, order, modulation, gy, g_state):
+    return _backward_fakes(u, A)
+
+
+def _chain_tree_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.modulation = inputs[7]
+
+
+def _chain_tree_backward(ctx, gy, g_state):
+    u, delta, A, B, C, parent, order = ctx.saved_tensors
+    gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
+    g_state = None if g_state is None else g_state.to(A.dtype).contiguous()
+    grads = torch.ops.grootl.chain_tree_scan_backward(u, delta, A, B, C, parent, order, ctx.modulation, gy, g_state)
+    return *_summed_grads(delta, B, C, *grads), None, None, None
+
+
+torch.library.register_autograd("grootl::chain_tree_scan", _chain_tree_backward, setup_context=_chain_tree_setup)
 
 
 class _Plan:
@@ -420,6 +484,29 @@ def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
                                          _states_last(B, dt), _states_last(C, dt), *plan.tensors())
     y = y.to(u.dtype)
     return (y, root) if return_root_state else y
+
+
+@torch.compiler.assume_constant_result
+def serves_chain_tree(device: torch.device | str) -> bool:
+    """Whether a native kernel runs the chain and the tree scan in one call on ``device`` (the CPU's does)."""
+    ext = _module_for(torch.device(device))
+    return ext is not None and hasattr(ext, "chain_tree_forward")
+
+
+def _chain_tree_scan(u, delta, A, B, C, tree: Tree, modulation: float, return_last_state: bool):
+    """:func:`grootl.tree.chain_tree_scan` on checked inputs (its dispatch lands here); with modulation 0 the
+    kernel reads no tree (``chain_scan``)."""
+    if modulation != 0:  # the plan checks the tree and gives a DFS preorder
+        plan = _Plan.of(_kernel(u.device), tree, u.device)
+        parent, order = plan.parent, plan.order
+    else:  # unread by the kernel
+        parent, order = tree.parent.contiguous(), tree.order.contiguous()
+    dt, acc = _scan_dtype(u, delta, B, C), work_dtype(u)
+    y, state = torch.ops.grootl.chain_tree_scan(u.to(dt).contiguous(), delta.to(dt).contiguous(),
+                                                A.to(acc).contiguous(), _states_last(B, dt), _states_last(C, dt),
+                                                parent, order, float(modulation))
+    y = y.to(u.dtype)
+    return (y, state) if return_last_state else y
 
 
 def build_tree(

@@ -139,9 +139,32 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
 
 def chain_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, return_last_state: bool = False,
                *, check_values: bool = True):
-    """Plain Mamba selective scan without the D skip (the tree scan on the chain)."""
+    """Plain Mamba selective scan without the D skip (the tree scan on the chain; :func:`chain_tree_scan` with
+    modulation 0)."""
     tree = Tree.chain(u.shape[0], u.shape[-1], u.device)
+    from grootl.tree import native
+
+    if u.shape[0] and native.serves_chain_tree(u.device):  # the one-pass kernel, tree skipped
+        check_scan_inputs(u, delta, A, B, C, tree, check_values)
+        return native._chain_tree_scan(u, delta, A, B, C, tree, 0.0, return_last_state)
     return tree_scan(u, delta, A, B, C, tree, return_root_state=return_last_state, check_values=check_values)
+
+
+def chain_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, modulation: float,
+                    return_last_state: bool = False, *, check_values: bool = True):
+    """``chain_scan + modulation * tree_scan`` (the GrootL mixer's merge, D skip not included), in one native call
+    where a kernel serves it (the CPU's: the two scans share one discretisation per channel), else as the two
+    scans. With ``return_last_state`` also returns ``h[L-1] + modulation * H[L-1]`` (batch, D, N): the state
+    incremental decoding continues from. Arguments and dtypes as :func:`tree_scan`."""
+    check_scan_inputs(u, delta, A, B, C, tree, check_values)
+    from grootl.tree import native
+
+    if u.shape[0] and native.serves_chain_tree(u.device):
+        return native._chain_tree_scan(u, delta, A, B, C, tree, modulation, return_last_state)
+    y, h_last = chain_scan(u, delta, A, B, C, return_last_state=True, check_values=False)
+    y_tree, h_root = tree_scan(u, delta, A, B, C, tree, return_root_state=True, check_values=False)
+    y = y + modulation * y_tree
+    return (y, h_last + modulation * h_root) if return_last_state else y
 
 
 def tree_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree, return_root_state: bool = False):

@@ -142,11 +142,13 @@ def chain_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, return
     """Plain Mamba selective scan without the D skip (the tree scan on the chain; :func:`chain_tree_scan` with
     modulation 0)."""
     tree = Tree.chain(u.shape[0], u.shape[-1], u.device)
+    # >>> native dispatch hook: the one-pass kernel with the tree skipped, where a compiled kernel serves u.device
     from grootl.tree import native
 
-    if u.shape[0] and native.serves_chain_tree(u.device):  # the one-pass kernel, tree skipped
+    if u.shape[0] and native.serves_chain_tree(u.device):
         check_scan_inputs(u, delta, A, B, C, tree, check_values)
         return native._chain_tree_scan(u, delta, A, B, C, tree, 0.0, return_last_state)
+    # <<< native dispatch hook
     return tree_scan(u, delta, A, B, C, tree, return_root_state=return_last_state, check_values=check_values)
 
 
@@ -157,10 +159,12 @@ def chain_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, t
     scans. With ``return_last_state`` also returns ``h[L-1] + modulation * H[L-1]`` (batch, D, N): the state
     incremental decoding continues from. Arguments and dtypes as :func:`tree_scan`."""
     check_scan_inputs(u, delta, A, B, C, tree, check_values)
+    # >>> native dispatch hook: route to grootl.tree.native when a compiled one-call kernel serves u.device
     from grootl.tree import native
 
     if u.shape[0] and native.serves_chain_tree(u.device):
         return native._chain_tree_scan(u, delta, A, B, C, tree, modulation, return_last_state)
+    # <<< native dispatch hook
     y, h_last = chain_scan(u, delta, A, B, C, return_last_state=True, check_values=False)
     y_tree, h_root = tree_scan(u, delta, A, B, C, tree, return_root_state=True, check_values=False)
     y = y + modulation * y_tree

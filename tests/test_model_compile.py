@@ -64,7 +64,7 @@ def test_export_matches_eager():
     context_lens = torch.tensor([LENGTH, 7])
     program = torch.export.export(model, (ids,), kwargs={"context_lens": context_lens, "use_cache": False})
     targets = {str(node.target) for node in program.graph.nodes}
-    assert {"grootl.build_tree.default", "grootl.tree_scan.default"} <= targets, targets
+    assert {"grootl.build_tree.default", "grootl.chain_tree_scan.default"} <= targets, targets  # the one-call scan
     for lens in (context_lens, torch.tensor([0, 19])):  # other prompt lengths, same shapes: the same program
         got = program.module()(ids, context_lens=lens, use_cache=False).logits
         torch.testing.assert_close(got, model(ids, context_lens=lens, use_cache=False).logits, rtol=1e-5, atol=1e-6)

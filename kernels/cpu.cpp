@@ -52,46 +52,71 @@ std::vector<int64_t> plan(const at::Tensor& parent, const at::Tensor& order, at:
 }
 
 template <typename scalar_t, typename acc_t>
-grootl::Channel<scalar_t, acc_t> channel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                         const at::Tensor& B, const at::Tensor& C, const at::Tensor& parent,
-                                         const at::Tensor& order, const uint8_t* flags, int64_t b, int64_t d) {
-  const int64_t D = u.size(1), L = u.size(2), N = B.size(2);
-  return {u.data_ptr<scalar_t>() + (b * D + d) * L,
-          delta.data_ptr<scalar_t>() + (b * D + d) * L,
-          A.data_ptr<acc_t>() + d * N,
-          B.data_ptr<scalar_t>() + b * N * L,
-          C.data_ptr<scalar_t>() + b * N * L,
-          parent.data_ptr<int64_t>() + b * L,
-          order.data_ptr<int64_t>() + b * L,
-          flags != nullptr ? flags + b * L : nullptr,
-          (int)L,
-          (int)N};
+grootl::Mamba1Layout<scalar_t, acc_t> mamba1_layout(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                    const at::Tensor& B, const at::Tensor& C, const at::Tensor& parent,
+                                                    const at::Tensor& order, const uint8_t* flags) {
+  return {u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
+          C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags,
+          (int)u.size(1), (int)B.size(2), (int)u.size(2)};
 }
 
-// B, C: (batch, L, N). h_depth: a bound on the plan's forward stack depth (grootl.tree.graph.stack_bound).
+// x (batch, L, H, P), dt (batch, L, H), A (H), B, C (batch, L, G, N); decay = exp(dt * A) (batch, L, H). d_dt
+// and dA are summed over a head's channels in place (one partial).
+template <typename scalar_t, typename acc_t>
+grootl::Mamba2Layout<scalar_t, acc_t> mamba2_layout(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& decay,
+                                                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                                    const at::Tensor& parent, const at::Tensor& order,
+                                                    const at::Tensor& flags) {
+  return {x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), decay.data_ptr<acc_t>(), A.data_ptr<acc_t>(),
+          B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+          flags.data_ptr<uint8_t>(), (int)x.size(2), (int)x.size(3), (int)B.size(2), (int)B.size(3),
+          (int)x.size(1), 1};
+}
+
+// Ā = exp(dt * A) once per (row, t, head), in the accumulation type.
+at::Tensor mamba2_decay(const at::Tensor& dt, const at::Tensor& A) { return at::exp(dt.to(A.scalar_type()) * A); }
+
+// Every channel of every row on its own; h_depth: a bound on the plan's forward stack depth
+// (grootl.tree.graph.stack_bound).
+template <typename scalar_t, typename acc_t, typename Layout>
+void forward_rows(const Layout& lay, int64_t batch, int64_t h_depth, scalar_t* y, acc_t* root) {
+  const int64_t D = (int64_t)lay.groups() * lay.group_channels(), N = lay.N;
+  at::parallel_for(0, batch * D, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(grootl::forward_scratch_entries(h_depth) * N), cur(N);
+    const grootl::SerialLanes lanes{(int)N};
+    for (int64_t bd = begin; bd < end; ++bd) {
+      const int b = bd / D, d = bd % D;
+      grootl::tree_scan_forward(lay.channel(b, d), lanes, grootl::Slots<acc_t>{scratch.data(), 1, (int)N},
+                                cur.data(), y + lay.u_offset(b, d), root ? root + bd * N : nullptr);
+    }
+  });
+}
+
+// B, C: (batch, L, N).
 void forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
              const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
              int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {
-  const int64_t batch = u.size(0), D = u.size(1), N = B.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* y_ptr = y.data_ptr<scalar_t>();
-    acc_t* root_ptr = root.has_value() ? root->data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, batch * D, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(grootl::forward_scratch_entries(h_depth) * N), cur(N);
-      const grootl::SerialLanes lanes{(int)N};
-      for (int64_t bd = begin; bd < end; ++bd) {
-        const int64_t b = bd / D, d = bd % D;
-        const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>(), b, d);
-        grootl::tree_scan_forward(ch, lanes, grootl::Slots<acc_t>{scratch.data(), 1, (int)N}, cur.data(),
-                                  y_ptr + bd * ch.L, root_ptr ? root_ptr + bd * N : nullptr);
-      }
-    });
+    forward_rows(mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>()),
+                 u.size(0), h_depth, y.data_ptr<scalar_t>(), root.has_value() ? root->data_ptr<acc_t>() : nullptr);
+  });
+}
+
+// y (batch, L, H, P); root (batch, H, P, N).
+void mamba2_forward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                    const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
+                    int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {
+  const at::Tensor decay = mamba2_decay(dt, A);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_tree_scan_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_rows(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags), x.size(0), h_depth,
+                 y.data_ptr<scalar_t>(), root.has_value() ? root->data_ptr<acc_t>() : nullptr);
   });
 }
 
 template <typename acc_t>
-struct GroupSink {  // sums the group's channels into its (L, N) partials of dB and dC
+struct GroupSink {  // sums the task's channels into its (L, N) partials of dB and dC
   acc_t* dB;
   acc_t* dC;
   int64_t N;
@@ -103,43 +128,74 @@ struct GroupSink {  // sums the group's channels into its (L, N) partials of dB 
   void finish() {}
 };
 
-// d_delta is in the accumulation type; dA_part (batch, D, N) per channel; dB_part, dC_part
-// (batch, groups, L, N) per channel group. The caller sums the partials. Scratch is sized per row (sizes).
+// Tasks of `per_task` channels of one group of one row, run in turn; the dB/dC partials (batch, groups, parts,
+// L, N) are per task. d_delta and dA (zeroed here) as the layout places them. Scratch is sized per row (sizes).
+template <typename scalar_t, typename acc_t, typename Layout>
+void backward_rows(const Layout& lay, int64_t batch, int64_t per_task, const at::Tensor& ckpt_offset,
+                   const at::Tensor& sizes, const scalar_t* gy, const acc_t* g_root, scalar_t* du, at::Tensor d_delta,
+                   at::Tensor dA, at::Tensor dB_part, at::Tensor dC_part) {
+  const int64_t G = lay.groups(), per_group = lay.group_channels(), D = G * per_group, N = lay.N, L = lay.L;
+  const int64_t parts = (per_group + per_task - 1) / per_task, chunks = grootl::num_chunks((int)L);
+  d_delta.zero_();
+  dA.zero_();
+  const int32_t* sz = sizes.data_ptr<int32_t>();
+  const int32_t* ck = ckpt_offset.data_ptr<int32_t>();
+  at::parallel_for(0, batch * G * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch, regs(3 * N);
+    const grootl::SerialLanes lanes{(int)N};
+    const grootl::BackwardRegs<acc_t> r{regs.data(), regs.data() + N, regs.data() + 2 * N};
+    for (int64_t task = begin; task < end; ++task) {
+      const int b = task / (G * parts), g = task / parts % G, part = task % parts;
+      const int32_t* row_sizes = sz + b * 3;
+      scratch.resize(grootl::backward_scratch_entries(row_sizes[0], row_sizes[1], row_sizes[2]) * N);
+      GroupSink<acc_t> sink{dB_part.data_ptr<acc_t>() + task * N * L, dC_part.data_ptr<acc_t>() + task * N * L, N};
+      std::fill(sink.dB, sink.dB + N * L, acc_t(0));
+      std::fill(sink.dC, sink.dC + N * L, acc_t(0));
+      for (int64_t c = part * per_task; c < std::min(per_group, (part + 1) * per_task); ++c) {
+        const int d = g * per_group + c;
+        grootl::tree_scan_backward(lay.channel(b, d), lanes, gy + lay.u_offset(b, d),
+                                   g_root ? g_root + (b * D + d) * N : nullptr, ck + b * (chunks + 1), row_sizes[0],
+                                   row_sizes[1], grootl::Slots<acc_t>{scratch.data(), 1, (int)N}, r,
+                                   du + lay.u_offset(b, d), d_delta.data_ptr<acc_t>() + lay.delta_out(b, d),
+                                   dA.data_ptr<acc_t>() + lay.dA_out(b, d), sink);
+      }
+    }
+  });
+}
+
+// d_delta is in the accumulation type; dA (batch, D, N) per channel; dB_part, dC_part (batch, groups, L, N) per
+// channel group (kGroup channels). The caller sums the partials.
 void backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
               const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
               const at::Tensor& ckpt_offset, const at::Tensor& sizes, const std::vector<int64_t>& /*max_sizes*/,
               const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta,
               at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
-  const int64_t batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(2);
-  const int64_t groups = (D + kGroup - 1) / kGroup, chunks = grootl::num_chunks((int)L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int32_t* sz = sizes.data_ptr<int32_t>();
-    const int32_t* ck = ckpt_offset.data_ptr<int32_t>();
-    const scalar_t* gy_ptr = gy.data_ptr<scalar_t>();
-    const acc_t* g_root_ptr = g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch, regs(3 * N);
-      const grootl::SerialLanes lanes{(int)N};
-      const grootl::BackwardRegs<acc_t> r{regs.data(), regs.data() + N, regs.data() + 2 * N};
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / groups, grp = task % groups;
-        const int32_t* row_sizes = sz + b * 3;
-        scratch.resize(grootl::backward_scratch_entries(row_sizes[0], row_sizes[1], row_sizes[2]) * N);
-        GroupSink<acc_t> sink{dB_part.data_ptr<acc_t>() + task * N * L, dC_part.data_ptr<acc_t>() + task * N * L, N};
-        std::fill(sink.dB, sink.dB + N * L, acc_t(0));
-        std::fill(sink.dC, sink.dC + N * L, acc_t(0));
-        for (int64_t d = grp * kGroup; d < std::min(D, (grp + 1) * kGroup); ++d) {
-          const int64_t bd = b * D + d;
-          const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>(), b, d);
-          grootl::tree_scan_backward(ch, lanes, gy_ptr + bd * L, g_root_ptr ? g_root_ptr + bd * N : nullptr,
-                                     ck + b * (chunks + 1), row_sizes[0], row_sizes[1],
-                                     grootl::Slots<acc_t>{scratch.data(), 1, (int)N}, r,
-                                     du.data_ptr<scalar_t>() + bd * L, d_delta.data_ptr<acc_t>() + bd * L,
-                                     dA_part.data_ptr<acc_t>() + bd * N, sink);
-        }
-      }
-    });
+    backward_rows(mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>()),
+                  u.size(0), kGroup, ckpt_offset, sizes, gy.data_ptr<scalar_t>(),
+                  g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, du.data_ptr<scalar_t>(), d_delta, dA_part,
+                  dB_part, dC_part);
+  });
+}
+
+// The partial sums of the Mamba-2 backward: dB and dC per head (H / G per group), d_dt and dA summed in place.
+std::vector<int64_t> mamba2_parts(int64_t heads_per_group, int64_t /*P*/, int64_t /*N*/) { return {heads_per_group, 1}; }
+
+// dx (batch, L, H, P); d_dt (batch, 1, L, H) and dA (batch, 1, H) in the accumulation type; dB_part, dC_part
+// (batch, G, H / G, L, N) per head. The caller sums the partials.
+void mamba2_backward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                     const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
+                     const at::Tensor& ckpt_offset, const at::Tensor& sizes, const std::vector<int64_t>& /*max_sizes*/,
+                     const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor dx, at::Tensor d_dt,
+                     at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
+  const at::Tensor decay = mamba2_decay(dt, A);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_tree_scan_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_rows(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags), x.size(0),
+                  x.size(3), ckpt_offset, sizes, gy.data_ptr<scalar_t>(),
+                  g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, dx.data_ptr<scalar_t>(), d_dt, dA_part,
+                  dB_part, dC_part);
   });
 }
 
@@ -156,7 +212,7 @@ void chain_tree_forward_cpu(const at::Tensor& u, const at::Tensor& delta, const 
     at::parallel_for(0, batch * D, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(grootl::kChainTreeForwardBuffers * L * N + N);
       for (int64_t bd = begin; bd < end; ++bd) {
-        const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr, bd / D, bd % D);
+        const auto ch = mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr).channel(bd / D, bd % D);
         grootl::chain_tree_forward(ch, (acc_t)modulation, scratch.data(), y_ptr + bd * L,
                                    state_ptr ? state_ptr + bd * N : nullptr);
       }
@@ -185,7 +241,7 @@ void chain_tree_backward_cpu(const at::Tensor& u, const at::Tensor& delta, const
         std::fill(sink.dC, sink.dC + N * L, acc_t(0));
         for (int64_t d = grp * kGroup; d < std::min(D, (grp + 1) * kGroup); ++d) {
           const int64_t bd = b * D + d;
-          const auto ch = channel<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr, b, d);
+          const auto ch = mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr).channel(b, d);
           grootl::chain_tree_backward(ch, (acc_t)modulation, gy_ptr + bd * L,
                                       g_state_ptr ? g_state_ptr + bd * N : nullptr, scratch.data(),
                                       du.data_ptr<scalar_t>() + bd * L, d_delta.data_ptr<acc_t>() + bd * L,
@@ -297,6 +353,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan, "row plans of a tree; returns the largest stack sizes over the rows");
   m.def("forward", &forward, "tree scan forward (B, C as (batch, L, N))");
   m.def("backward", &backward, "tree scan backward (partial sums for dA, dB, dC)");
+  m.def("mamba2_forward", &mamba2_forward, "tree scan forward, Mamba-2 layout (scalar decay per head, grouped B, C)");
+  m.def("mamba2_backward", &mamba2_backward, "its backward (partial sums for d_dt, dA, dB, dC)");
+  m.def("mamba2_parts", &mamba2_parts, "(dB/dC partials per group, d_dt/dA partials) of the Mamba-2 backward");
   m.def("chain_tree_forward", &chain_tree_forward_cpu, "chain scan + modulation * tree scan (B, C as (batch, L, N))");
   m.def("chain_tree_backward", &chain_tree_backward_cpu, "its backward (partial sums for dA, dB, dC)");
   m.def("build_tree", &build_tree, "minimum spanning tree of the token graph, rooted at L-1, and its plan");

@@ -43,14 +43,17 @@ constexpr int kBuildThreads = 512;
 constexpr int kMaxState = 128;  // largest N the scan kernels take (32 lanes x 4 states)
 
 // A channel's N states over kLanes adjacent lanes of a warp (a power of two), kPer states per lane.
+// An inactive group (a block's padding channel) runs the channel's steps, shuffles included, but writes nothing.
 template <int kLanes, int kPer>
 struct WarpLanes {
   static constexpr int per = kPer;
   int lane;       // index inside the group
   unsigned mask;  // the group's lanes in the warp
+  bool active;
   __device__ int first() const { return lane; }
   __device__ int count() const { return kLanes; }
-  __device__ bool leader() const { return lane == 0; }
+  __device__ bool leader() const { return lane == 0 && active; }
+  __device__ bool writes() const { return active; }
   template <typename T>
   __device__ T sum(T x) const {  // xor butterfly: every lane adds the same pairs, so all get the same bits
     for (int off = kLanes / 2; off > 0; off /= 2) x += __shfl_xor_sync(mask, x, off);
@@ -59,10 +62,10 @@ struct WarpLanes {
 };
 
 template <int kLanes, int kPer>
-__device__ WarpLanes<kLanes, kPer> warp_lanes() {
+__device__ WarpLanes<kLanes, kPer> warp_lanes(bool active = true) {
   const int in_warp = threadIdx.x % kWarp;
   const unsigned group = kLanes == kWarp ? 0xffffffffu : ((1u << kLanes) - 1u) << (in_warp & ~(kLanes - 1));
-  return {in_warp % kLanes, group};
+  return {in_warp % kLanes, group, active};
 }
 
 // Lanes per channel and states per lane for N states: N <= 32 takes one state per lane.
@@ -98,17 +101,6 @@ __global__ void check_kernel(const int64_t* parent, const int64_t* order, int ba
   status[b] = grootl::check_row(parent + (int64_t)b * L, order + (int64_t)b * L, L, work + (int64_t)b * 3 * L);
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ grootl::Channel<scalar_t, acc_t> channel(const scalar_t* u, const scalar_t* delta, const acc_t* A,
-                                                    const scalar_t* B, const scalar_t* C, const int64_t* parent,
-                                                    const int64_t* order, const uint8_t* flags, int b, int d, int D,
-                                                    int N, int L) {
-  const int64_t bd = (int64_t)b * D + d;
-  return {u + bd * L,         delta + bd * L,           A + (int64_t)d * N,       B + (int64_t)b * L * N,
-          C + (int64_t)b * L * N, parent + (int64_t)b * L, order + (int64_t)b * L, flags + (int64_t)b * L,
-          L,                  N};
-}
-
 // This thread's scratch slots: the block's region (entries * kPer * threads), interleaved by thread.
 template <typename acc_t, int kPer>
 __device__ grootl::Slots<acc_t> thread_slots(acc_t* scratch, int64_t entries) {
@@ -116,18 +108,17 @@ __device__ grootl::Slots<acc_t> thread_slots(acc_t* scratch, int64_t entries) {
   return {scratch + block * entries * kPer * blockDim.x + threadIdx.x, (int64_t)blockDim.x, kPer};
 }
 
-template <typename scalar_t, typename acc_t, int kLanes, int kPer>
+// kForwardThreads / kLanes channels of one row per block (a layout's channels d of all its groups).
+template <typename scalar_t, typename acc_t, typename Layout, int kLanes, int kPer>
 __global__ void __launch_bounds__(kForwardThreads)
-    forward_kernel(const scalar_t* u, const scalar_t* delta, const acc_t* A, const scalar_t* B, const scalar_t* C,
-                   const int64_t* parent, const int64_t* order, const uint8_t* flags, int D, int N, int L,
-                   int64_t entries, acc_t* scratch, scalar_t* y, acc_t* root) {
+    forward_kernel(Layout lay, int64_t entries, acc_t* scratch, scalar_t* y, acc_t* root) {
+  const int D = lay.groups() * lay.group_channels();
   const int d = blockIdx.x * (kForwardThreads / kLanes) + threadIdx.x / kLanes, b = blockIdx.y;
   const auto slots = thread_slots<acc_t, kPer>(scratch, entries);
   if (d >= D) return;  // whole lane groups leave; the group shuffles name only their own lanes
-  const int64_t bd = (int64_t)b * D + d;
-  const auto ch = channel(u, delta, A, B, C, parent, order, flags, b, d, D, N, L);
   acc_t cur[kPer];
-  grootl::tree_scan_forward(ch, warp_lanes<kLanes, kPer>(), slots, cur, y + bd * L, root ? root + bd * N : nullptr);
+  grootl::tree_scan_forward(lay.channel(b, d), warp_lanes<kLanes, kPer>(), slots, cur, y + lay.u_offset(b, d),
+                            root ? root + ((int64_t)b * D + d) * lay.N : nullptr);
 }
 
 // Sums the block's dB/dC terms over its channels: over a warp's channels with shuffles, then over the
@@ -185,31 +176,30 @@ struct BlockSink {
   }
 };
 
-// Blocks of kBackwardThreads / kLanes channels of one row; channels past D repeat channel D-1 into the
-// padded outputs' spare rows and add nothing to dB/dC.
-template <typename scalar_t, typename acc_t, int kLanes, int kPer>
+// Blocks of kBackwardThreads / kLanes channels of one group of one row (gridDim.x = groups * blocks per group);
+// channels past the group's last repeat it, inactive (they write nothing and add nothing to dB/dC). dB_part,
+// dC_part: (batch, groups, blocks per group, L, N).
+template <typename scalar_t, typename acc_t, typename Layout, int kLanes, int kPer>
 __global__ void __launch_bounds__(kBackwardThreads)
-    backward_kernel(const scalar_t* u, const scalar_t* delta, const acc_t* A, const scalar_t* B, const scalar_t* C,
-                    const int64_t* parent, const int64_t* order, const uint8_t* flags, const int32_t* ckpt_offset,
-                    const int32_t* sizes, const scalar_t* gy, const acc_t* g_root, int D, int N, int L,
-                    int64_t entries, acc_t* scratch, scalar_t* du, acc_t* d_delta, acc_t* dA, acc_t* dB_part,
-                    acc_t* dC_part) {
+    backward_kernel(Layout lay, const int32_t* ckpt_offset, const int32_t* sizes, const scalar_t* gy,
+                    const acc_t* g_root, int64_t entries, acc_t* scratch, scalar_t* du, acc_t* d_delta, acc_t* dA,
+                    acc_t* dB_part, acc_t* dC_part) {
   using Sink = BlockSink<acc_t, kLanes, kPer>;
   __shared__ acc_t stage[Sink::kSteps][Sink::kWarps][2][Sink::kN];
   __shared__ int64_t stage_v[Sink::kSteps];
-  const int grp = blockIdx.x, b = blockIdx.y, groups = gridDim.x;
-  const int channels = kBackwardThreads / kLanes, D_pad = groups * channels;
-  const int d_pad = grp * channels + threadIdx.x / kLanes, d = d_pad < D ? d_pad : D - 1;
-  const int64_t bd = (int64_t)b * D + d, bd_pad = (int64_t)b * D_pad + d_pad;
-  const auto ch = channel(u, delta, A, B, C, parent, order, flags, b, d, D, N, L);
-  const int64_t part = ((int64_t)b * groups + grp) * L * N;
-  Sink sink{stage, stage_v, dB_part + part, dC_part + part, N, d_pad < D, 0};
-  acc_t cur[kPer], g[kPer], dA_acc[kPer];
+  const int per_group = lay.group_channels(), D = lay.groups() * per_group, N = lay.N, L = lay.L;
+  const int channels = kBackwardThreads / kLanes, parts = (per_group + channels - 1) / channels;
+  const int g = blockIdx.x / parts, b = blockIdx.y;
+  const int c = blockIdx.x % parts * channels + threadIdx.x / kLanes, d = g * per_group + (c < per_group ? c : per_group - 1);
+  const int64_t part = ((int64_t)b * gridDim.x + blockIdx.x) * L * N;
+  Sink sink{stage, stage_v, dB_part + part, dC_part + part, N, c < per_group, 0};
+  acc_t cur[kPer], gr[kPer], dA_acc[kPer];
   const int chunks = grootl::num_chunks(L);
-  grootl::tree_scan_backward(ch, warp_lanes<kLanes, kPer>(), gy + bd * L, g_root ? g_root + bd * N : nullptr,
+  grootl::tree_scan_backward(lay.channel(b, d), warp_lanes<kLanes, kPer>(c < per_group), gy + lay.u_offset(b, d),
+                             g_root ? g_root + ((int64_t)b * D + d) * N : nullptr,
                              ckpt_offset + (int64_t)b * (chunks + 1), sizes[b * 3], sizes[b * 3 + 1],
-                             thread_slots<acc_t, kPer>(scratch, entries), grootl::BackwardRegs<acc_t>{cur, g, dA_acc},
-                             du + bd_pad * L, d_delta + bd_pad * L, dA + bd_pad * N, sink);
+                             thread_slots<acc_t, kPer>(scratch, entries), grootl::BackwardRegs<acc_t>{cur, gr, dA_acc},
+                             du + lay.u_offset(b, d), d_delta + lay.delta_out(b, d), dA + lay.dA_out(b, d), sink);
 }
 
 // sq[t] = |X[t]|^2 and dots[t*k + j-1] = X[t] . X[t-j] (grootl::feature_dot: the CPU build's bits), one thread
@@ -356,28 +346,82 @@ std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order
   return largest;
 }
 
+namespace {
+
+// A layout's forward on a grid of (channel blocks, rows).
+template <typename scalar_t, typename acc_t, typename Layout>
+void launch_forward(const Layout& lay, int batch, const at::Tensor& like, int64_t h_depth, scalar_t* y, acc_t* root) {
+  const int D = lay.groups() * lay.group_channels();
+  const int64_t entries = grootl::forward_scratch_entries(h_depth);
+  with_lane_shape(lay.N, [&](auto lanes, auto per) {
+    constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+    const dim3 grid((D + kForwardThreads / kLanes - 1) / (kForwardThreads / kLanes), batch);
+    auto scratch = at::empty({(int64_t)grid.x * grid.y * kForwardThreads * entries * kPer},
+                             like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    GROOTL_LAUNCH(grid, kForwardThreads, at::cuda::getCurrentCUDAStream(),
+                  forward_kernel<scalar_t, acc_t, Layout, kLanes, kPer>)(lay, entries, scratch.data_ptr<acc_t>(), y,
+                                                                        root);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Blocks of a layout's channels per (group, row); d_delta and dA zeroed here, then added to.
+template <typename scalar_t, typename acc_t, typename Layout>
+void launch_backward(const Layout& lay, int batch, const at::Tensor& like, const at::Tensor& ckpt_offset,
+                     const at::Tensor& sizes, const std::vector<int64_t>& largest, const at::Tensor& gy,
+                     c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta, at::Tensor dA,
+                     at::Tensor dB_part, at::Tensor dC_part) {
+  const int parts = (lay.group_channels() + channel_group_cuda(lay.N) - 1) / channel_group_cuda(lay.N);
+  const int64_t entries = grootl::backward_scratch_entries(largest[0], largest[1], largest[2]);
+  d_delta.zero_();
+  dA.zero_();
+  with_lane_shape(lay.N, [&](auto lanes, auto per) {
+    constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+    const dim3 grid(lay.groups() * parts, batch);
+    auto scratch = at::empty({(int64_t)grid.x * batch * kBackwardThreads * entries * kPer},
+                             like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    GROOTL_LAUNCH(grid, kBackwardThreads, at::cuda::getCurrentCUDAStream(),
+                  backward_kernel<scalar_t, acc_t, Layout, kLanes, kPer>)(
+        lay, ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(), gy.data_ptr<scalar_t>(),
+        g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, entries, scratch.data_ptr<acc_t>(),
+        du.data_ptr<scalar_t>(), d_delta.data_ptr<acc_t>(), dA.data_ptr<acc_t>(), dB_part.data_ptr<acc_t>(),
+        dC_part.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+grootl::Mamba1Layout<scalar_t, acc_t> mamba1_layout(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                    const at::Tensor& B, const at::Tensor& C, const at::Tensor& parent,
+                                                    const at::Tensor& order, const at::Tensor& flags) {
+  return {u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
+          C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
+          (int)u.size(1), (int)B.size(2), (int)u.size(2)};
+}
+
+// As cpu.cpp's; d_dt and dA per head dim (P partials): a head's channels run on different warps and blocks.
+template <typename scalar_t, typename acc_t>
+grootl::Mamba2Layout<scalar_t, acc_t> mamba2_layout(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& decay,
+                                                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                                    const at::Tensor& parent, const at::Tensor& order,
+                                                    const at::Tensor& flags) {
+  return {x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), decay.data_ptr<acc_t>(), A.data_ptr<acc_t>(),
+          B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+          flags.data_ptr<uint8_t>(), (int)x.size(2), (int)x.size(3), (int)B.size(2), (int)B.size(3),
+          (int)x.size(1), (int)x.size(3)};
+}
+
+}  // namespace
+
 void forward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
                   int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {
   CHECK_CUDA_INPUT(u);
   const c10::cuda::CUDAGuard guard(u.device());
-  const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(2);
-  const int64_t entries = grootl::forward_scratch_entries(h_depth);
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_lane_shape(N, [&](auto lanes, auto per) {
-      constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
-      const dim3 grid((D + kForwardThreads / kLanes - 1) / (kForwardThreads / kLanes), batch);
-      auto scratch = at::empty({(int64_t)grid.x * grid.y * kForwardThreads * entries * kPer},
-                               u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      GROOTL_LAUNCH(grid, kForwardThreads, stream, forward_kernel<scalar_t, acc_t, kLanes, kPer>)(
-          u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
-          C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
-          D, N, L, entries, scratch.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
-          root.has_value() ? root->data_ptr<acc_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_forward(mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags), u.size(0), u, h_depth,
+                   y.data_ptr<scalar_t>(), root.has_value() ? root->data_ptr<acc_t>() : nullptr);
   });
 }
 
@@ -388,35 +432,45 @@ void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                    at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
   CHECK_CUDA_INPUT(u);
   const c10::cuda::CUDAGuard guard(u.device());
-  const int batch = u.size(0), D = u.size(1), L = u.size(2), N = B.size(2);
-  const int channels = channel_group_cuda(N), groups = (D + channels - 1) / channels, D_pad = groups * channels;
-  const int64_t entries = grootl::backward_scratch_entries(largest[0], largest[1], largest[2]);
-  const bool padded = D_pad != D;  // padding channels write into spare rows of padded outputs
-  auto du_out = padded ? at::empty({batch, D_pad, L}, du.options()) : du;
-  auto d_delta_out = padded ? at::empty({batch, D_pad, L}, d_delta.options()) : d_delta;
-  auto dA_out = padded ? at::empty({batch, D_pad, N}, dA_part.options()) : dA_part;
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_lane_shape(N, [&](auto lanes, auto per) {
-      constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
-      auto scratch = at::empty({(int64_t)groups * batch * kBackwardThreads * entries * kPer},
-                               u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      GROOTL_LAUNCH(dim3(groups, batch), kBackwardThreads, stream, backward_kernel<scalar_t, acc_t, kLanes, kPer>)(
-          u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
-          C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
-          ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(), gy.data_ptr<scalar_t>(),
-          g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, D, N, L, entries, scratch.data_ptr<acc_t>(),
-          du_out.data_ptr<scalar_t>(), d_delta_out.data_ptr<acc_t>(), dA_out.data_ptr<acc_t>(),
-          dB_part.data_ptr<acc_t>(), dC_part.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_backward<scalar_t, acc_t>(mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags),
+                                     u.size(0), u, ckpt_offset, sizes, largest, gy, g_root, du, d_delta, dA_part,
+                                     dB_part, dC_part);
   });
-  if (padded) {
-    du.copy_(du_out.narrow(1, 0, D));
-    d_delta.copy_(d_delta_out.narrow(1, 0, D));
-    dA_part.copy_(dA_out.narrow(1, 0, D));
-  }
+}
+
+std::vector<int64_t> mamba2_parts_cuda(int64_t heads_per_group, int64_t P, int64_t N) {
+  return {(heads_per_group * P + channel_group_cuda(N) - 1) / channel_group_cuda(N), P};
+}
+
+void mamba2_forward_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
+                         int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {
+  CHECK_CUDA_INPUT(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor decay = at::exp(dt.to(A.scalar_type()) * A);  // once per (row, t, head)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_forward(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags), x.size(0), x,
+                   h_depth, y.data_ptr<scalar_t>(), root.has_value() ? root->data_ptr<acc_t>() : nullptr);
+  });
+}
+
+void mamba2_backward_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order,
+                          const at::Tensor& flags, const at::Tensor& ckpt_offset, const at::Tensor& sizes,
+                          const std::vector<int64_t>& largest, const at::Tensor& gy, c10::optional<at::Tensor> g_root,
+                          at::Tensor dx, at::Tensor d_dt, at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
+  CHECK_CUDA_INPUT(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor decay = at::exp(dt.to(A.scalar_type()) * A);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_backward<scalar_t, acc_t>(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags),
+                                     x.size(0), x, ckpt_offset, sizes, largest, gy, g_root, dx, d_dt, dA_part, dB_part,
+                                     dC_part);
+  });
 }
 
 void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B,

@@ -17,6 +17,15 @@ void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                    const at::Tensor& ckpt_offset, const at::Tensor& sizes, const std::vector<int64_t>& largest,
                    const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta,
                    at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part);
+std::vector<int64_t> mamba2_parts_cuda(int64_t heads_per_group, int64_t P, int64_t N);
+void mamba2_forward_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
+                         int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root);
+void mamba2_backward_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order,
+                          const at::Tensor& flags, const at::Tensor& ckpt_offset, const at::Tensor& sizes,
+                          const std::vector<int64_t>& largest, const at::Tensor& gy, c10::optional<at::Tensor> g_root,
+                          at::Tensor dx, at::Tensor d_dt, at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part);
 void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B,
                      const at::Tensor& context_lens, const at::Tensor& start, int64_t k, int64_t distance,
                      at::Tensor parent, at::Tensor order, at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes);
@@ -32,6 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan_cuda, "row plans of a tree; returns the largest stack sizes over the rows");
   m.def("forward", &forward_cuda, "tree scan forward (B, C as (batch, L, N))");
   m.def("backward", &backward_cuda, "tree scan backward (partial sums for dA, dB, dC)");
+  m.def("mamba2_forward", &mamba2_forward_cuda, "tree scan forward, Mamba-2 layout (scalar decay per head, grouped B, C)");
+  m.def("mamba2_backward", &mamba2_backward_cuda, "its backward (partial sums for d_dt, dA, dB, dC)");
+  m.def("mamba2_parts", &mamba2_parts_cuda, "(dB/dC partials per group, d_dt/dA partials) of the Mamba-2 backward");
   m.def("build_tree", &build_tree_cuda, "minimum spanning tree of the token graph, rooted at L-1, and its plan");
   m.def("build_grouped_tree", &build_grouped_tree_cuda, "build_tree from grouped (Mamba-2) features a_g (outer) b_g");
 }

@@ -1,10 +1,15 @@
 // The GrootL single-root tree scan, one (batch row, channel) at a time. Written once for host and device:
 // kernels/cpu.cpp runs a channel on one thread (its N states in a loop), kernels/cuda.cu spreads a channel's
 // N states over a group of lanes of a warp. The `Lanes` policy says which states a thread owns and how the
-// channel's sums over n are formed (SerialLanes below; WarpLanes in cuda.cu).
+// channel's sums over n are formed (SerialLanes below; WarpLanes in cuda.cu). The `Channel` says where a
+// channel's inputs live and whether its decay is per state (Mamba-1) or one scalar per head (Mamba-2); a
+// layout (Mamba1Layout, Mamba2Layout) makes the channels of a batch.
 //
 // For one row and channel d, with a = exp(delta * A[d]) and X[v] = delta[v] * u[v] * B[v, :]:
 //     H[v] = X[v] + sum over children c of v of a(c + 1) * H[c],      y[v] = C[v, :] . H[v]
+// Mamba-1: a channel is one of D, a(t) = exp(delta[t] * A[d, n]) per state. Mamba-2: a channel is a (head h,
+// head dim p), u = x[:, h, p], delta = dt[:, h], B and C the head's group's, and a(t) = exp(dt[t, h] * A[h]) one
+// scalar for the head's P * N states, read from a table made once per (row, t, head).
 // The forward visits nodes leaves-to-root (reversed DFS preorder) and keeps the pending child sums on a
 // stack: in that order the only open sums belong to ancestors of the current node, and the parent's is on
 // top. The order is heavy-last (each node's largest child subtree last), so both stacks hold at most
@@ -204,7 +209,8 @@ struct SerialLanes {
   int per;  // states per thread: N
   GROOTL_HD int first() const { return 0; }
   GROOTL_HD int count() const { return 1; }
-  GROOTL_HD bool leader() const { return true; }
+  GROOTL_HD bool leader() const { return true; }   // writes the channel's per-position outputs
+  GROOTL_HD bool writes() const { return true; }   // writes its states' outputs
   template <typename T>
   GROOTL_HD T sum(T x) const { return x; }
 };
@@ -231,30 +237,123 @@ GROOTL_HD int64_t backward_scratch_entries(int h_depth, int g_depth, int ckpt_to
   return (int64_t)h_depth + g_depth + ckpt_total + kChunk;
 }
 
-// One row and channel of the inputs, every pointer already offset to them.
-template <typename scalar_t, typename acc_t>
+// The decay on an edge, per state: a(n) = exp(delta * A[n]), d log a(n) / d delta = A[n].
+template <typename acc_t>
+struct StateDecay {
+  acc_t delta;
+  const acc_t* A;
+  GROOTL_HD acc_t value(int n) const { return fast_exp(delta * A[n]); }
+  GROOTL_HD acc_t rate(int n) const { return A[n]; }
+};
+
+// One decay for all states (a table entry): d log a / d delta = A.
+template <typename acc_t>
+struct ScalarDecay {
+  acc_t a, A;
+  GROOTL_HD acc_t value(int) const { return a; }
+  GROOTL_HD acc_t rate(int) const { return A; }
+};
+
+// One row and channel of the inputs, every pointer already offset to them; position t of u (and of the
+// channel's y, gy, du) at u[t * step_u], of delta (and d_delta, decay) at delta[t * step_delta], B's and C's
+// N states at B + t * step_bc. kScalarDecay: A is the head's one value and decay the table of exp(delta * A).
+template <typename scalar_t, typename acc_t, bool kScalarDecay = false>
 struct Channel {
+  static constexpr bool scalar_decay = kScalarDecay;
   const scalar_t* u;      // (L)
   const scalar_t* delta;  // (L)
-  const acc_t* A;         // (N)
+  const acc_t* A;         // (N), or (1) with kScalarDecay
   const scalar_t* B;      // (L, N)
   const scalar_t* C;      // (L, N)
   const int64_t* parent;  // (L)
   const int64_t* order;   // (L)
   const uint8_t* flags;   // (L), by preorder step (the plan's; unused by chain_tree_*)
   int L, N;
+  int64_t step_u = 1, step_delta = 1, step_bc = N;
+  const acc_t* decay = nullptr;  // (L): exp(delta * A), kScalarDecay only
+
+  GROOTL_HD acc_t u_at(int64_t t) const { return (acc_t)u[t * step_u]; }
+  GROOTL_HD acc_t delta_at(int64_t t) const { return (acc_t)delta[t * step_delta]; }
+  GROOTL_HD const scalar_t* B_at(int64_t t) const { return B + t * step_bc; }
+  GROOTL_HD const scalar_t* C_at(int64_t t) const { return C + t * step_bc; }
+  // the transition a(t), which moves a node's H to its parent when the node is t - 1
+  GROOTL_HD auto decay_at(int64_t t) const {
+    if constexpr (kScalarDecay)
+      return ScalarDecay<acc_t>{decay[t * step_delta], A[0]};
+    else
+      return StateDecay<acc_t>{delta_at(t), A};
+  }
+};
+
+// Mamba-1's channels: u, delta (batch, D, L), A (D, N), B, C (batch, L, N); one group of D channels. Per
+// channel, its u-like sequences (y, gy, du) start at u_offset, d_delta at delta_out (batch, D, L), dA at
+// dA_out (batch, D, N).
+template <typename scalar_t, typename acc_t>
+struct Mamba1Layout {
+  using channel_t = Channel<scalar_t, acc_t>;
+  const scalar_t* u;
+  const scalar_t* delta;
+  const acc_t* A;
+  const scalar_t* B;
+  const scalar_t* C;
+  const int64_t* parent;
+  const int64_t* order;
+  const uint8_t* flags;
+  int D, N, L;
+  GROOTL_HD int groups() const { return 1; }
+  GROOTL_HD int group_channels() const { return D; }
+  GROOTL_HD int64_t u_offset(int b, int d) const { return ((int64_t)b * D + d) * L; }
+  GROOTL_HD int64_t delta_out(int b, int d) const { return ((int64_t)b * D + d) * L; }
+  GROOTL_HD int64_t dA_out(int b, int d) const { return ((int64_t)b * D + d) * N; }
+  GROOTL_HD channel_t channel(int b, int d) const {
+    const int64_t row = (int64_t)b * L;
+    return {u + u_offset(b, d), delta + u_offset(b, d), A + (int64_t)d * N, B + row * N, C + row * N,
+            parent + row, order + row, flags != nullptr ? flags + row : nullptr, L, N};
+  }
+};
+
+// Mamba-2's channels d = h * P + p: x (batch, L, H, P), dt and its decay table (batch, L, H), A (H), B, C
+// (batch, L, G, N); G groups of H / G * P channels. d_dt and dA come in dt_parts partial sums (1: summed over a
+// head's channels in place, by a caller that runs them in turn; P: one per head dim): d_dt (batch, dt_parts, L,
+// H), dA (batch, dt_parts, H).
+template <typename scalar_t, typename acc_t>
+struct Mamba2Layout {
+  using channel_t = Channel<scalar_t, acc_t, true>;
+  const scalar_t* x;
+  const scalar_t* dt;
+  const acc_t* decay;
+  const acc_t* A;
+  const scalar_t* B;
+  const scalar_t* C;
+  const int64_t* parent;
+  const int64_t* order;
+  const uint8_t* flags;
+  int H, P, G, N, L, dt_parts;
+  GROOTL_HD int groups() const { return G; }
+  GROOTL_HD int group_channels() const { return H / G * P; }
+  GROOTL_HD int64_t u_offset(int b, int d) const { return (int64_t)b * L * H * P + d; }
+  GROOTL_HD int64_t delta_out(int b, int d) const {
+    return ((int64_t)b * dt_parts + (dt_parts == 1 ? 0 : d % P)) * L * H + d / P;
+  }
+  GROOTL_HD int64_t dA_out(int b, int d) const {
+    return ((int64_t)b * dt_parts + (dt_parts == 1 ? 0 : d % P)) * H + d / P;
+  }
+  GROOTL_HD channel_t channel(int b, int d) const {
+    const int64_t row = (int64_t)b * L, h = d / P, bc = row * G * N + h / (H / G) * N;
+    return {x + u_offset(b, d), dt + row * H + h, A + h, B + bc, C + bc, parent + row, order + row,
+            flags + row, L, N, (int64_t)H * P, H, (int64_t)G * N, decay + row * H + h};
+  }
 };
 
 // Reverse-sweep step i: computes the owned states of H of node order[i] into cur and passes a(v+1) * H[v]
 // to the parent's stack entry. Returns the node.
-template <typename scalar_t, typename acc_t, typename Lanes>
-GROOTL_HD int64_t h_step(const Channel<scalar_t, acc_t>& ch, const Lanes& ln, int i, const Slots<acc_t>& stack,
-                         int& sp, acc_t* cur) {
+template <typename Ch, typename Lanes, typename acc_t>
+GROOTL_HD int64_t h_step(const Ch& ch, const Lanes& ln, int i, const Slots<acc_t>& stack, int& sp, acc_t* cur) {
   const int N = ch.N;
   const int64_t v = ch.order[i];
   const uint8_t f = ch.flags[i];
-  const acc_t x = (acc_t)ch.delta[v] * (acc_t)ch.u[v];
-  const scalar_t* Bv = ch.B + v * N;
+  const acc_t x = ch.delta_at(v) * ch.u_at(v);
+  const auto* Bv = ch.B_at(v);
   if (f & kHasChildren) --sp;
   for (int j = 0; j < ln.per; ++j) {
     const int n = state_of(ln, j);
@@ -262,13 +361,13 @@ GROOTL_HD int64_t h_step(const Channel<scalar_t, acc_t>& ch, const Lanes& ln, in
     cur[j] = x * (acc_t)Bv[n] + ((f & kHasChildren) ? stack(sp, j) : acc_t(0));
   }
   if (ch.parent[v] >= 0) {
-    const acc_t dn = (acc_t)ch.delta[v + 1];
+    const auto a = ch.decay_at(v + 1);
     const bool open = f & kLastChild;
     const int e = open ? sp : sp - 1;
     for (int j = 0; j < ln.per; ++j) {
       const int n = state_of(ln, j);
       if (n >= N) break;
-      const acc_t pass = fast_exp(dn * ch.A[n]) * cur[j];
+      const acc_t pass = a.value(n) * cur[j];
       stack(e, j) = open ? pass : stack(e, j) + pass;
     }
     if (open) ++sp;
@@ -276,16 +375,16 @@ GROOTL_HD int64_t h_step(const Channel<scalar_t, acc_t>& ch, const Lanes& ln, in
   return v;
 }
 
-// Forward: y[v] = C[v, :] . H[v] for every node (written by the leader lane; y may be null); root (N, may be
-// null) = H[L-1], each lane writing its states. stack: forward_scratch_entries(h_depth) entries; cur: per.
-template <typename scalar_t, typename acc_t, typename Lanes>
-GROOTL_HD void tree_scan_forward(const Channel<scalar_t, acc_t>& ch, const Lanes& ln, const Slots<acc_t>& stack,
-                                 acc_t* cur, scalar_t* y, acc_t* root) {
+// Forward: y[v * step_u] = C[v, :] . H[v] for every node (written by the leader lane; y may be null); root (N,
+// may be null) = H[L-1], each lane writing its states. stack: forward_scratch_entries(h_depth) entries; cur: per.
+template <typename scalar_t, typename acc_t, bool kScalarDecay, typename Lanes>
+GROOTL_HD void tree_scan_forward(const Channel<scalar_t, acc_t, kScalarDecay>& ch, const Lanes& ln,
+                                 const Slots<acc_t>& stack, acc_t* cur, scalar_t* y, acc_t* root) {
   const int L = ch.L, N = ch.N;
   int sp = 0;
   for (int i = L - 1; i >= 0; --i) {
     const int64_t v = h_step(ch, ln, i, stack, sp, cur);
-    const scalar_t* Cv = ch.C + v * N;
+    const scalar_t* Cv = ch.C_at(v);
     acc_t part = 0;
     for (int j = 0; j < ln.per; ++j) {
       const int n = state_of(ln, j);
@@ -293,7 +392,7 @@ GROOTL_HD void tree_scan_forward(const Channel<scalar_t, acc_t>& ch, const Lanes
       part += (acc_t)Cv[n] * cur[j];
     }
     const acc_t out = ln.sum(part);
-    if (y != nullptr && ln.leader()) y[v] = (scalar_t)out;
+    if (y != nullptr && ln.leader()) y[v * ch.step_u] = (scalar_t)out;
   }
   if (root != nullptr)  // the root is the last node of the reverse sweep
     for (int j = 0; j < ln.per; ++j) {
@@ -311,13 +410,14 @@ struct BackwardRegs {
   acc_t* dA;   // this channel's dA, summed over nodes
 };
 
-// Backward of one channel. gy: (L); g_root: (N) or null. The leader lane writes du (L) and d_delta (L,
-// acc_t); each lane writes its states of dA (N). The per-channel terms of dB[v, n] and dC[v, n] go to
-// sink.add(j, n, v, dB_term, dC_term) for every owned state, then sink.commit(v), node by node in the same
-// order on every channel of a row; sink.finish() after the last node.
-// ckpt_offset: the row plan's; scratch: backward_scratch_entries(...) entries.
-template <typename scalar_t, typename acc_t, typename Lanes, typename Sink>
-GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const Lanes& ln, const scalar_t* gy,
+// Backward of one channel. gy: (L) at step_u; g_root: (N) or null. The leader lane writes du (L, at step_u) and
+// adds to d_delta (L, acc_t, at step_delta); dA gets added each lane's states (N), or with a scalar decay the
+// channel's sum (1, by the leader): the caller zeroes d_delta and dA, so channels may share them. The
+// per-channel terms of dB[v, n] and dC[v, n] go to sink.add(j, n, v, dB_term, dC_term) for every owned state,
+// then sink.commit(v), node by node in the same order on every channel of a row; sink.finish() after the last
+// node. ckpt_offset: the row plan's; scratch: backward_scratch_entries(...) entries.
+template <typename scalar_t, typename acc_t, bool kScalarDecay, typename Lanes, typename Sink>
+GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t, kScalarDecay>& ch, const Lanes& ln, const scalar_t* gy,
                                   const acc_t* g_root, const int32_t* ckpt_offset, int h_depth, int g_depth,
                                   const Slots<acc_t>& scratch, BackwardRegs<acc_t> r, scalar_t* du, acc_t* d_delta,
                                   acc_t* dA, Sink& sink) {
@@ -326,8 +426,6 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const Lane
   const Slots<acc_t> g_stack = scratch.at(h_depth);
   const Slots<acc_t> ckpt = g_stack.at(g_depth);
   const Slots<acc_t> hbuf = ckpt.at(ckpt_offset[chunks]);  // H of the current chunk's nodes, by step
-  if (ln.leader())
-    for (int v = 0; v < L; ++v) d_delta[v] = 0;
   for (int j = 0; j < ln.per; ++j) r.dA[j] = 0;
 
   // 1. Reverse sweep, saving the forward stack as each chunk's last step is reached.
@@ -357,9 +455,9 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const Lane
       const int64_t v = ch.order[i];
       const uint8_t f = ch.flags[i];
       const Slots<acc_t> H = hbuf.at(i - s);
-      const scalar_t* Bv = ch.B + v * N;
-      const scalar_t* Cv = ch.C + v * N;
-      const acc_t gyv = (acc_t)gy[v];
+      const scalar_t* Bv = ch.B_at(v);
+      const scalar_t* Cv = ch.C_at(v);
+      const acc_t gyv = (acc_t)gy[v * ch.step_u];
       for (int j = 0; j < ln.per; ++j) {
         const int n = state_of(ln, j);
         if (n >= N) break;
@@ -367,22 +465,23 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const Lane
       }
       if (ch.parent[v] >= 0) {  // edge v -> parent, transition a(v + 1)
         const Slots<acc_t> gp = g_stack.at(g_sp - 1);
-        const acc_t dn = (acc_t)ch.delta[v + 1];
+        const acc_t dn = ch.delta_at(v + 1);
+        const auto decay = ch.decay_at(v + 1);
         acc_t dd = 0;
         for (int j = 0; j < ln.per; ++j) {
           const int n = state_of(ln, j);
           if (n >= N) break;
-          const acc_t a = fast_exp(dn * ch.A[n]);
+          const acc_t a = decay.value(n);
           const acc_t t = gp(0, j) * H(0, j) * a;  // d loss / d log a
-          dd += t * ch.A[n];
+          dd += t * decay.rate(n);
           r.dA[j] += t * dn;
           r.g[j] += a * gp(0, j);
         }
         dd = ln.sum(dd);
-        if (ln.leader()) d_delta[v + 1] += dd;
+        if (ln.leader()) d_delta[(v + 1) * ch.step_delta] += dd;
         if (f & kLastChild) --g_sp;
       }
-      const acc_t dv = (acc_t)ch.delta[v], uv = (acc_t)ch.u[v], x = dv * uv;
+      const acc_t dv = ch.delta_at(v), uv = ch.u_at(v), x = dv * uv;
       acc_t gx = 0;  // d loss / d (delta[v] * u[v])
       for (int j = 0; j < ln.per; ++j) {
         const int n = state_of(ln, j);
@@ -393,8 +492,8 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const Lane
       gx = ln.sum(gx);
       sink.commit(v);
       if (ln.leader()) {
-        du[v] = (scalar_t)(gx * dv);
-        d_delta[v] += gx * uv;
+        du[v * ch.step_u] = (scalar_t)(gx * dv);
+        d_delta[v * ch.step_delta] += gx * uv;
       }
       if (f & kHasChildren) {
         for (int j = 0; j < ln.per; ++j) g_stack(g_sp, j) = r.g[j];
@@ -403,10 +502,17 @@ GROOTL_HD void tree_scan_backward(const Channel<scalar_t, acc_t>& ch, const Lane
     }
   }
   sink.finish();
-  for (int j = 0; j < ln.per; ++j) {
-    const int n = state_of(ln, j);
-    if (n >= N) break;
-    dA[n] = r.dA[j];
+  if constexpr (kScalarDecay) {
+    acc_t total = 0;
+    for (int j = 0; j < ln.per; ++j) total += r.dA[j];  // idle slots hold 0
+    total = ln.sum(total);
+    if (ln.leader()) dA[0] += total;
+  } else if (ln.writes()) {
+    for (int j = 0; j < ln.per; ++j) {
+      const int n = state_of(ln, j);
+      if (n >= N) break;
+      dA[n] += r.dA[j];
+    }
   }
 }
 

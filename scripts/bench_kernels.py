@@ -13,6 +13,12 @@ The Mamba-2 tree build (grouped features; native vs PyTorch, same run):
     python scripts/bench_kernels.py --grouped mamba2-130m codestral-7b --lengths 512 2048 \
         --out benchmarks/grouped_build_cpu.json
 
+The Mamba-2 tree scan, forward + backward: the native Mamba-2 op against today's folded route (the Mamba-1 kernel
+on groups folded into the batch, the old dispatch, kept here for the comparison) and the PyTorch path, same run:
+
+    python scripts/bench_kernels.py --mamba2 mamba2-130m codestral-7b --lengths 512 \
+        --out benchmarks/mamba2_scan_cpu.json
+
 Bytes model (no timing; see ``launches``): the bytes the CUDA kernels as launched today, and the casts and
 copies around them in grootl/tree/native.py, move per call against the minimum, and the threads each offers:
 
@@ -35,6 +41,7 @@ from typing import NamedTuple
 import torch
 
 from grootl.tree import Tree, build_tree, native, tree_scan, tree_scan_ref
+from grootl.tree import mamba2
 from grootl.tree.graph import DISTANCES, build_grouped_tree, stack_bound
 
 SIZES = {"130m": (1536, 16), "370m": (2048, 16)}  # Mamba d_inner, d_state
@@ -134,6 +141,43 @@ def bench_grouped_build(args):
                 row["native_s"] = timed(lambda: build_grouped_tree(a, b, context), args.device, args.repeats)
                 row["torch_s"] = timed(lambda: torch_path(build_grouped_tree)(a, b, context), args.device, args.repeats)
                 row["speedup"] = row["torch_s"] / row["native_s"]
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+# Mamba-2 scan layouts: H, P, G, N (Mamba2-130M; Mamba-Codestral-7B's groups with 16 heads per group)
+MAMBA2 = {"mamba2-130m": (24, 64, 1, 128), "codestral-7b": (128, 64, 8, 128)}
+
+
+def mamba2_folded(x, dt, A, B, C, tree):
+    """The route the native Mamba-2 op replaced: the Mamba-1 scan (native kernel where it serves) on the folded
+    layout, tree rows repeated per group."""
+    return mamba2._folded_tree_scan(x, dt, A, B, C, tree, False)
+
+
+def bench_mamba2(args):
+    """The Mamba-2 tree scan, forward + backward: native op, the folded route, the PyTorch path; same run."""
+    rows = []
+    for name in args.mamba2:
+        heads, head_dim, groups, n = MAMBA2[name]
+        for batch in args.batch:
+            for length in args.lengths:
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(batch, length, heads, head_dim, generator=g)
+                dt = torch.nn.functional.softplus(torch.randn(batch, length, heads, generator=g) - 2)
+                A = -torch.exp(torch.randn(heads, generator=g) * 0.5)
+                B, C = (torch.randn(batch, length, groups, n, generator=g) for _ in range(2))
+                x, dt, A, B, C = (t.to(args.device) for t in (x, dt, A, B, C))
+                tree = mamba2.build_tree(x, dt, B, torch.full((batch,), length // 2, device=args.device))
+                row = {"layout": name, "H": heads, "P": head_dim, "G": groups, "N": n, "batch": batch, "L": length,
+                       "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+                row["native_s"] = timed(fwd_bwd(mamba2.tree_scan, x, dt, A, B, C, tree), args.device, args.repeats)
+                row["folded_s"] = timed(fwd_bwd(mamba2_folded, x, dt, A, B, C, tree), args.device, args.repeats)
+                row["torch_s"] = timed(fwd_bwd(torch_path(mamba2.tree_scan), x, dt, A, B, C, tree), args.device,
+                                       args.repeats)
+                row["speedup_vs_folded"] = row["folded_s"] / row["native_s"]
+                row["speedup_vs_torch"] = row["torch_s"] / row["native_s"]
                 rows.append(row)
                 print(format_row(row), flush=True)
     return rows
@@ -464,6 +508,8 @@ def main(argv=None):
     parser.add_argument("--bytes-lengths", type=int, nargs="+", default=[2048, 8192], help="lengths of the bytes model")
     parser.add_argument("--grouped", nargs="+", choices=sorted(GROUPED), default=None,
                         help="time only the Mamba-2 grouped tree build of these layouts, native vs PyTorch")
+    parser.add_argument("--mamba2", nargs="+", choices=sorted(MAMBA2), default=None,
+                        help="time only the Mamba-2 tree scan of these layouts: native op, folded route, PyTorch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.lengths is None:
@@ -480,6 +526,8 @@ def main(argv=None):
         raise SystemExit(f"no native kernels for {args.device} (see the warning above)")
     elif args.grouped:
         rows = bench_grouped_build(args)
+    elif args.mamba2:
+        rows = bench_mamba2(args)
     else:
         rows, timing_extra = (bench_cpu(args), {}) if args.device == "cpu" else bench_cuda(args)
         extra |= timing_extra

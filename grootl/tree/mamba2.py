@@ -18,10 +18,13 @@ of G, head h reads group ``g(h) = h // (H // G)``. Per row, head h, head-dim p a
    before its D skip, gate and norm; after the prompt one state decodes:
    ``S[t] = Ā[t]·S[t-1] + (1+λ)·X[t]``.
 
-The fast path is the Mamba-1 scan of ``grootl.tree.scan`` (native kernels included): groups fold into
-the batch, each head's channels are its P head dims, and the scalar decay becomes Mamba-1's
-``exp(delta·A)`` with ``delta = -dt·A``, ``A = -1`` and ``u = x / -A`` (so ``delta·u = dt·x``). The tree's
-rows are repeated over the groups once per tree, with its scan order (:func:`grootl.tree.graph.repeat_rows`).
+The native kernels (``grootl::mamba2_tree_scan``: kernels/tree_scan.h's scan with a scalar decay) take this
+layout as it is: one tree per row for all heads, ``Ā`` formed once per (row, t, head) and shared by the
+head's P·N states, the sums over a group's heads and a head's dims done in the kernel. The PyTorch path
+(``GROOTL_NATIVE=0``, a device or N no kernel serves, the portable copy) folds onto the Mamba-1 scan of
+``grootl.tree.scan``: groups into the batch, each head's channels its P head dims, the scalar decay as
+Mamba-1's ``exp(delta·A)`` with ``delta = -dt·A``, ``A = -1`` and ``u = x / -A`` (so ``delta·u = dt·x``), the
+tree's rows repeated over the groups once per tree (:func:`grootl.tree.graph.repeat_rows`).
 """
 
 from __future__ import annotations
@@ -114,10 +117,22 @@ def tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree
     """Single-root tree scan contracted with C: y_tree (batch, L, H, P) in x's dtype, without the D skip.
 
     With ``return_root_state`` also the root's state (batch, H, P, N), float32 (float64 for float64
-    inputs). Differentiable in x, dt, A, B, C. Runs as the Mamba-1 :func:`grootl.tree.tree_scan`
-    (see the module docstring), so it takes the native kernels where they serve N.
+    inputs). Differentiable in x, dt, A, B, C. Runs on the native Mamba-2
+    kernels where they serve the device and N, else on PyTorch (see the module docstring).
     """
     check_scan_inputs(x, dt, A, B, C, tree, check_values)
+    # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves x.device and N
+    from grootl.tree import native
+
+    if x.shape[0] and native.serves_scan(x.device, B.shape[3]):  # an empty batch needs no kernel
+        return native._mamba2_tree_scan(x, dt, A, B, C, tree, return_root_state)
+    # <<< native dispatch hook
+    return _folded_tree_scan(x, dt, A, B, C, tree, return_root_state)
+
+
+def _folded_tree_scan(x, dt, A, B, C, tree: Tree, return_root_state: bool):
+    """:func:`tree_scan` on checked inputs as the Mamba-1 scan of :func:`grootl.tree.tree_scan` (see the module
+    docstring): the PyTorch path."""
     batch, length, heads, head_dim = x.shape
     groups, n = B.shape[2], B.shape[3]
     f = work_dtype(x)

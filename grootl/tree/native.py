@@ -354,16 +354,83 @@ def _scan_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _scan_backward(ctx, gy, g_root):
-    # the backward op has no derivative of its own: a second derivative raises instead of silently missing terms
-    u, delta, A, B, C, *plan = ctx.saved_tensors
-    gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
-    g_root = None if g_root is None else g_root.to(A.dtype).contiguous()
-    grads = torch.ops.grootl.tree_scan_backward(u, delta, A, B, C, *plan, gy, g_root)
-    return *_summed_grads(delta, B, C, *grads), *([None] * 5)
+def _tree_scan_backward(backward_op, summed_grads):
+    """The autograd backward of a tree-scan op from its backward op and the sum of that op's partials. The backward
+    op has no derivative of its own: a second derivative raises instead of silently missing terms."""
+
+    def backward(ctx, gy, g_root):
+        u, delta, A, B, C, *plan = ctx.saved_tensors
+        gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
+        g_root = None if g_root is None else g_root.to(A.dtype).contiguous()
+        return *summed_grads(delta, B, C, *backward_op(u, delta, A, B, C, *plan, gy, g_root)), *([None] * 5)
+
+    return backward
 
 
-torch.library.register_autograd("grootl::tree_scan", _scan_backward, setup_context=_scan_setup)
+torch.library.register_autograd("grootl::tree_scan", _tree_scan_backward(torch.ops.grootl.tree_scan_backward,
+                                                                         _summed_grads), setup_context=_scan_setup)
+
+
+# The Mamba-2 layout: x (batch, L, H, P), dt (batch, L, H), A (H,) in the accumulation dtype, B, C (batch, L, G, N);
+# one tree per row for all heads, the scalar decay exp(dt * A) formed once per (row, t, head).
+
+
+@torch.library.custom_op("grootl::mamba2_tree_scan", mutates_args=())
+def _mamba2_scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
+                    flags: Tensor, ckpt_offset: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """y (batch, L, H, P) and the root's state (batch, H, P, N)."""
+    ext = _kernel(x.device)
+    batch, length, heads, head_dim = x.shape
+    y = _alloc(batch, length, heads, head_dim, dtype=x.dtype, device=x.device)
+    root = _alloc(batch, heads, head_dim, B.shape[3], dtype=A.dtype, device=x.device)
+    ext.mamba2_forward(x, dt, A, B, C, parent, order, flags, _bounds(ext, length)[0], y, root)
+    return y, root
+
+
+@_mamba2_scan_op.register_fake
+def _(x, dt, A, B, C, parent, order, flags, ckpt_offset, sizes):
+    return torch.empty_like(x), A.new_empty(x.shape[0], x.shape[2], x.shape[3], B.shape[3])
+
+
+def _mamba2_backward_shapes(ext: ModuleType, x: Tensor, B: Tensor) -> list[tuple[int, ...]]:
+    """dx; d_dt (batch, parts, L, H) and dA (batch, parts, H) as partial sums; dB, dC (batch, G, parts, L, N): the
+    extension says how many partials each needs (the CPU's sum d_dt and dA over a head's channels in place)."""
+    batch, length, heads, head_dim = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    bc_parts, dt_parts = ext.mamba2_parts(heads // groups, head_dim, n)
+    return [tuple(x.shape), (batch, dt_parts, length, heads), (batch, dt_parts, heads),
+            *[(batch, groups, bc_parts, length, n)] * 2]
+
+
+@torch.library.custom_op("grootl::mamba2_tree_scan_backward", mutates_args=())
+def _mamba2_scan_backward_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
+                             flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, gy: Tensor, g_root: Tensor | None
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dx; d_dt, dA, dB, dC as partial sums in the accumulation dtype (see _mamba2_backward_shapes)."""
+    ext = _kernel(x.device)
+    shapes = _mamba2_backward_shapes(ext, x, B)
+    grads = (_alloc(*shapes[0], dtype=x.dtype, device=x.device),
+             *(_alloc(*shape, dtype=A.dtype, device=x.device) for shape in shapes[1:]))
+    ext.mamba2_backward(x, dt, A, B, C, parent, order, flags, ckpt_offset, sizes, _bounds(ext, x.shape[1]), gy,
+                        g_root, *grads)
+    return grads
+
+
+@_mamba2_scan_backward_op.register_fake
+def _(x, dt, A, B, C, parent, order, flags, ckpt_offset, sizes, gy, g_root):
+    parts = _mamba2_backward_shapes(_kernel(x.device), x, B)[1:]
+    return torch.empty_like(x), *(A.new_empty(shape) for shape in parts)
+
+
+def _mamba2_summed_grads(dt: Tensor, B: Tensor, C: Tensor, dx, d_dt, dA, dB, dC) -> tuple[Tensor, ...]:
+    """Gradients of (x, dt, A, B, C) from the Mamba-2 backward's outputs: partial sums summed, input dtypes."""
+    dB, dC = (part.sum(2).transpose(1, 2) for part in (dB, dC))  # (batch, G, L, N) -> B's layout
+    return dx, d_dt.sum(1).to(dt.dtype), dA.sum((0, 1)), dB.to(B.dtype), dC.to(C.dtype)
+
+
+torch.library.register_autograd(
+    "grootl::mamba2_tree_scan",
+    _tree_scan_backward(torch.ops.grootl.mamba2_tree_scan_backward, _mamba2_summed_grads), setup_context=_scan_setup)
 
 
 @torch.library.custom_op("grootl::chain_tree_scan", mutates_args=())
@@ -483,6 +550,18 @@ def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
     y, root = torch.ops.grootl.tree_scan(u.to(dt).contiguous(), delta.to(dt).contiguous(), A.to(acc).contiguous(),
                                          _states_last(B, dt), _states_last(C, dt), *plan.tensors())
     y = y.to(u.dtype)
+    return (y, root) if return_root_state else y
+
+
+def _mamba2_tree_scan(x, dt, A, B, C, tree: Tree, return_root_state: bool):
+    """:func:`grootl.tree.mamba2.tree_scan` on checked inputs, on the native kernel of the tensors' device (its
+    dispatch lands here)."""
+    plan = _Plan.of(_kernel(x.device), tree, x.device)
+    dtype = _scan_dtype(x, dt, B, C)
+    y, root = torch.ops.grootl.mamba2_tree_scan(*(t.to(dtype).contiguous() for t in (x, dt)),
+                                                A.to(work_dtype(x)).contiguous(),
+                                                *(t.to(dtype).contiguous() for t in (B, C)), *plan.tensors())
+    y = y.to(x.dtype)
     return (y, root) if return_root_state else y
 
 

@@ -356,7 +356,7 @@ void launch_forward(const Layout& lay, int batch, const at::Tensor& like, int64_
   with_lane_shape(lay.N, [&](auto lanes, auto per) {
     constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
     const dim3 grid((D + kForwardThreads / kLanes - 1) / (kForwardThreads / kLanes), batch);
-    auto scratch = at::empty({(int64_t)grid.x * grid.y * kForwardThreads * entries * kPer},
+    const at::Tensor scratch = at::empty({(int64_t)grid.x * grid.y * kForwardThreads * entries * kPer},
                              like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     GROOTL_LAUNCH(grid, kForwardThreads, at::cuda::getCurrentCUDAStream(),
                   forward_kernel<scalar_t, acc_t, Layout, kLanes, kPer>)(lay, entries, scratch.data_ptr<acc_t>(), y,
@@ -378,7 +378,7 @@ void launch_backward(const Layout& lay, int batch, const at::Tensor& like, const
   with_lane_shape(lay.N, [&](auto lanes, auto per) {
     constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
     const dim3 grid(lay.groups() * parts, batch);
-    auto scratch = at::empty({(int64_t)grid.x * batch * kBackwardThreads * entries * kPer},
+    const at::Tensor scratch = at::empty({(int64_t)grid.x * batch * kBackwardThreads * entries * kPer},
                              like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     GROOTL_LAUNCH(grid, kBackwardThreads, at::cuda::getCurrentCUDAStream(),
                   backward_kernel<scalar_t, acc_t, Layout, kLanes, kPer>)(

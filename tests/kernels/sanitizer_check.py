@@ -23,11 +23,13 @@ os.environ.pop("LD_PRELOAD", None)  # this process keeps the sanitizer; the comp
 import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
-from grootl.tree import build_tree, graph, native, tree_scan_ref  # noqa: E402
+from grootl.tree import build_tree, graph, mamba2, native, tree_scan_ref  # noqa: E402
 from scan_inputs import random_inputs  # noqa: E402
 
 # N=16 (16 lanes), N=64 (32 lanes x 2), N=5 (idle lanes); D not a multiple of a block's channels
 SHAPES = [(2, 17, 16, 41), (1, 3, 64, 20), (2, 7, 5, 33)]
+# the Mamba-2 scan (batch, L, H, P, G, N): two groups with padding channels; N=128 (32 lanes x 4) over two blocks
+MAMBA2_SHAPES = [(2, 33, 4, 3, 2, 5), (1, 5, 2, 9, 1, 128)]
 
 
 def extension(sanitizer: str, build_dir: Path):
@@ -43,7 +45,7 @@ def extension(sanitizer: str, build_dir: Path):
 
 def run(device: str) -> None:
     """Build trees on the device (from Mamba-1 and grouped features), plan trees made elsewhere, and scan forward
-    and backward."""
+    and backward (Mamba-1 and Mamba-2 layouts)."""
     for batch, d, n, length in SHAPES:
         u, delta, A, B, C = random_inputs(batch, d, n, length, torch.float32, seed=length, device=device)
         context = torch.tensor([length // 2, length], device=device)[:batch]
@@ -64,6 +66,21 @@ def run(device: str) -> None:
             tree_scan_ref(*ref, tree).square().sum().backward()
             for a, b in zip(leaves, ref):
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+    for batch, length, heads, head_dim, groups, n in MAMBA2_SHAPES:
+        g = torch.Generator().manual_seed(length)
+        x = torch.randn(batch, length, heads, head_dim, generator=g)
+        dt = torch.nn.functional.softplus(torch.randn(batch, length, heads, generator=g))
+        A = -torch.rand(heads, generator=g) - 0.5
+        B, C = (torch.randn(batch, length, groups, n, generator=g) for _ in range(2))
+        inputs = [t.to(device) for t in (x, dt, A, B, C)]
+        tree = mamba2.build_tree(*inputs[:2], inputs[3], torch.tensor([length // 2, length], device=device)[:batch])
+        grads = []
+        for scan in (mamba2.tree_scan, mamba2.tree_scan_ref):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            scan(*leaves, tree).square().sum().backward()
+            grads.append([t.grad for t in leaves])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     print("sanitizer check: kernels ran", flush=True)
 
 

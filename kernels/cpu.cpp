@@ -9,10 +9,15 @@
 #include <limits>
 #include <vector>
 
+#include "scan_layouts.h"
 #include "tree_build.h"
 #include "tree_scan.h"
 
 namespace {
+
+using grootl::mamba1_layout;
+using grootl::mamba2_decay;
+using grootl::mamba2_layout;
 
 constexpr int64_t kGroup = 16;  // channels per task; dB/dC partial sums are kept per (row, group)
 
@@ -51,31 +56,6 @@ std::vector<int64_t> plan(const at::Tensor& parent, const at::Tensor& order, at:
   return largest;
 }
 
-template <typename scalar_t, typename acc_t>
-grootl::Mamba1Layout<scalar_t, acc_t> mamba1_layout(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                                    const at::Tensor& B, const at::Tensor& C, const at::Tensor& parent,
-                                                    const at::Tensor& order, const uint8_t* flags) {
-  return {u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
-          C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags,
-          (int)u.size(1), (int)B.size(2), (int)u.size(2)};
-}
-
-// x (batch, L, H, P), dt (batch, L, H), A (H), B, C (batch, L, G, N); decay = exp(dt * A) (batch, L, H). d_dt
-// and dA are summed over a head's channels in place (one partial).
-template <typename scalar_t, typename acc_t>
-grootl::Mamba2Layout<scalar_t, acc_t> mamba2_layout(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& decay,
-                                                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                                                    const at::Tensor& parent, const at::Tensor& order,
-                                                    const at::Tensor& flags) {
-  return {x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), decay.data_ptr<acc_t>(), A.data_ptr<acc_t>(),
-          B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-          flags.data_ptr<uint8_t>(), (int)x.size(2), (int)x.size(3), (int)B.size(2), (int)B.size(3),
-          (int)x.size(1), 1};
-}
-
-// Ā = exp(dt * A) once per (row, t, head), in the accumulation type.
-at::Tensor mamba2_decay(const at::Tensor& dt, const at::Tensor& A) { return at::exp(dt.to(A.scalar_type()) * A); }
-
 // Every channel of every row on its own; h_depth: a bound on the plan's forward stack depth
 // (grootl.tree.graph.stack_bound).
 template <typename scalar_t, typename acc_t, typename Layout>
@@ -110,7 +90,7 @@ void mamba2_forward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor&
   const at::Tensor decay = mamba2_decay(dt, A);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_tree_scan_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_rows(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags), x.size(0), h_depth,
+    forward_rows(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags, 1), x.size(0), h_depth,
                  y.data_ptr<scalar_t>(), root.has_value() ? root->data_ptr<acc_t>() : nullptr);
   });
 }
@@ -192,7 +172,7 @@ void mamba2_backward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor
   const at::Tensor decay = mamba2_decay(dt, A);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_tree_scan_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_rows(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags), x.size(0),
+    backward_rows(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags, 1), x.size(0),
                   x.size(3), ckpt_offset, sizes, gy.data_ptr<scalar_t>(),
                   g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, dx.data_ptr<scalar_t>(), d_dt, dA_part,
                   dB_part, dC_part);

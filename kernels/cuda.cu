@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "scan_layouts.h"
 #include "tree_build.h"
 #include "tree_scan.h"
 
@@ -390,27 +391,6 @@ void launch_backward(const Layout& lay, int batch, const at::Tensor& like, const
   });
 }
 
-template <typename scalar_t, typename acc_t>
-grootl::Mamba1Layout<scalar_t, acc_t> mamba1_layout(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                                    const at::Tensor& B, const at::Tensor& C, const at::Tensor& parent,
-                                                    const at::Tensor& order, const at::Tensor& flags) {
-  return {u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<acc_t>(), B.data_ptr<scalar_t>(),
-          C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
-          (int)u.size(1), (int)B.size(2), (int)u.size(2)};
-}
-
-// As cpu.cpp's; d_dt and dA per head dim (P partials): a head's channels run on different warps and blocks.
-template <typename scalar_t, typename acc_t>
-grootl::Mamba2Layout<scalar_t, acc_t> mamba2_layout(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& decay,
-                                                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                                                    const at::Tensor& parent, const at::Tensor& order,
-                                                    const at::Tensor& flags) {
-  return {x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), decay.data_ptr<acc_t>(), A.data_ptr<acc_t>(),
-          B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-          flags.data_ptr<uint8_t>(), (int)x.size(2), (int)x.size(3), (int)B.size(2), (int)B.size(3),
-          (int)x.size(1), (int)x.size(3)};
-}
-
 }  // namespace
 
 void forward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -420,7 +400,8 @@ void forward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   const c10::cuda::CUDAGuard guard(u.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_forward(mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags), u.size(0), u, h_depth,
+    const auto lay = grootl::mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>());
+    launch_forward(lay, u.size(0), u, h_depth,
                    y.data_ptr<scalar_t>(), root.has_value() ? root->data_ptr<acc_t>() : nullptr);
   });
 }
@@ -434,12 +415,15 @@ void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   const c10::cuda::CUDAGuard guard(u.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_backward<scalar_t, acc_t>(mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags),
+    const auto lay = grootl::mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>());
+    launch_backward<scalar_t, acc_t>(lay,
                                      u.size(0), u, ckpt_offset, sizes, largest, gy, g_root, du, d_delta, dA_part,
                                      dB_part, dC_part);
   });
 }
 
+// dB/dC partials: a group's blocks; d_dt and dA: one per head dim (a head's channels run on different warps and
+// blocks).
 std::vector<int64_t> mamba2_parts_cuda(int64_t heads_per_group, int64_t P, int64_t N) {
   return {(heads_per_group * P + channel_group_cuda(N) - 1) / channel_group_cuda(N), P};
 }
@@ -449,10 +433,11 @@ void mamba2_forward_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Te
                          int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {
   CHECK_CUDA_INPUT(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor decay = at::exp(dt.to(A.scalar_type()) * A);  // once per (row, t, head)
+  const at::Tensor decay = grootl::mamba2_decay(dt, A);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_forward(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags), x.size(0), x,
+    const auto lay = grootl::mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags, (int)x.size(3));
+    launch_forward(lay, x.size(0), x,
                    h_depth, y.data_ptr<scalar_t>(), root.has_value() ? root->data_ptr<acc_t>() : nullptr);
   });
 }
@@ -464,10 +449,11 @@ void mamba2_backward_cuda(const at::Tensor& x, const at::Tensor& dt, const at::T
                           at::Tensor dx, at::Tensor d_dt, at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
   CHECK_CUDA_INPUT(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor decay = at::exp(dt.to(A.scalar_type()) * A);
+  const at::Tensor decay = grootl::mamba2_decay(dt, A);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_backward<scalar_t, acc_t>(mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags),
+    const auto lay = grootl::mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags, (int)x.size(3));
+    launch_backward<scalar_t, acc_t>(lay,
                                      x.size(0), x, ckpt_offset, sizes, largest, gy, g_root, dx, d_dt, dA_part, dB_part,
                                      dC_part);
   });

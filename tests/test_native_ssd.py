@@ -13,6 +13,7 @@ import torch
 from grootl.tree import Tree, native
 from grootl.tree import mamba2 as m2
 from native_checks import bench_kernels, caterpillar, random_tree, torch_path
+from test_mamba2_tree import random_inputs
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 NAMES = ("y", "root", "dx", "ddt", "dA", "dB", "dC")
@@ -20,15 +21,9 @@ NAMES = ("y", "root", "dx", "ddt", "dA", "dB", "dC")
 pytestmark = pytest.mark.usefixtures("poison_native_outputs")
 
 
-def ssd_inputs(batch, length, heads, head_dim, groups, n, seed=0):
-    """x, dt (after softplus), A (negative, one per head), B, C in float64."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, length, heads, head_dim, generator=g, dtype=F64)
-    dt = torch.nn.functional.softplus(torch.randn(batch, length, heads, generator=g, dtype=F64))
-    A = -torch.exp(torch.randn(heads, generator=g, dtype=F64) * 0.5)
-    B = torch.randn(batch, length, groups, n, generator=g, dtype=F64)
-    C = torch.randn(batch, length, groups, n, generator=g, dtype=F64)
-    return [x, dt, A, B, C]
+def ssd_inputs(*shape, seed=0):
+    """x, dt (after softplus), A (negative, one per head), B, C in float64 for (batch, L, H, P, G, N)."""
+    return list(random_inputs(*shape, seed=seed))
 
 
 def run_scan(fn, inputs, tree):

@@ -9,11 +9,11 @@ import json
 
 import pytest
 import torch
+from test_mamba2_tree import random_inputs  # first: it imports transformers' Mamba-2 before grootl hooks transformers
 
 from grootl.tree import Tree, native
 from grootl.tree import mamba2 as m2
 from native_checks import bench_kernels, caterpillar, random_tree, torch_path
-from test_mamba2_tree import random_inputs
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 NAMES = ("y", "root", "dx", "ddt", "dA", "dB", "dC")

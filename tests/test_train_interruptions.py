@@ -148,3 +148,21 @@ def test_resume_at_and_after_an_epoch_boundary_is_exact(tmp_path):
         assert [m["step"] for m in resumed] == list(range(1, 8))
         assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], abs=1e-6)
         assert [m["epoch"] for m in resumed] == [m["epoch"] for m in straight]
+
+
+def test_ctrl_c_names_itself_the_step_and_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    """Ctrl-C (a bare KeyboardInterrupt) is one line naming it, the step and the newest checkpoint."""
+    import accelerate
+
+    real_save = accelerate.Accelerator.save_state
+
+    def save_then_ctrl_c(self, output_dir=None, **kwargs):
+        real_save(self, output_dir, **kwargs)
+        if output_dir.endswith("step-2"):
+            raise KeyboardInterrupt  # what Python raises on SIGINT
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_then_ctrl_c)
+    run = recipe(tmp_path, "train.max_steps=2", "checkpoint.every=1")
+    with pytest.raises(TrainingError, match=r"^interrupted \(Ctrl-C\) at optimizer step 2; newest complete "
+                                            r"checkpoint: .*step-1; continue with --resume$"):
+        train(run)

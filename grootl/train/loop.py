@@ -404,7 +404,7 @@ def _run(recipe: Recipe, accelerator: Accelerator, action: str, lock: rundir.Run
                         break
         except KeyboardInterrupt as interrupt:
             kept = f"newest complete checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
-            raise TrainingError(f"interrupted ({interrupt or 'Ctrl-C'}) at optimizer step {state['step']}; {kept}; "
+            raise TrainingError(f"interrupted ({str(interrupt) or 'Ctrl-C'}) at optimizer step {state['step']}; {kept}; "
                                 f"continue with --resume") from None
         finally:
             progress.close()

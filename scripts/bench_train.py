@@ -1,11 +1,12 @@
 """Training throughput and peak memory per optimizer step: full fine-tuning, LoRA and GrootL arms on
 the same model and the same batches (prompt = the first ``--context`` fraction of each row). Beside wall time, each arm's process
 CPU time per step (all its threads): on a shared machine its ratio to LoRA's is less swayed by other load than
-the wall-time ratio, though not immune (compare runs, and repeat).
+the wall-time ratio, though not immune: ``--rounds R`` runs every arm R times, alternating the arm order, and
+reports the median of the per-round ratios (each round's arms run back to back, under about the same load).
 
     python scripts/bench_train.py                                   # tiny random-init model on CPU
     python scripts/bench_train.py --size 130m --device cuda --lengths 512 2048 --precision bf16 --grad-ckpt
-    python scripts/bench_train.py --family mamba2 bamba --size 130m --arms lora grootl \
+    python scripts/bench_train.py --family mamba2 bamba --size 130m --arms lora grootl --rounds 3 \
         --out benchmarks/train_families_cpu.json                    # a Mamba-2 and a hybrid (Bamba)
 
 Each arm runs in its own subprocess, so CPU peak memory (peak RSS above the RSS after building the
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -147,6 +149,36 @@ def _cpu_model() -> str:
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
 
 
+def run_worker(family: str, length: int, arm: str) -> dict:
+    """One arm in a subprocess of its own (its own peak memory)."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--arm", arm, "--model", family, "--length", str(length)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        sys.exit(f"{family} {arm} at length {length} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarize(rounds: list[dict], arms: list[str]) -> list[dict]:
+    """One row per arm: medians over the rounds, and ratios to LoRA taken within each round (its arms ran back to
+    back, under about the same load) and then their median; with several rounds every round's ratio is kept."""
+    ratios = {"tokens_per_s_vs_lora": lambda x, ref: x["tokens_per_s"] / ref["tokens_per_s"],
+              "tokens_per_cpu_s_vs_lora": lambda x, ref: ref["cpu_ms_per_step"] / x["cpu_ms_per_step"],
+              "peak_vs_lora": lambda x, ref: x["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else None}
+    rows = []
+    for arm in arms:
+        per_round = [r[arm] for r in rounds]
+        row = {**per_round[0], "rounds": len(rounds)}
+        for key in ("ms_per_step", "cpu_ms_per_step", "tokens_per_s", "peak_mb"):
+            row[key] = statistics.median(x[key] for x in per_round)
+        for key, ratio in ratios.items():
+            values = [ratio(r[arm], r["lora"]) for r in rounds] if "lora" in arms else [None]
+            row[key] = None if None in values else statistics.median(values)
+            if len(rounds) > 1 and None not in values:
+                row[key + "_per_round"] = values
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="+", choices=sorted(SIZES), default=["mamba"],
@@ -158,6 +190,8 @@ def main() -> None:
     parser.add_argument("--context", type=float, default=0.5, help="prompt fraction of each row")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every arm this often, alternating the arm order; medians are reported")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
@@ -176,18 +210,11 @@ def main() -> None:
     rows = []
     for family in args.family:
         for length in args.lengths:
-            for arm in args.arms:
-                command = [sys.executable, __file__, *sys.argv[1:], "--arm", arm, "--model", family, "--length", str(length)]
-                result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-                if result.returncode != 0:
-                    sys.exit(f"{family} {arm} at length {length} failed:\n{result.stderr[-3000:]}")
-                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    reference = {(row["family"], row["length"]): row for row in rows if row["arm"] == "lora"}
-    for row in rows:
-        ref = reference.get((row["family"], row["length"]))
-        row["tokens_per_s_vs_lora"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
-        row["tokens_per_cpu_s_vs_lora"] = ref["cpu_ms_per_step"] / row["cpu_ms_per_step"] if ref else None
-        row["peak_vs_lora"] = row["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] > 0 else None
+            rounds = []  # per round, each arm's row; the arm order alternates so drifting load hits both ends
+            for r in range(args.rounds):
+                order = args.arms if r % 2 == 0 else args.arms[::-1]
+                rounds.append({arm: run_worker(family, length, arm) for arm in order})
+            rows.extend(summarize(rounds, args.arms))
 
     print(f"{'family':<8}{'params':>8}{'arm':>8}{'L':>6}{'tokens/s':>12}{'ms/step':>10}{'CPU ms/step':>12}{'peak MB':>10}"
           f"{'tok/s vs LoRA':>15}{'tok/CPU-s vs LoRA':>19}{'peak vs LoRA':>14}")

@@ -36,7 +36,7 @@ if wants mamba && ! "$py" -c "import mamba_ssm" 2>/dev/null && [ -n "$sdist" ]; 
   stage mamba "$py" scripts/build_selective_scan.py "$sdist" --out /tmp/mamba_site
   export PYTHONPATH="$PYTHONPATH:/tmp/mamba_site"
 fi
-wants tests && stage tests "$py" -m pytest -m gpu tests/test_native.py tests/test_tree_compile.py tests/test_model.py -q -p no:cacheprovider
+wants tests && stage tests "$py" -m pytest -m gpu tests/test_native.py tests/test_native_cuda.py tests/test_tree_compile.py tests/test_model.py -q -p no:cacheprovider
 sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null)
 if wants sanitize && [ -n "$sanitizer" ]; then  # shared-memory hazards, then out-of-bounds accesses, on hardware
   for tool in racecheck memcheck; do

@@ -32,3 +32,57 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------ native kernels (tests/test_native*.py)
+def _poisoned(*shape, dtype, device):
+    """NaN for floats, an out-of-range value for ints: what an unwritten element would hold."""
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, 123 if dtype == torch.uint8 else -7, dtype=dtype, device=device)
+
+
+@pytest.fixture
+def poison_native_outputs(monkeypatch):
+    """Every output the native kernels write is allocated poisoned, so an element a kernel forgets fails."""
+    from grootl.tree import native
+
+    monkeypatch.setattr(native, "_alloc", _poisoned)
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """The C++ kernels, built (a failed build fails the test instead of falling back to PyTorch)."""
+    import warnings
+
+    from grootl.tree import native
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.available("cpu"), "the C++ kernels did not build"
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda_build(cpu_kernels, tmp_path_factory):
+    """kernels/cuda.cu's host code and kernels compiled for the CPU through tests/kernels/cuda_emulation.h."""
+    from torch.utils import cpp_extension
+
+    from grootl.tree import native
+
+    here = REPO / "tests" / "kernels"
+    return cpp_extension.load(
+        name="grootl_cuda_emulated",
+        sources=[str(here / "cuda_emulated.cpp")],
+        extra_cflags=["-O1", "-std=c++20"],
+        extra_include_paths=[str(native.KERNELS), str(here)],
+        build_directory=str(tmp_path_factory.mktemp("cuda_emulated")),
+    )
+
+
+@pytest.fixture
+def emulated_cuda(emulated_cuda_build, monkeypatch):
+    """The emulated CUDA extension serves CPU tensors in this test; the device its tensors live on."""
+    from grootl.tree import native
+
+    monkeypatch.setattr(native, "_module_for", lambda device: emulated_cuda_build)
+    return "cpu"

@@ -1,5 +1,5 @@
 """CI compile check: nvcc builds the CUDA tree-scan extension from the shipped sources (it cannot run here
-without a GPU; tests/test_native.py runs it where one exists). Skipped where no CUDA toolkit is found."""
+without a GPU; tests/test_native_cuda.py runs it where one exists). Skipped where no CUDA toolkit is found."""
 
 from __future__ import annotations
 

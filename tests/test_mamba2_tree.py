@@ -15,7 +15,7 @@ from transformers.models.mamba2 import modeling_mamba2
 from grootl.tree import NonFiniteInputError, Tree, build_tree, edge_weights
 from grootl.tree import graph
 from grootl.tree import mamba2 as m2
-from test_native import allowed_edges, kruskal_edges, preorder, tree_edges
+from native_checks import allowed_edges, kruskal_edges, preorder, tree_edges
 
 F64 = torch.float64
 

@@ -1,0 +1,170 @@
+"""The CUDA extension (kernels/cuda.cu: host code and kernels) under the checks of tests/native_checks.py: on a GPU
+where there is one, and on every machine through tests/kernels/cuda_emulation.h, with CPU threads standing in
+for the GPU's (smaller shapes there: an emulated warp is 32 OS threads). Kernel outputs are poisoned."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import torch
+
+from grootl.tree import native
+from native_checks import (
+    CUDA, SHAPES, bench_kernels, check_deep_stack, check_grouped_tree, check_half_precision, check_plans,
+    check_runs_identical, check_scan_matches_reference, check_ties_give_one_tree, check_tree_equals_cpu_tree,
+    plan_cases,
+)
+
+pytestmark = pytest.mark.usefixtures("poison_native_outputs")
+
+
+# N=5: 8 lanes, 3 idle; N=16: 16 lanes; N=64: 32 lanes x 2 states; D not a multiple of a block's channels
+EMULATED_SHAPES = [(3, 7, 5, 33), (2, 17, 16, 67), (1, 3, 64, 20)]
+
+
+@pytest.mark.parametrize("shape", EMULATED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_cuda_scan_matches_reference(emulated_cuda, shape):
+    check_scan_matches_reference(emulated_cuda, shape)
+
+
+def test_emulated_cuda_deep_stack(emulated_cuda):
+    check_deep_stack(emulated_cuda, 101)
+
+
+def test_emulated_cuda_bf16(emulated_cuda):
+    check_half_precision(emulated_cuda, (2, 20, 16, 40))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_emulated_cuda_tree_equals_cpu_tree(emulated_cuda, distance, k):
+    check_tree_equals_cpu_tree(emulated_cuda, distance, batch=4, length=97, d=9, k=k)
+
+
+def test_emulated_cuda_ties_give_one_tree(emulated_cuda):  # one distance: the others share its code path
+    check_ties_give_one_tree(emulated_cuda, "cosine")
+
+
+def test_emulated_cuda_grouped_tree_equals_torch_and_kruskal(emulated_cuda):  # the distances share the host code
+    check_grouped_tree(emulated_cuda, 3, "cosine")
+
+
+@pytest.mark.parametrize("length", [1, 33, 150])
+def test_emulated_cuda_plans_match_stack_simulation(emulated_cuda, length):
+    check_plans(emulated_cuda, plan_cases(emulated_cuda, batch=3, length=length))
+
+
+def test_emulated_cuda_runs_are_identical(emulated_cuda):
+    check_runs_identical(emulated_cuda, (2, 40, 16, 37))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch, autocast):
+    """A GrootL model's loss and gradients are the same whichever extension serves its tree ops (under bf16
+    autocast the scans get bf16 u and float32 delta: both extensions take them in float32)."""
+    from grootl.model import tiny_model
+
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    lens = torch.tensor([14, 5])
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, context_lens=lens, labels=ids).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    # the two scan kernels on both extensions (the CPU's one-call chain + tree kernel rounds a bf16 y once instead
+    # of twice: test_cpu_chain_tree_scan_equals_the_two_scans compares it)
+    monkeypatch.setattr(native, "serves_chain_tree", lambda device: False)
+    on_cpu_kernels = loss_and_grads()
+    served = []
+    monkeypatch.setattr(native, "_module_for", lambda device: served.append(device) or emulated_cuda_build)
+    for a, b in zip(loss_and_grads(), on_cpu_kernels, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert served, "the model never reached the native kernels"
+
+
+def test_gpu_benchmark_runs_on_the_emulated_extension(emulated_cuda, monkeypatch):
+    """A smoke run of scripts/bench_kernels.py's GPU part, so a GPU session does not find its bugs."""
+    bench = bench_kernels()
+    monkeypatch.setitem(bench.SIZES, "tiny", (32, 16))
+    args = argparse.Namespace(sizes=["tiny"], batch=[1], lengths=[33], repeats=1)
+    (row,), extra = bench.bench_cuda(args, device=emulated_cuda)
+    assert row["build_s"] > 0 and row["ours_s"] > 0 and row["chain_s"] > 0 and row["bandwidth_fraction"] > 0
+    assert extra["copy_bandwidth_gb_s"] > 0
+
+
+def test_cuda_build_without_gpu_picks_archs(monkeypatch, capsys):
+    """No GPU and no TORCH_CUDA_ARCH_LIST (torch's own lookup fails with 'list index out of range'): the build
+    compiles for default archs, says so, and leaves the environment as it was."""
+    seen = {}
+
+    def load(**kwargs):
+        seen["archs"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        return "module"
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(native, "_cpp_extension", lambda: argparse.Namespace(load=load))
+    assert native._compile("cuda") == "module"
+    assert seen["archs"] == native.DEFAULT_CUDA_ARCHS and "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert "TORCH_CUDA_ARCH_LIST" in capsys.readouterr().err
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    native._compile("cuda")
+    assert seen["archs"] == "9.0"
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [*SHAPES[2:], (2, 9, 64, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_scan_matches_reference_fp32(shape):
+    check_scan_matches_reference("cuda", shape)
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_deep_stack():
+    check_deep_stack("cuda", 1001)
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_scan_bf16():
+    check_half_precision("cuda", (2, 70, 16, 300))
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_cuda_tree_equals_cpu_tree(distance):
+    check_tree_equals_cpu_tree("cuda", distance, batch=6, length=300, d=64)
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_cuda_ties_give_one_tree(distance):
+    check_ties_give_one_tree("cuda", distance)
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+def test_cuda_grouped_tree_equals_torch_and_kruskal(distance):
+    check_grouped_tree("cuda", 3, distance)
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_plans_match_stack_simulation():
+    check_plans("cuda", plan_cases("cuda", length=300))
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_runs_are_identical():
+    check_runs_identical("cuda", (2, 96, 16, 257))

@@ -43,7 +43,7 @@ constexpr int kBuildThreads = 512;  // plan_kernel
 constexpr int kTile = 32, kSlices = 8;  // feature_kernel: positions per block, slices of each sum over channels
 constexpr int kPairs = 4;               // feature_kernel: (t, t - j) pairs per pass (j = 0: the norm)
 #ifdef GROOTL_CUDA_EMULATION  // few OS threads per launch, and rows spread over several blocks all the same
-constexpr int kRowsThreads = 32, kRowsMaxBlocks = 4;
+constexpr int kRowsThreads = 32, kRowsMaxBlocks = 2;
 #else
 constexpr int kRowsThreads = 256, kRowsMaxBlocks = 8192;  // GridRows: threads per block, blocks at most
 #endif

@@ -265,7 +265,7 @@ struct SerialRows {
 };
 
 // ceil(log2 n): enough Borůvka rounds for n nodes (each round at least halves the components), and enough
-// pointer-jumping steps for a chain of n nodes.
+// pointer-jumping steps for a chain of n nodes (n >= 1).
 inline int log2_ceil(int n) {
   int r = 0;
   while ((1 << r) < n) ++r;
@@ -334,8 +334,9 @@ void spanning_tree(Par& par, const BuildRows<acc_t>& rows, int distance) {
       if (!mutual || c < n) s.in_tree[e] = 1;
     });
     // pointer jumping to the roots, double-buffered through best (free until the next round): no thread reads
-    // a pointer another thread writes in the same phase
-    for (int step = 0; step < log2_ceil(L); ++step) {
+    // a pointer another thread writes in the same phase; a round starts with at most L >> round components (each
+    // round at least halves them), so its pointer chains are shorter than that
+    for (int step = 0; step < log2_ceil(L >> round); ++step) {
       par.each(L, GROOTL_PHASE(int r, int c) {
         const BuildScratch s = rows.scratch(r);
         if (c == 0) s.changed[1] = 0;

@@ -224,7 +224,7 @@ BYTES_MISSES = (
     "between dtypes in separate passes. Threads: a channel's N states over a group of lanes and each thread walks "
     "all L positions, so the scans offer batch * D * lanes threads whatever L is (24,576 at batch 1, D=1536, N=16); "
     "the build's features run a block per 32 positions (8 warps over the channels), its Borůvka and Euler-tour phases "
-    "one launch each over all rows' elements (batch * L * k threads; about 350 launches at L=2048: a GPU must show "
+    "one launch each over all rows' elements (batch * L * k threads; about 250 launches at L=2048: a GPU must show "
     "whether launch latency then dominates), its plan a block per row."
 )
 FORWARD_THREADS, BACKWARD_THREADS, BUILD_THREADS, CHUNK = 128, 512, 512, 32  # cuda.cu, kChunk

@@ -228,11 +228,12 @@ def state_update_twin(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_so
     place, float32 math, output in x's dtype)."""
     batch, heads, head_dim, n = state.shape
     require(x.shape == dt.shape == (batch, heads, head_dim) and A.shape == (heads, head_dim, n), "x, dt, A")
-    require(B.shape == C.shape and B.shape[0] == batch and B.shape[2] == n and D is None, "B, C (b, g, N)")
+    require(B.shape == C.shape and B.shape[0] == batch and B.shape[2] == n, "B, C (b, g, N)")
+    require(D is None or D.shape == (heads, head_dim), "D (heads, head_dim)")
     Bh = B.float().repeat_interleave(heads // B.shape[1], 1)[:, :, None]
     Ch = C.float().repeat_interleave(heads // C.shape[1], 1)[:, :, None]
     state.copy_(torch.exp(dt.float()[..., None] * A) * state + (dt.float() * x.float())[..., None] * Bh)
-    return (state * Ch).sum(-1).to(x.dtype)
+    return ((state * Ch).sum(-1) + (0 if D is None else D * x.float())).to(x.dtype)
 
 
 def train_and_generate(model, x: torch.Tensor, labels: torch.Tensor):
@@ -245,7 +246,7 @@ def train_and_generate(model, x: torch.Tensor, labels: torch.Tensor):
     return loss.detach(), grads, out
 
 
-def assert_same_run(got, want) -> None:
+def assert_same_run(got, want, logits_atol: float = 1e-5) -> None:
     """Two :func:`train_and_generate` results agree: loss, every gradient, generations and their logits."""
     (loss, grads, out), (want_loss, want_grads, want_out) = got, want
     torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
@@ -253,7 +254,7 @@ def assert_same_run(got, want) -> None:
     for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert torch.equal(out.sequences, want_out.sequences)
-    torch.testing.assert_close(torch.stack(out.logits), torch.stack(want_out.logits), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(want_out.logits), rtol=1e-4, atol=logits_atol)
 
 
 def test_mamba_ssm_path_trains_and_generates_like_the_torch_path(monkeypatch):
@@ -372,14 +373,15 @@ def test_zamba_fused_kernel_path_trains_and_generates_like_the_torch_path(monkey
     plain = train_and_generate(model, x, labels)
     calls = []
 
-    def scan_twin(u, delta, A, B, C, D=None, **kwargs):  # the mixer adds the D skip itself (test_model's twin needs a D)
+    def scan_twin(*args, **kwargs):
         calls.append("scan")
-        return TWINS.selective_scan(u, delta, A, B, C, D=torch.zeros(u.shape[1]) if D is None else D, **kwargs)
+        return TWINS.selective_scan(*args, **kwargs)
 
     twins = TWINS._replace(selective_scan=scan_twin,
                            state_update=lambda *a, **k: calls.append("update") or state_update_twin(*a, **k))
     monkeypatch.setattr(mixer_module, "fast_kernels", lambda t: twins)
-    assert_same_run(train_and_generate(model, x, labels), plain)
+    # float32 rounding: on CPU one native call sums chain + λ·tree (in its own order), the twins run two scans
+    assert_same_run(train_and_generate(model, x, labels), plain, logits_atol=5e-5)
     layers, heads = model.config.num_hidden_layers, model.config.n_mamba_heads
     # training and the prefill, per head, then every decoded position
     assert calls == ["scan"] * 2 * heads * layers + ["update"] * 4 * layers

@@ -124,60 +124,74 @@ class GrootLMixer(MambaMixer):
 
     def _full_scan(self, u, dt, dt_bias, delta, A, B, C, cache, context_lens, start) -> Tensor:
         """Chain scan (+ D skip) plus modulation * tree scan over a whole sequence; fills the cache."""
-        keep_state = cache is not None
-        selective_scan_fn = fast_kernels(u).selective_scan
-        skip = u * self.D.float()[:, None]
-        lam = self.grootl.modulation
         tree = None
         if self.grootl.active and context_lens is not None:
             # values unchecked (no per-layer passes or host syncs): the model checks context_lens once per
             # forward and start comes from the attention mask; non-finite activations show in the loss
             tree = build_tree(u.detach(), delta.detach(), B.detach(), context_lens, self.grootl.k,
                               self.grootl.distance, start, check_values=False)
-        if tree is not None and selective_scan_fn is None:  # both scans in one call
-            out = chain_tree_scan(u, delta, A, B, C, tree, lam, return_last_state=keep_state, check_values=False)
-            y, state = out if keep_state else (out, None)
-            y = y + skip
-        else:
-            if selective_scan_fn is not None:
-                chain = selective_scan_fn(u, dt.to(u.dtype), A, B, C, D=self.D.float(), delta_bias=dt_bias,
-                                          delta_softplus=True, return_last_state=keep_state)
-            else:
-                chain = chain_scan(u, delta, A, B, C, return_last_state=keep_state, check_values=False)
-            y, state = chain if keep_state else (chain, None)
-            if selective_scan_fn is None:
-                y = y + skip
-            if tree is not None:
-                tree_out = tree_scan(u, delta, A, B, C, tree, return_root_state=keep_state, check_values=False)
-                y_tree, h_root = tree_out if keep_state else (tree_out, None)
-                y = y + lam * y_tree
-                if keep_state:
-                    state = state.to(h_root.dtype) + lam * h_root
-            elif self.grootl.active:  # no prompt: the tree is the chain, so H = h and y_tree = C·h
-                y = y + lam * (y - skip)
-                if keep_state:
-                    state = state + lam * state
-        if keep_state:
+        y, state = scan_sequence(u, dt, dt_bias, delta, A, B, C, self.D.float(), tree, self.grootl, cache is not None)
+        if cache is not None:
             cache.update_recurrent_state(state.to(work_dtype(u)), self.layer_idx)
         return y
 
     def _recurrent_scan(self, state: Tensor, u, delta, A, B, C, cache) -> Tensor:
-        """Continue from the cached state one position at a time: ``S = Ā*S + (1+λ)*X``,
-        ``y = C·S + D*u`` (mamba_ssm's ``selective_state_update`` with B scaled by 1+λ where installed);
-        stores the new state in the cache."""
-        scale = 1 + self.grootl.modulation if self.grootl.active else 1.0
-        state_update = None if torch.is_grad_enabled() else fast_kernels(u).state_update  # in place: no autograd
-        ct = state.dtype
-        s, D = state, self.D.float()
-        ys = []
-        for t in range(u.shape[-1]):
-            u_t = u[..., t].to(ct)
-            d_t = delta[..., t].to(ct)
-            B_t = B[:, :, t].to(ct)
-            if state_update is not None:  # updates s in place
-                ys.append(state_update(s, u_t, d_t, A, scale * B_t, C[:, :, t].to(ct), D=D).to(ct))
-                continue
-            s = torch.exp(d_t[..., None] * A.to(ct)) * s + (scale * d_t * u_t)[..., None] * B_t[:, None]
-            ys.append((s @ C[:, :, t, None].to(ct)).squeeze(-1) + D * u_t)
-        cache.update_recurrent_state(s, self.layer_idx)
-        return torch.stack(ys, -1)
+        """Continue from the cached state (:func:`decode_steps`); stores the new state in the cache."""
+        y, state = decode_steps(state, u, delta, A, B, C, self.D.float(), self.grootl)
+        cache.update_recurrent_state(state, self.layer_idx)
+        return y
+
+
+def scan_sequence(u, dt, dt_bias, delta, A, B, C, D, tree, grootl: GrootLConfig, keep_state: bool):
+    """Chain scan + D skip + modulation * tree scan over whole sequences, in the Mamba-1 layout: u, dt (before
+    bias and softplus), delta (batch, channels, L); dt_bias, D (channels,); A (channels, N); B, C (batch, N, L).
+    ``tree`` None: no prompt, so the tree is the chain. Returns y (batch, channels, L) and, with ``keep_state``,
+    the state to cache, ``h_last + modulation * H_root`` (else None). mamba_ssm's ``selective_scan_fn`` runs the
+    chain where installed; otherwise one native call runs both scans where it can."""
+    selective_scan_fn = fast_kernels(u).selective_scan
+    skip = u * D[:, None]
+    lam = grootl.modulation
+    if tree is not None and selective_scan_fn is None:  # both scans in one call
+        out = chain_tree_scan(u, delta, A, B, C, tree, lam, return_last_state=keep_state, check_values=False)
+        y, state = out if keep_state else (out, None)
+        return y + skip, state
+    if selective_scan_fn is not None:
+        chain = selective_scan_fn(u, dt.to(u.dtype), A, B, C, D=D, delta_bias=dt_bias, delta_softplus=True,
+                                  return_last_state=keep_state)
+    else:
+        chain = chain_scan(u, delta, A, B, C, return_last_state=keep_state, check_values=False)
+    y, state = chain if keep_state else (chain, None)
+    if selective_scan_fn is None:
+        y = y + skip
+    if tree is not None:
+        tree_out = tree_scan(u, delta, A, B, C, tree, return_root_state=keep_state, check_values=False)
+        y_tree, h_root = tree_out if keep_state else (tree_out, None)
+        y = y + lam * y_tree
+        if keep_state:
+            state = state.to(h_root.dtype) + lam * h_root
+    elif grootl.active:  # no prompt: the tree is the chain, so H = h and y_tree = C·h
+        y = y + lam * (y - skip)
+        if keep_state:
+            state = state + lam * state
+    return y, state
+
+
+def decode_steps(state: Tensor, u, delta, A, B, C, D, grootl: GrootLConfig) -> tuple[Tensor, Tensor]:
+    """Positions after a cached state, one at a time: ``S = Ā*S + (1+λ)*X``, ``y = C·S + D*u`` (mamba_ssm's
+    ``selective_state_update``, B scaled by 1+λ, where installed; it updates the state in place). Mamba-1's
+    layout (state (batch, channels, N), u (batch, channels, L), B (batch, N, L)) or with heads (state (batch, H,
+    P, N), u (batch, H, P, L), B (batch, H, N, L), A (H, P, N), D (H, P)). Returns y (u's shape) and the state."""
+    scale = 1 + grootl.modulation if grootl.active else 1.0
+    state_update = None if torch.is_grad_enabled() else fast_kernels(u).state_update  # in place: no autograd
+    ct = state.dtype
+    s, A = state, A.to(ct)
+    ys = []
+    for t in range(u.shape[-1]):
+        u_t, d_t = u[..., t].to(ct), delta[..., t].to(ct)
+        B_t, C_t = scale * B[..., t].to(ct), C[..., t].to(ct)
+        if state_update is not None:  # updates s in place
+            ys.append(state_update(s, u_t, d_t, A, B_t, C_t, D=D).to(ct))
+            continue
+        s = torch.exp(d_t[..., None] * A) * s + (d_t * u_t)[..., None] * B_t.unsqueeze(-2)
+        ys.append((s @ C_t[..., None]).squeeze(-1) + D * u_t)
+    return torch.stack(ys, -1), s

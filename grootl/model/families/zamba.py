@@ -30,7 +30,7 @@ from transformers.models.zamba.modeling_zamba import apply_mask_to_padding_state
 
 from grootl.model.config import GrootLConfig
 from grootl.model import mixer
-from grootl.tree import Tree, chain_scan, graph, tree_scan
+from grootl.tree import Tree, graph
 from grootl.tree.graph import work_dtype
 
 
@@ -77,67 +77,32 @@ class GrootLZambaMixerBase:
         ct = work_dtype(hidden_states)  # float64 stays float64 throughout, else float32
         dt_bias = self.dt_proj_bias.to(ct)
         delta = F.softplus(dt.to(ct) + dt_bias[..., None])
-        A = -torch.exp(self.A_log.to(ct))
+        A, D = -torch.exp(self.A_log.to(ct)), self.D.to(ct)
 
         if state is None:
-            y = self._prefill(u, dt, dt_bias, delta, A, B, C, cache)
+            y = self._prefill(u, dt, dt_bias, delta, A, B, C, D, cache)
         else:
-            y = self._continue(state, u, delta, A, B, C, cache)
-        y = y + self.D.to(ct)[..., None] * u.to(ct)
+            y = self._continue(state, u, delta, A, B, C, D, cache)
         y = y * F.silu(gate.unflatten(1, (heads, head_dim)))
         return self.out_proj(y.flatten(1, 2).transpose(1, 2).to(dtype))
 
-    def _prefill(self, u, dt, dt_bias, delta, A, B, C, cache) -> Tensor:
-        """Chain + λ·tree over whole sequences, per head (no D skip); stores ``h_last + λ·H_root`` in the cache."""
+    def _prefill(self, u, dt, dt_bias, delta, A, B, C, D, cache) -> Tensor:
+        """Chain + D skip + λ·tree over whole sequences, per head on one tree; stores ``h_last + λ·H_root``."""
         keep_state = cache is not None
-        f, lam = work_dtype(u), self.grootl.modulation
         context_lens, start = self.tree_inputs
         tree = None
         if self.grootl.active and context_lens is not None:
             tree = build_tree(u.detach(), delta.detach(), B.detach(), context_lens, self.grootl.k,
                               self.grootl.distance, start)
-        selective_scan_fn = mixer.fast_kernels(u).selective_scan
-        ys, states = [], []
-        for h in range(self.n_mamba_heads):
-            head = (u[:, h], delta[:, h], A[h], B[:, h], C[:, h])
-            if selective_scan_fn is not None:
-                chain = selective_scan_fn(u[:, h], dt[:, h].to(u.dtype), *head[2:], delta_bias=dt_bias[h],
-                                          delta_softplus=True, return_last_state=keep_state)
-            else:
-                chain = chain_scan(*head, return_last_state=keep_state, check_values=False)
-            y, h_last = chain if keep_state else (chain, None)
-            y = y.to(f)
-            if self.grootl.active:
-                if tree is None:  # no prompt: the tree is the chain
-                    y_tree, h_root = y, h_last
-                else:
-                    out = tree_scan(*head, tree, return_root_state=keep_state, check_values=False)
-                    y_tree, h_root = out if keep_state else (out, None)
-                y = y + lam * y_tree.to(f)
-                if keep_state:
-                    h_last = h_last.to(f) + lam * h_root.to(f)
-            ys.append(y)
-            states.append(h_last)
+        heads = [mixer.scan_sequence(u[:, h], dt[:, h], dt_bias[h], delta[:, h], A[h], B[:, h], C[:, h], D[h], tree,
+                                     self.grootl, keep_state) for h in range(self.n_mamba_heads)]
+        f = work_dtype(u)
         if keep_state:
-            cache.update_recurrent_state(torch.stack(states, 1).to(f), self.layer_idx)
-        return torch.stack(ys, 1)
+            cache.update_recurrent_state(torch.stack([state for _, state in heads], 1).to(f), self.layer_idx)
+        return torch.stack([y for y, _ in heads], 1).to(f)
 
-    def _continue(self, state: Tensor, u, delta, A, B, C, cache) -> Tensor:
-        """Positions after a cached state, one at a time, all heads at once: ``S = Ā·S + (1+λ)·X``,
-        ``y = C·S`` (no D skip; mamba_ssm's multi-head ``selective_state_update`` where installed, in place);
-        stores the new state in the cache."""
-        scale = 1 + self.grootl.modulation if self.grootl.active else 1.0
-        state_update = None if torch.is_grad_enabled() else mixer.fast_kernels(u).state_update  # in place: no autograd
-        ct = state.dtype
-        s = state
-        ys = []
-        for t in range(u.shape[-1]):
-            u_t, d_t = u[..., t].to(ct), delta[..., t].to(ct)  # (batch, H, P)
-            B_t, C_t = scale * B[..., t].to(ct), C[..., t].to(ct)  # (batch, H, N)
-            if state_update is not None:
-                ys.append(state_update(s, u_t, d_t, A, B_t, C_t).to(ct))
-                continue
-            s = torch.exp(d_t[..., None] * A) * s + (d_t * u_t)[..., None] * B_t[:, :, None]
-            ys.append((s @ C_t[..., None]).squeeze(-1))
-        cache.update_recurrent_state(s, self.layer_idx)
-        return torch.stack(ys, -1)
+    def _continue(self, state: Tensor, u, delta, A, B, C, D, cache) -> Tensor:
+        """Positions after a cached state, all heads at once (:func:`grootl.model.mixer.decode_steps`)."""
+        y, state = mixer.decode_steps(state, u, delta, A, B, C, D, self.grootl)
+        cache.update_recurrent_state(state, self.layer_idx)
+        return y

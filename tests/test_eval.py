@@ -344,11 +344,17 @@ def test_cli_offline_on_shared_data(models, shared_data, tmp_path):
         (["MODEL", "--tasks", "piqa", "--batch-size", "many"], "expected a positive int, 'auto' or 'auto:N'"),
         (["MODEL", "--tasks", "piqa", "--modulation", "-0.5"], "λ must be a number >= 0; got -0.5"),
         (["MODEL", "--tasks", "piqa", "--include-path", "TASKS"], "offline task YAMLs (__DATA_DIR__ placeholders): pass --data-dir"),
+        (["GPT2", "--tasks", "piqa"], "is not a Mamba checkpoint: its config has model_type='gpt2'"),
+        (["BASELESS", "--tasks", "piqa"], "names no base_model_name_or_path"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error(models, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
-    named = {"MODEL": models["stock"], "EMPTY": str(tmp_path / "empty"), "TASKS": str(TASK_TEMPLATES)}
+    transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "baseless").mkdir()
+    (tmp_path / "baseless" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    named = {"MODEL": models["stock"], "EMPTY": str(tmp_path / "empty"), "TASKS": str(TASK_TEMPLATES),
+             "GPT2": str(tmp_path / "gpt2"), "BASELESS": str(tmp_path / "baseless")}
     argv = [named.get(a, a) for a in argv]
     try:
         assert run.main([*argv, "--device", "cpu", "--output", str(tmp_path / "out.json")]) == 2
@@ -357,3 +363,16 @@ def test_cli_bad_input_is_a_clear_error(models, tmp_path, capsys, argv, message)
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
 
+
+
+def test_cli_hub_model_that_cannot_be_reached_is_one_line(tmp_path, capsys, monkeypatch):
+    """A hub id with no network (or no such repo) behind it: one line, not lm-eval's traceback."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub cannot be reached
+    assert run.main(["someone/no-such-mamba", "--tasks", "piqa", "--output", str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grootl eval: error: cannot load a Mamba checkpoint from 'someone/no-such-mamba': ")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out.json").exists()

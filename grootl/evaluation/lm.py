@@ -54,7 +54,7 @@ class GrootLLM(HFLM):
             raise ValueError("the grootl lm-eval model takes `pretrained` as a path or hub id, not a model object")
         path = Path(pretrained).expanduser()
         if (path / ADAPTER_CONFIG).is_file() and peft is None:
-            peft, pretrained = str(path), self._adapter_base(path)
+            peft, pretrained = str(path), self.adapter_base(path)
             tokenizer = tokenizer or (str(path) if any(path.glob("tokenizer*.json")) else pretrained)
         overrides = dict(modulation=modulation, k=k, distance=distance, enabled=grootl_enabled)
         self._grootl_overrides = {key: value for key, value in overrides.items() if value is not None}
@@ -62,7 +62,8 @@ class GrootLLM(HFLM):
         super().__init__(pretrained=pretrained, peft=peft, tokenizer=tokenizer, backend="causal", **kwargs)
 
     @staticmethod
-    def _adapter_base(adapter_dir: Path) -> str:
+    def adapter_base(adapter_dir: Path) -> str:
+        """The base model an adapter folder names (its base_model_name_or_path)."""
         config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
         base = config.get("base_model_name_or_path")
         if not base:

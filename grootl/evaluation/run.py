@@ -81,6 +81,22 @@ def _check_adapter(adapter: str) -> None:
         raise EvalError(f"--peft {adapter} holds no adapter_config.json")
 
 
+def _check_model(model: str) -> None:
+    """MODEL (an adapter's base model) is a Mamba checkpoint that loads: said in one line now, not as a
+    traceback from inside lm-eval (a hub id with no network behind it, another architecture)."""
+    from grootl.evaluation.lm import GrootLLM
+    from grootl.model.loading import checkpoint_config
+
+    path = Path(model).expanduser()
+    try:
+        if (path / "adapter_config.json").is_file():
+            checkpoint_config(resolve_model(GrootLLM.adapter_base(path)))
+        else:
+            checkpoint_config(model)
+    except (PathError, ValueError) as error:
+        raise EvalError(f"{model}: {error}" if path.exists() else str(error)) from None
+
+
 def _default_output(model: str) -> Path:
     """``<name>.results.json`` in the working directory, named after the run for ``.../final[/adapter]``."""
     parts = [p for p in Path(model).expanduser().parts if p not in ("final", "adapter", "/")]
@@ -158,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         output = args.output or _default_output(args.model)
         if output.exists() and not args.overwrite:  # said before hours of evaluation, not after
             raise EvalError(f"{output} already exists: pass --overwrite to replace it, or another --output")
+        _check_model(args.model)
         if args.peft:
             _check_adapter(args.peft)
         for path in args.include_path:

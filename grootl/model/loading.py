@@ -29,21 +29,13 @@ def load_model(
     path (``./x``, ``runs/x``, ``/abs``) does not exist.
     """
     name_or_path = resolve_model(str(name_or_path))
-    try:
-        config, model_kwargs = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load a Mamba checkpoint from {name_or_path!r}: {err}") from err
+    config, model_kwargs = checkpoint_config(name_or_path, **kwargs)
     if isinstance(config, MambaConfig):
         to_grootl, model_class = GrootLMambaConfig.from_mamba, GrootLMambaForCausalLM
     else:
         from grootl.model import families
 
-        family = families.family_of(config.model_type)  # Mamba-2, Falcon-Mamba, hybrids
-        if family is None:
-            raise ValueError(
-                f"{name_or_path!r} is not a Mamba checkpoint: its config has model_type={config.model_type!r}, "
-                f"expected 'mamba', {GrootLMambaConfig.model_type!r} or a supported family: {sorted(families.FAMILIES)}"
-            )
+        family = families.family_of(config.model_type)
         to_grootl, model_class = family.config.from_stock, family.causal_lm
     grootl = None if grootl is None else GrootLConfig.coerce(grootl)
     try:
@@ -54,6 +46,26 @@ def load_model(
         model_kwargs["dtype"] = dtype
     model = model_class.from_pretrained(name_or_path, config=config, **model_kwargs)
     return model if device is None else model.to(device)
+
+
+def checkpoint_config(name_or_path: str, **kwargs):
+    """The config of the checkpoint at ``name_or_path`` (a folder or hub id) and the keyword arguments it
+    did not take, read without loading weights. Raises a one-line ValueError when nothing loads from
+    there (a missing hub id, no network) or when it is no Mamba checkpoint (stock, GrootL or a family's)."""
+    try:
+        config, unused = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load a Mamba checkpoint from {name_or_path!r}: {reason}") from err
+    if not isinstance(config, MambaConfig):
+        from grootl.model import families
+
+        if families.family_of(config.model_type) is None:  # Mamba-2, Falcon-Mamba, hybrids
+            raise ValueError(
+                f"{name_or_path!r} is not a Mamba checkpoint: its config has model_type={config.model_type!r}, "
+                f"expected 'mamba', {GrootLMambaConfig.model_type!r} or a supported family: {sorted(families.FAMILIES)}"
+            )
+    return config, unused
 
 
 def tiny_model(grootl: GrootLConfig | dict | None = None, **overrides) -> GrootLMambaForCausalLM:

@@ -232,12 +232,20 @@ void chain_tree_backward_cpu(const at::Tensor& u, const at::Tensor& delta, const
   });
 }
 
-// For one row, sq[t] = |X[t]|^2 and dots[t*k + j-1] = X[t] . X[t-j]: the bits of grootl::feature_dot (and of
-// graph.grouped_edge_weights), here for chunks of positions with each factor's rows outer and positions inner
-// (contiguous reads).
+// For one row, sq[t] = |X[t]|^2 and dots[t*k + j-1] = X[t] . X[t-j] (graph.grouped_edge_weights' bits: sums over
+// c and over n, then over g, each a grootl::PairwiseSum), here for chunks of positions with each factor's rows
+// outer and positions inner (contiguous reads); for manhattan dots[t*k + j-1] = grootl::manhattan_sum(t, t-j).
 template <typename acc_t, typename Features>
-void feature_dots(const Features& f, int64_t k, acc_t* sq, acc_t* dots) {
+void feature_dots(const Features& f, int64_t k, int distance, acc_t* sq, acc_t* dots) {
   const int64_t L = f.L, per = k + 1;  // per position: the norm, then the k dots
+  if (distance == grootl::kManhattan) {
+    at::parallel_for(0, L, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t j = 1; j <= k; ++j)
+          dots[t * k + j - 1] = j <= t ? grootl::manhattan_sum<acc_t>(f, (int)t, (int)(t - j)) : acc_t(0);
+    });
+    return;
+  }
   at::parallel_for(0, L, 64, [&](int64_t t0, int64_t t1) {
     const int64_t lo = std::max<int64_t>(0, t0 - k), n = (t1 - t0) * per;
     std::vector<acc_t> x(t1 - lo), a_sums(n), b_sums(n);
@@ -269,31 +277,29 @@ void feature_dots(const Features& f, int64_t k, acc_t* sq, acc_t* dots) {
 }
 
 // The trees of a batch's rows from their features (grootl::ScaledFeatures or grootl::GroupedFeatures of row 0) and
-// their plans; parent, order, flags, ckpt_offset, sizes as plan() makes them.
+// their plans; parent, order, flags, ckpt_offset, sizes as plan() makes them. A row at a time per thread, on
+// buffers the thread reuses (grootl::BuildRows with stride 0).
 template <typename acc_t, typename Features>
 void build_rows(const Features& features, int64_t batch, const at::Tensor& context_lens, const at::Tensor& start,
                 int64_t k, int64_t distance, at::Tensor parent, at::Tensor order, at::Tensor flags,
                 at::Tensor ckpt_offset, at::Tensor sizes) {
   const int L = features.L;
   const int64_t chunks = grootl::num_chunks(L);
-  const int64_t* ctx = context_lens.data_ptr<int64_t>();
-  const int64_t* st = start.data_ptr<int64_t>();
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sq(L), dots(L * k), weight(L * k);
     std::vector<int32_t> ints(grootl::build_scratch_ints(L, (int)k));
     std::vector<uint8_t> bytes(L * k);
-    const auto scratch = grootl::build_scratch(ints.data(), bytes.data(), L, (int)k);
-    grootl::SerialPar par;
+    const grootl::BuildRows<acc_t> rows{L, (int)k, 0, sq.data(), dots.data(), weight.data(), ints.data(),
+                                        bytes.data(), context_lens.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
+                                        parent.data_ptr<int64_t>(), order.data_ptr<int64_t>()};
+    grootl::SerialPar plan_par;
     for (int64_t b = begin; b < end; ++b) {
-      const auto f = features.row(b);
-      feature_dots(f, k, sq.data(), dots.data());
-      for (int t = 0; t < L; ++t)
-        for (int j = 1; j <= k; ++j)
-          if (grootl::edge_exists(t, j, L, ctx[b], st[b]))
-            weight[t * k + j - 1] = grootl::edge_weight(f, (int)k, t, j, sq.data(), dots.data(), (int)distance);
-      grootl::build_row(par, weight.data(), L, (int)k, ctx[b], st[b], scratch, parent.data_ptr<int64_t>() + b * L,
-                        order.data_ptr<int64_t>() + b * L, flags.data_ptr<uint8_t>() + b * L,
-                        ckpt_offset.data_ptr<int32_t>() + b * (chunks + 1), sizes.data_ptr<int32_t>() + b * 3);
+      feature_dots(features.row(b), k, (int)distance, sq.data(), dots.data());
+      grootl::SerialRows par{(int)b};
+      grootl::build_trees(par, rows, (int)distance);
+      grootl::plan_phases(plan_par, rows.parent + b * L, rows.order + b * L, L, flags.data_ptr<uint8_t>() + b * L,
+                          ckpt_offset.data_ptr<int32_t>() + b * (chunks + 1), sizes.data_ptr<int32_t>() + b * 3,
+                          rows.scratch(0).plan_work);
     }
   });
 }

@@ -10,10 +10,11 @@
 //             channels with shuffles, staged per warp in shared memory and summed over the block's warps
 //             every few nodes (fixed orders: deterministic) into the block's (L, N) partials, which the
 //             caller sums. H is recomputed from stack checkpoints every kChunk nodes.
-//   build:    per-position norms and neighbour dot products of the features (Mamba-1's, or Mamba-2's grouped
-//             ones) on a grid over positions; then one block per row: edge weights and tree_build.h's
-//             data-parallel phases (Borůvka, Euler tour ranked by pointer jumping, the tree's plan), a barrier
-//             between phases. No host round trip.
+//   build:    per-position norms and neighbour dot products (or manhattan sums) of the features (Mamba-1's, or
+//             Mamba-2's grouped ones) by blocks of kTile positions x kSlices slices of each sum over channels;
+//             then tree_build.h's data-parallel phases (edge weights, Borůvka, Euler tours ranked by pointer
+//             jumping), each one launch over all rows' elements (GridRows: many blocks per row), fixed counts of
+//             rounds that depend on L alone; then the plan, a block per row (plan_kernel). No host round trip.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
@@ -39,8 +40,14 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kForwardThreads = 128;
 constexpr int kBackwardThreads = 512;
-constexpr int kFeatureThreads = 128;
-constexpr int kBuildThreads = 512;
+constexpr int kBuildThreads = 512;  // plan_kernel
+constexpr int kTile = 32, kSlices = 8;  // feature_kernel: positions per block, slices of each sum over channels
+constexpr int kPairs = 4;               // feature_kernel: (t, t - j) pairs per pass (j = 0: the norm)
+#ifdef GROOTL_CUDA_EMULATION  // few OS threads per launch, and rows spread over several blocks all the same
+constexpr int kRowsThreads = 32, kRowsMaxBlocks = 2;
+#else
+constexpr int kRowsThreads = 256, kRowsMaxBlocks = 8192;  // GridRows: threads per block, blocks at most
+#endif
 constexpr int kMaxState = 128;  // largest N the scan kernels take (32 lanes x 4 states)
 
 // A channel's N states over kLanes adjacent lanes of a warp (a power of two), kPer states per lane.
@@ -203,17 +210,96 @@ __global__ void __launch_bounds__(kBackwardThreads)
                              du + lay.u_offset(b, d), d_delta + lay.delta_out(b, d), dA + lay.dA_out(b, d), sink);
 }
 
-// sq[t] = |X[t]|^2 and dots[t*k + j-1] = X[t] . X[t-j] (grootl::feature_dot: the CPU build's bits), one thread
-// per position of each row; features: row 0's (grootl::ScaledFeatures or grootl::GroupedFeatures).
-template <typename acc_t, typename Features>
-__global__ void feature_kernel(Features features, int k, acc_t* sq, acc_t* dots) {
-  const int t = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y, L = features.L;
-  if (t >= L) return;
-  const auto f = features.row(b);
-  const int64_t at = (int64_t)b * L + t;
-  sq[at] = grootl::feature_dot<acc_t>(f, t, t);
-  for (int j = 1; j <= k; ++j) dots[at * k + j - 1] = j <= t ? grootl::feature_dot<acc_t>(f, t, t - j) : acc_t(0);
+// Thread `slice` of kSlices adds its share of the pairwise sum of terms term(i, p), i < n, for np pairs p: its block
+// of the terms zero-padded to a power of two (one term each, or none, when that width is below kSlices); slice 0's
+// threads then add the kSlices block sums in pairs, so out[p] has the bits of one PairwiseSum over all n terms.
+// Every thread of the block calls it (two barriers).
+template <typename acc_t, typename Term>
+__device__ void sliced_sum(int n, int np, Term term, acc_t (*part)[kPairs][kTile], acc_t* out) {
+  const int lane = threadIdx.x % kTile, slice = threadIdx.x / kTile;
+  int width = 1;
+  while (width < n) width *= 2;
+  const int per = width > kSlices ? width / kSlices : 1, lo = slice * per, hi = lo + per < n ? lo + per : n;
+  grootl::PairwiseSum<acc_t> sum[kPairs];
+  for (int i = lo; i < hi; ++i)
+    for (int p = 0; p < np; ++p) sum[p].add(term(i, p));
+  for (int p = 0; p < np; ++p) part[slice][p][lane] = sum[p].total();
+  __syncthreads();
+  if (slice == 0) {
+    for (int p = 0; p < np; ++p) {
+      grootl::PairwiseSum<acc_t> total;
+      for (int q = 0; q < kSlices; ++q) total.add(part[q][p][lane]);
+      out[p] = total.total();
+    }
+  }
+  __syncthreads();
 }
+
+// sq[t] = |X[t]|^2 and dots[t*k + j-1] = X[t] . X[t-j] (for manhattan: grootl::manhattan_sum(t, t-j)) with the
+// CPU build's bits, a block per kTile positions of a row: thread (slice, lane) reads channels of its slice at
+// position lane (coalesced), the sums over channels are sliced_sum's, over the groups a PairwiseSum.
+// features: row 0's (grootl::ScaledFeatures or grootl::GroupedFeatures).
+template <typename acc_t, typename Features>
+__global__ void __launch_bounds__(kTile * kSlices)
+    feature_kernel(Features features, int k, int distance, acc_t* sq, acc_t* dots) {
+  __shared__ acc_t part[kSlices][kPairs][kTile];
+  const int L = features.L, b = blockIdx.y, t = blockIdx.x * kTile + threadIdx.x % kTile;
+  const bool leader = threadIdx.x < kTile && t < L;  // slice 0 holds the sums
+  const auto f = features.row(b);
+  for (int p0 = 0; p0 <= k; p0 += kPairs) {  // pair p: (t, t - p0 - p)
+    const int np = k + 1 - p0 < kPairs ? k + 1 - p0 : kPairs;
+    auto has = [&](int p) { return t < L && p0 + p <= t; };
+    grootl::PairwiseSum<acc_t> total[kPairs];
+    for (int g = 0; g < f.groups(); ++g) {
+      acc_t x[kPairs], y[kPairs];
+      if (distance == grootl::kManhattan) {
+        sliced_sum(f.C, np, [&](int c, int p) {
+          return has(p) ? grootl::manhattan_term<acc_t>(f, g, c, t, t - p0 - p) : acc_t(0);
+        }, part, x);
+      } else {
+        sliced_sum(f.C, np, [&](int c, int p) {
+          return has(p) ? grootl::mul(f.a(g, c, t), f.a(g, c, t - p0 - p)) : acc_t(0);
+        }, part, x);
+        sliced_sum(f.N, np, [&](int m, int p) {
+          return has(p) ? grootl::mul(f.b(g, m, t), f.b(g, m, t - p0 - p)) : acc_t(0);
+        }, part, y);
+      }
+      if (leader)
+        for (int p = 0; p < np; ++p) total[p].add(distance == grootl::kManhattan ? x[p] : grootl::mul(x[p], y[p]));
+    }
+    if (!leader) continue;
+    const int64_t at = (int64_t)b * L + t;
+    for (int p = 0; p < np; ++p) {
+      const int j = p0 + p;
+      if (j == 0)
+        sq[at] = total[p].total();
+      else
+        dots[at * k + j - 1] = j <= t ? total[p].total() : acc_t(0);
+    }
+  }
+}
+
+// tree_build.h's phases over all rows at once: each(n, body) is one launch of body(row, i) over rows * n
+// elements (a grid-stride loop), the launch boundary the barrier; loops run their full fixed counts.
+template <typename F>
+__global__ void __launch_bounds__(kRowsThreads) rows_kernel(F body, int rows, int n) {
+  const int64_t total = (int64_t)rows * n, stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < total; q += stride) body((int)(q / n), (int)(q % n));
+}
+
+struct GridRows {
+  int rows;
+  decltype(at::cuda::getCurrentCUDAStream()) stream;
+  template <typename F>
+  void each(int n, F body) {
+    const int64_t blocks = ((int64_t)rows * n + kRowsThreads - 1) / kRowsThreads;
+    if (blocks == 0) return;
+    GROOTL_LAUNCH((int)std::min<int64_t>(blocks, kRowsMaxBlocks), kRowsThreads, stream, rows_kernel<F>)(body, rows, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename acc_t>
+  bool settled(const grootl::BuildRows<acc_t>&, int) const { return false; }  // nothing read back
+};
 
 // Phases on the threads of a block, a barrier after each (see SerialPar in tree_build.h).
 struct BlockPar {
@@ -252,63 +338,45 @@ struct BlockPar {
   }
 };
 
-// One block per row whose tree passed check_kernel: its plan.
+// One block per row whose tree passed check_kernel (status null: a built tree), its plan; work: row b's at
+// b * work_stride.
 __global__ void __launch_bounds__(kBuildThreads)
     plan_kernel(const int64_t* parent, const int64_t* order, const int32_t* status, int L, uint8_t* flags,
-                int32_t* ckpt_offset, int32_t* sizes, int32_t* work) {
+                int32_t* ckpt_offset, int32_t* sizes, int32_t* work, int64_t work_stride) {
   const int b = blockIdx.x;
-  if (status[b] != grootl::kTreeOk) return;  // the whole block
+  if (status && status[b] != grootl::kTreeOk) return;  // the whole block
   BlockPar par;
   grootl::plan_phases(par, parent + (int64_t)b * L, order + (int64_t)b * L, L, flags + (int64_t)b * L,
-                      ckpt_offset + (int64_t)b * (grootl::num_chunks(L) + 1), sizes + b * 3,
-                      work + (int64_t)b * grootl::plan_work_ints(L));
+                      ckpt_offset + (int64_t)b * (grootl::num_chunks(L) + 1), sizes + b * 3, work + b * work_stride);
 }
 
-// One block per row: the edge weights, then tree_build.h's phases (spanning tree, Euler tour, rooting).
-template <typename acc_t, typename Features>
-__global__ void __launch_bounds__(kBuildThreads)
-    build_kernel(Features features, const int64_t* context_lens, const int64_t* start, int k, int distance,
-                 const acc_t* sq, const acc_t* dots, acc_t* weights, int32_t* ints, uint8_t* bytes, int64_t* parent,
-                 int64_t* order, uint8_t* flags, int32_t* ckpt_offset, int32_t* sizes) {
-  const int b = blockIdx.x, L = features.L;
-  const auto f = features.row(b);
-  const acc_t* sq_b = sq + (int64_t)b * L;
-  const acc_t* dots_b = dots + (int64_t)b * L * k;
-  acc_t* weight = weights + (int64_t)b * L * k;
-  BlockPar par;
-  par.each(L * k, [&](int e) {
-    const int t = e / k, j = e % k + 1;
-    if (grootl::edge_exists(t, j, L, context_lens[b], start[b]))
-      weight[e] = grootl::edge_weight(f, k, t, j, sq_b, dots_b, distance);
-  });
-  const auto scratch = grootl::build_scratch(ints + (int64_t)b * grootl::build_scratch_ints(L, k),
-                                             bytes + (int64_t)b * L * k, L, k);
-  grootl::build_row(par, weight, L, k, context_lens[b], start[b], scratch, parent + (int64_t)b * L,
-                    order + (int64_t)b * L, flags + (int64_t)b * L,
-                    ckpt_offset + (int64_t)b * (grootl::num_chunks(L) + 1), sizes + b * 3);
-}
-
-// The trees of a batch's rows from their features (row 0's) and their plans: features on a grid over positions,
-// then a block per row.
+// The trees of a batch's rows from their features (row 0's) and their plans: features by blocks of positions, then
+// tree_build.h's phases over the grid of all rows' elements, then a block per row for the plan.
 template <typename acc_t, typename Features>
 void launch_build(const Features& features, int batch, const at::Tensor& like, const at::Tensor& context_lens,
                   const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
                   at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes) {
   const int L = features.L;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  auto ints = at::empty({batch * grootl::build_scratch_ints(L, k)}, like.options().dtype(at::kInt));
+  const int64_t row_ints = grootl::build_scratch_ints(L, k);
+  auto ints = at::empty({batch * row_ints}, like.options().dtype(at::kInt));
   auto bytes = at::empty({batch, L * k}, like.options().dtype(at::kByte));
   const at::TensorOptions acc_opts = like.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor sq = at::empty({batch, L}, acc_opts), dots = at::empty({batch, L * k}, acc_opts),
                    weights = at::empty({batch, L * k}, acc_opts);
-  GROOTL_LAUNCH(dim3((L + kFeatureThreads - 1) / kFeatureThreads, batch), kFeatureThreads, stream,
-                feature_kernel<acc_t, Features>)(features, (int)k, sq.data_ptr<acc_t>(), dots.data_ptr<acc_t>());
+  GROOTL_LAUNCH(dim3((L + kTile - 1) / kTile, batch), kTile * kSlices, stream, feature_kernel<acc_t, Features>)(
+      features, (int)k, (int)distance, sq.data_ptr<acc_t>(), dots.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  GROOTL_LAUNCH(batch, kBuildThreads, stream, build_kernel<acc_t, Features>)(
-      features, context_lens.data_ptr<int64_t>(), start.data_ptr<int64_t>(), (int)k, (int)distance,
-      sq.data_ptr<acc_t>(), dots.data_ptr<acc_t>(), weights.data_ptr<acc_t>(), ints.data_ptr<int32_t>(),
-      bytes.data_ptr<uint8_t>(), parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), flags.data_ptr<uint8_t>(),
-      ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>());
+  const grootl::BuildRows<acc_t> rows{L, (int)k, 1, sq.data_ptr<acc_t>(), dots.data_ptr<acc_t>(),
+                                      weights.data_ptr<acc_t>(), ints.data_ptr<int32_t>(), bytes.data_ptr<uint8_t>(),
+                                      context_lens.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
+                                      parent.data_ptr<int64_t>(), order.data_ptr<int64_t>()};
+  GridRows par{batch, stream};
+  grootl::build_trees(par, rows, (int)distance);
+  const int64_t plan_work = rows.scratch(0).plan_work - rows.ints;  // each row's plan_work, row_ints apart
+  GROOTL_LAUNCH(batch, kBuildThreads, stream, plan_kernel)(
+      parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), nullptr, L, flags.data_ptr<uint8_t>(),
+      ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(), ints.data_ptr<int32_t>() + plan_work, row_ints);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -334,7 +402,7 @@ std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order
   GROOTL_LAUNCH(batch, kBuildThreads, stream, plan_kernel)(parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
                                                           status.data_ptr<int32_t>(), L, flags.data_ptr<uint8_t>(),
                                                           ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(),
-                                                          work.data_ptr<int32_t>());
+                                                          work.data_ptr<int32_t>(), work.size(1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // the one sync: bad trees raise here
   const auto host = at::cat({status, sizes}, 1).cpu();

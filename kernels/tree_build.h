@@ -6,10 +6,13 @@
 // graph.grouped_edge_weights (Mamba-1's rank-one features are its one-group case), so every path builds the same
 // tree.
 //
-// The tree is built by data-parallel phases, `par.each(n, body)` over edges, nodes or directed edges: the
-// CPU runs them one after another on one thread (SerialPar), the GPU on the threads of a block with a barrier
-// after each (BlockPar in cuda.cu). Borůvka finds the spanning tree in O(log L) rounds, an Euler tour ranked by
-// pointer jumping roots it. The same code runs, and is tested, on the CPU.
+// The tree is built by data-parallel phases over the rows of a batch, `par.each(n, body)` running body(row, i)
+// for every row and every edge, node or directed edge i < n: the CPU runs them one after another for one row
+// on one thread (SerialRows), the GPU launches each phase as a grid over all rows' elements (GridRows in
+// cuda.cu: many blocks per row, the launch boundary the barrier). Borůvka finds the spanning tree in at most
+// ceil(log2 L) rounds, an Euler tour ranked by pointer jumping roots it; the loops run fixed counts that depend
+// on L alone, so the GPU needs no host round trip (the CPU stops a loop early once nothing changes: the same
+// result). The same code runs, and is tested, on the CPU.
 #pragma once
 
 #include <cstring>
@@ -111,16 +114,29 @@ struct GroupedFeatures {
   GROOTL_HD acc_t b(int g, int n, int t) const { return (acc_t)b_[feature_index(g * N + n, L, t)]; }
 };
 
-// X[t] . X[s] (s = t: the squared norm) without forming X: sum over g of (a_g[t] . a_g[s]) * (b_g[t] . b_g[s]),
-// each sum a PairwiseSum (over c, over n, then over g), as graph.grouped_edge_weights.
+// The pairwise sums of X[t] . X[s] (s = t: the squared norm) are formed by the callers, CPU (cpu.cpp's
+// feature_dots) and GPU (cuda.cu's feature_kernel), with the bits of graph.grouped_edge_weights: sum over g of
+// (a_g[t] . a_g[s]) * (b_g[t] . b_g[s]), each sum a PairwiseSum (over c, over n, then over g).
+
+// Manhattan's sum over (g, c, n) of |X[t] - X[s]| for s = t - j: the term of channel c of group g is a PairwiseSum
+// over n; the terms are summed by a PairwiseSum over c, then the groups' sums by one over g.
 template <typename acc_t, typename Features>
-GROOTL_HD acc_t feature_dot(const Features& f, int t, int s) {
+GROOTL_HD acc_t manhattan_term(const Features& f, int g, int c, int t, int s) {
+  const acc_t at = f.a(g, c, t), as = f.a(g, c, s);
+  PairwiseSum<acc_t> row;
+  for (int n = 0; n < f.N; ++n) {
+    const acc_t diff = mul(at, f.b(g, n, t)) - mul(as, f.b(g, n, s));
+    row.add(diff < 0 ? -diff : diff);
+  }
+  return row.total();
+}
+template <typename acc_t, typename Features>
+GROOTL_HD acc_t manhattan_sum(const Features& f, int t, int s) {
   PairwiseSum<acc_t> total;
   for (int g = 0; g < f.groups(); ++g) {
-    PairwiseSum<acc_t> da, db;
-    for (int c = 0; c < f.C; ++c) da.add(mul(f.a(g, c, t), f.a(g, c, s)));
-    for (int n = 0; n < f.N; ++n) db.add(mul(f.b(g, n, t), f.b(g, n, s)));
-    total.add(mul(da.total(), db.total()));
+    PairwiseSum<acc_t> group;
+    for (int c = 0; c < f.C; ++c) group.add(manhattan_term<acc_t>(f, g, c, t, s));
+    total.add(group.total());
   }
   return total.total();
 }
@@ -140,28 +156,12 @@ GROOTL_HD acc_t dot_weight(acc_t dot, acc_t sq_t, acc_t sq_s, int distance) {
   return sq > mul(total, pow2<acc_t>(-grid_bits<acc_t>())) ? sq : acc_t(0);
 }
 
-// Weight of edge (t - j, t) on the comparison grid. sq[t] = |X[t]|^2 and dots[t*k + j-1] = X[t] . X[t-j] (see
-// feature_dot) serve cosine and euclidean; manhattan is summed over (g, c, n), a PairwiseSum over n, then c, then g.
-template <typename acc_t, typename Features>
-GROOTL_HD acc_t edge_weight(const Features& f, int k, int t, int j, const acc_t* sq, const acc_t* dots, int distance) {
-  const int s = t - j;
-  if (distance != kManhattan)
-    return quantize(dot_weight(dots[(int64_t)t * k + j - 1], sq[t], sq[s], distance), distance);
-  PairwiseSum<acc_t> total;
-  for (int g = 0; g < f.groups(); ++g) {
-    PairwiseSum<acc_t> group;
-    for (int c = 0; c < f.C; ++c) {
-      const acc_t at = f.a(g, c, t), as = f.a(g, c, s);
-      PairwiseSum<acc_t> row;
-      for (int n = 0; n < f.N; ++n) {
-        const acc_t diff = mul(at, f.b(g, n, t)) - mul(as, f.b(g, n, s));
-        row.add(diff < 0 ? -diff : diff);
-      }
-      group.add(row.total());
-    }
-    total.add(group.total());
-  }
-  return quantize(total.total(), distance);
+// Weight of edge (t - j, t) on the comparison grid from a row's features: sq[t] = |X[t]|^2 and
+// dots[t*k + j-1] = X[t] . X[t-j] for cosine and euclidean; for manhattan dots[t*k + j-1] = manhattan_sum(t, t-j).
+template <typename acc_t>
+GROOTL_HD acc_t edge_weight(int k, int t, int j, const acc_t* sq, const acc_t* dots, int distance) {
+  const acc_t x = dots[(int64_t)t * k + j - 1];
+  return quantize(distance == kManhattan ? x : dot_weight(x, sq[t], sq[t - j], distance), distance);
 }
 
 // Order-preserving integer key of a weight; equal weights (+0 and -0 too) get equal keys.
@@ -185,6 +185,7 @@ struct BuildScratch {
   int32_t* best;    // L: cheapest edge out of each component
   int32_t* next;    // L: the component across it
   uint64_t* key;    // L: that edge's weight key
+  int32_t* changed;  // 2: did a Borůvka round find a live edge; did a pointer jump
   uint8_t* in_tree;  // L * k: edges of the tree
   int32_t* succ;    // 2 * L * k, and the five below: the Euler tour's successor of each directed edge
   int32_t* succ0;   //   (kept: each tour is ranked from it)
@@ -194,7 +195,7 @@ struct BuildScratch {
   int32_t* plan_work;  // plan_work_ints(L)
 };
 GROOTL_HD int64_t build_scratch_ints(int L, int k) {  // even, so that rows laid end to end stay 8-byte aligned
-  const int64_t n = 5 * (int64_t)L + 10 * (int64_t)L * k + plan_work_ints(L);
+  const int64_t n = 5 * (int64_t)L + 2 + 10 * (int64_t)L * k + plan_work_ints(L);
   return n + (n & 1);
 }
 // Carves BuildScratch out of build_scratch_ints(L, k) int32s (8-byte aligned) and L * k bytes.
@@ -205,7 +206,8 @@ GROOTL_HD BuildScratch build_scratch(int32_t* ints, uint8_t* bytes, int L, int k
   s.comp = ints + 2 * L;
   s.best = s.comp + L;
   s.next = s.best + L;
-  s.succ = s.next + L;
+  s.changed = s.next + L;
+  s.succ = s.changed + 2;
   s.succ0 = s.succ + dir;
   s.val = s.succ0 + dir;
   s.succ_tmp = s.val + dir;
@@ -213,6 +215,61 @@ GROOTL_HD BuildScratch build_scratch(int32_t* ints, uint8_t* bytes, int L, int k
   s.plan_work = s.val_tmp + dir;
   s.in_tree = bytes;
   return s;
+}
+
+// Where the build of each row of a batch reads and writes: row r's features sq, dots (see edge_weight), weights
+// (L * k each but sq, L) and scratch (build_scratch_ints(L, k) ints, L * k bytes) at r * stride times their
+// size (stride 1: rows end to end; 0: every row on the same buffers, built one at a time), its prompt
+// context_lens[r], start[r] and its tree parent, order (L each) always its own.
+template <typename acc_t>
+struct BuildRows {
+  int L, k;
+  int64_t stride;
+  acc_t* sq;
+  acc_t* dots;
+  acc_t* weights;
+  int32_t* ints;
+  uint8_t* bytes;
+  const int64_t* context_lens;
+  const int64_t* start;
+  int64_t* parent;
+  int64_t* order;
+  GROOTL_HD BuildScratch scratch(int r) const {
+    return build_scratch(ints + r * stride * build_scratch_ints(L, k), bytes + r * stride * L * k, L, k);
+  }
+  GROOTL_HD const acc_t* sq_of(int r) const { return sq + r * stride * L; }
+  GROOTL_HD const acc_t* dots_of(int r) const { return dots + r * stride * L * k; }
+  GROOTL_HD acc_t* weights_of(int r) const { return weights + r * stride * L * k; }
+  GROOTL_HD bool exists(int r, int t, int j) const { return edge_exists(t, j, L, context_lens[r], start[r]); }
+};
+
+// The phases' lambdas: by value, and on the GPU callable in device code (nvcc --extended-lambda).
+#ifdef __CUDACC__
+#define GROOTL_PHASE [=] __host__ __device__
+#else
+#define GROOTL_PHASE [=]
+#endif
+
+// Phases on one thread for one row (the CPU's); `settled` lets a loop stop once the row's flag says nothing
+// changed. GridRows in cuda.cu runs them over all rows at once and never stops a loop early.
+struct SerialRows {
+  int row;
+  template <typename F>
+  void each(int n, F&& body) {
+    for (int i = 0; i < n; ++i) body(row, i);
+  }
+  template <typename acc_t>
+  bool settled(const BuildRows<acc_t>& rows, int flag) const {
+    return rows.scratch(row).changed[flag] == 0;
+  }
+};
+
+// ceil(log2 n): enough Borůvka rounds for n nodes (each round at least halves the components), and enough
+// pointer-jumping steps for a chain of n nodes (n >= 1).
+inline int log2_ceil(int n) {
+  int r = 0;
+  while ((1 << r) < n) ++r;
+  return r;
 }
 
 // The edge's two ends' components, or false when it does not exist or is inside one component.
@@ -225,38 +282,45 @@ GROOTL_HD bool live_edge(const BuildScratch& s, int e, int L, int k, int64_t con
   return a != b;
 }
 
-// Minimum spanning tree of one row (weight: L * k, by edge id) into s.in_tree, by Borůvka's algorithm.
+// Each row's edge weights (see edge_weight), then its minimum spanning tree into in_tree, by Borůvka's algorithm.
 template <typename acc_t, typename Par>
-GROOTL_HD void spanning_tree(Par& par, const acc_t* weight, int L, int k, int64_t context_len, int64_t start,
-                             const BuildScratch& s) {
-  const int E = L * k;
-  par.each(L, [&](int v) { s.comp[v] = v; });
-  par.each(E, [&](int e) { s.in_tree[e] = 0; });
-  while (true) {
-    par.each(L, [&](int v) {
+void spanning_tree(Par& par, const BuildRows<acc_t>& rows, int distance) {
+  const int L = rows.L, k = rows.k, E = L * k;
+  par.each(E, GROOTL_PHASE(int r, int e) {
+    const int t = e / k, j = e % k + 1;
+    if (rows.exists(r, t, j)) rows.weights_of(r)[e] = edge_weight(k, t, j, rows.sq_of(r), rows.dots_of(r), distance);
+    rows.scratch(r).in_tree[e] = 0;
+  });
+  par.each(L, GROOTL_PHASE(int r, int v) { rows.scratch(r).comp[v] = v; });
+  for (int round = 0; round < log2_ceil(L); ++round) {
+    par.each(L, GROOTL_PHASE(int r, int v) {
+      const BuildScratch s = rows.scratch(r);
       s.key[v] = ~uint64_t(0);
       s.best[v] = E;
+      if (v == 0) s.changed[0] = 0;
     });
-    bool live = false;
-    par.each(E, [&](int e) {  // each component's cheapest weight ...
+    par.each(E, GROOTL_PHASE(int r, int e) {  // each component's cheapest weight ...
+      const BuildScratch s = rows.scratch(r);
       int a, b;
-      if (!live_edge(s, e, L, k, context_len, start, a, b)) return;
-      live = true;
-      const uint64_t w = weight_key(weight[e]);
+      if (!live_edge(s, e, L, k, rows.context_lens[r], rows.start[r], a, b)) return;
+      atomic_max(&s.changed[0], 1);
+      const uint64_t w = weight_key(rows.weights_of(r)[e]);
       atomic_min(&s.key[a], w);
       atomic_min(&s.key[b], w);
     });
-    if (!par.any(live)) break;
-    par.each(E, [&](int e) {  // ... and the smallest id among its edges of that weight
+    if (par.settled(rows, 0)) break;
+    par.each(E, GROOTL_PHASE(int r, int e) {  // ... and the smallest id among its edges of that weight
+      const BuildScratch s = rows.scratch(r);
       int a, b;
-      if (!live_edge(s, e, L, k, context_len, start, a, b)) return;
-      const uint64_t w = weight_key(weight[e]);
+      if (!live_edge(s, e, L, k, rows.context_lens[r], rows.start[r], a, b)) return;
+      const uint64_t w = weight_key(rows.weights_of(r)[e]);
       if (w == s.key[a]) atomic_min(&s.best[a], e);
       if (w == s.key[b]) atomic_min(&s.best[b], e);
     });
     // every component joins the one across its cheapest edge; two that chose each other chose the same edge
     // (the cheapest between them in the (weight, id) order): the smaller label stays a root and adds the edge
-    par.each(L, [&](int c) {
+    par.each(L, GROOTL_PHASE(int r, int c) {
+      const BuildScratch s = rows.scratch(r);
       if (s.comp[c] != c) return;
       const int e = s.best[c];
       if (e == E) {
@@ -270,20 +334,26 @@ GROOTL_HD void spanning_tree(Par& par, const acc_t* weight, int L, int k, int64_
       if (!mutual || c < n) s.in_tree[e] = 1;
     });
     // pointer jumping to the roots, double-buffered through best (free until the next round): no thread reads
-    // a pointer another thread writes in the same phase
-    bool jumped;
-    do {
-      jumped = false;
-      par.each(L, [&](int c) {
+    // a pointer another thread writes in the same phase; a round starts with at most L >> round components (each
+    // round at least halves them), so its pointer chains are shorter than that
+    for (int step = 0; step < log2_ceil(L >> round); ++step) {
+      par.each(L, GROOTL_PHASE(int r, int c) {
+        const BuildScratch s = rows.scratch(r);
+        if (c == 0) s.changed[1] = 0;
         if (s.comp[c] == c) s.best[c] = s.next[s.next[c]];
       });
-      par.each(L, [&](int c) {
+      par.each(L, GROOTL_PHASE(int r, int c) {
+        const BuildScratch s = rows.scratch(r);
         if (s.comp[c] != c || s.best[c] == s.next[c]) return;
         s.next[c] = s.best[c];
-        jumped = true;
+        atomic_max(&s.changed[1], 1);
       });
-    } while (par.any(jumped));
-    par.each(L, [&](int v) { s.comp[v] = s.next[s.comp[v]]; });
+      if (par.settled(rows, 1)) break;
+    }
+    par.each(L, GROOTL_PHASE(int r, int v) {
+      const BuildScratch s = rows.scratch(r);
+      s.comp[v] = s.next[s.comp[v]];
+    });
   }
 }
 
@@ -308,15 +378,20 @@ GROOTL_HD int next_slot(const uint8_t* in_tree, int L, int k, int v, int r) {
 
 // val[a] = the sum of val over a and its successors to the tour's end (whose successor is itself, val 0);
 // n directed edges, `length` of them on the tour.
-template <typename Par>
-GROOTL_HD void rank_tour(Par& par, int n, int length, const BuildScratch& s) {
-  par.each(n, [&](int a) { s.succ[a] = s.succ0[a]; });
+template <typename acc_t, typename Par>
+void rank_tour(Par& par, const BuildRows<acc_t>& rows, int n, int length) {
+  par.each(n, GROOTL_PHASE(int r, int a) {
+    const BuildScratch s = rows.scratch(r);
+    s.succ[a] = s.succ0[a];
+  });
   for (int step = 1; step < length; step *= 2) {
-    par.each(n, [&](int a) {
+    par.each(n, GROOTL_PHASE(int r, int a) {
+      const BuildScratch s = rows.scratch(r);
       s.val_tmp[a] = s.val[a] + s.val[s.succ[a]];
       s.succ_tmp[a] = s.succ[s.succ[a]];
     });
-    par.each(n, [&](int a) {
+    par.each(n, GROOTL_PHASE(int r, int a) {
+      const BuildScratch s = rows.scratch(r);
       s.val[a] = s.val_tmp[a];
       s.succ[a] = s.succ_tmp[a];
     });
@@ -341,23 +416,24 @@ GROOTL_HD int next_child(const uint8_t* in_tree, int L, int k, const int64_t* pa
   return best;
 }
 
-// Roots s.in_tree at L-1: parent, and order = the heavy-last DFS preorder. Directed edge a = v * 2k + slot goes
-// from v to its neighbour across slot. A first tour (leaving a node by the next tree slot after the one it
+// Roots each row's in_tree at L-1: parent, and order = the heavy-last DFS preorder. Directed edge a = v * 2k + slot
+// goes from v to its neighbour across slot. A first tour (leaving a node by the next tree slot after the one it
 // arrived by; the root from slot 0), ranked by pointer jumping, gives each edge's direction (an edge walked
 // before its reverse points to a child) and each subtree's size; a second tour visits children heavy-last, and a
 // node's preorder position counts the child-pointing edges walked before the one into it.
-template <typename Par>
-GROOTL_HD void root_tree(Par& par, int L, int k, const BuildScratch& s, int64_t* parent, int64_t* order) {
-  const int slots = 2 * k, n = L * slots;
+template <typename acc_t, typename Par>
+void root_tree(Par& par, const BuildRows<acc_t>& rows) {
+  const int L = rows.L, k = rows.k, slots = 2 * k, n = L * slots;
   if (L == 1) {
-    par.each(1, [&](int) {
-      parent[0] = -1;
-      order[0] = 0;
+    par.each(1, GROOTL_PHASE(int r, int) {
+      rows.parent[r] = -1;
+      rows.order[r] = 0;
     });
     return;
   }
-  const int first = (L - 1) * slots + next_slot(s.in_tree, L, k, L - 1, slots - 1);
-  par.each(n, [&](int a) {
+  par.each(n, GROOTL_PHASE(int r, int a) {
+    const BuildScratch s = rows.scratch(r);
+    const int first = (L - 1) * slots + next_slot(s.in_tree, L, k, L - 1, slots - 1);
     const int v = a / slots, slot = a % slots, w = slot_neighbour(s.in_tree, L, k, v, slot);
     int succ = a;
     if (w >= 0) {
@@ -367,9 +443,10 @@ GROOTL_HD void root_tree(Par& par, int L, int k, const BuildScratch& s, int64_t*
     s.succ0[a] = succ;
     s.val[a] = succ != a;
   });
-  rank_tour(par, n, 2 * (L - 1), s);
-  int32_t* size = s.comp;  // free after the spanning tree
-  par.each(L, [&](int v) {
+  rank_tour(par, rows, n, 2 * (L - 1));
+  par.each(L, GROOTL_PHASE(int r, int v) {
+    const BuildScratch s = rows.scratch(r);
+    int32_t* size = s.comp;  // free after the spanning tree
     int p = -1, sz = L;
     for (int slot = 0; slot < slots; ++slot) {
       const int w = slot_neighbour(s.in_tree, L, k, v, slot);
@@ -380,38 +457,41 @@ GROOTL_HD void root_tree(Par& par, int L, int k, const BuildScratch& s, int64_t*
         sz = (s.val[in] - s.val[out] + 1) / 2;  // the edges walked inside v's subtree: 2 (size - 1)
       }
     }
-    parent[v] = p;
+    rows.parent[(int64_t)r * L + v] = p;
     size[v] = sz;
   });
-  par.each(n, [&](int a) {  // the heavy-last tour; 1 on the edges that point to a child
+  par.each(n, GROOTL_PHASE(int r, int a) {  // the heavy-last tour; 1 on the edges that point to a child
+    const BuildScratch s = rows.scratch(r);
+    const int64_t* parent = rows.parent + (int64_t)r * L;
     const int v = a / slots, slot = a % slots, w = slot_neighbour(s.in_tree, L, k, v, slot);
     int succ = a;
     bool down = false;
     if (w >= 0) {
       down = parent[w] == v;
-      const int c = next_child(s.in_tree, L, k, parent, size, w, down ? -1 : v);
+      const int c = next_child(s.in_tree, L, k, parent, s.comp, w, down ? -1 : v);
       const int to = c >= 0 ? c : down ? v : (int)parent[w];
       if (to >= 0) succ = w * slots + slot_of(k, to - w);  // else: the last edge into the root, the tour's end
     }
     s.succ0[a] = succ;
     s.val[a] = down;
   });
-  rank_tour(par, n, 2 * (L - 1), s);
-  par.each(n, [&](int a) {
+  rank_tour(par, rows, n, 2 * (L - 1));
+  par.each(n, GROOTL_PHASE(int r, int a) {
+    const BuildScratch s = rows.scratch(r);
+    const int64_t* parent = rows.parent + (int64_t)r * L;
+    int64_t* order = rows.order + (int64_t)r * L;
     const int v = a / slots, w = slot_neighbour(s.in_tree, L, k, v, a % slots);
     if (w >= 0 && parent[w] == v) order[L - s.val[a]] = w;  // 1 + the (L - 1) - val[a] child edges walked before
     if (a == 0) order[0] = L - 1;
   });
 }
 
-// The whole build of one row from its edge weights: the tree (parent, order) and its plan (see plan_phases).
+// The trees (parent, order) of the rows from their features: edge weights, spanning tree, rooting. The caller then
+// plans them (plan_phases in tree_scan.h, with each row's scratch plan_work).
 template <typename acc_t, typename Par>
-GROOTL_HD void build_row(Par& par, const acc_t* weight, int L, int k, int64_t context_len, int64_t start,
-                         const BuildScratch& s, int64_t* parent, int64_t* order, uint8_t* flags, int32_t* ckpt_offset,
-                         int32_t* sizes) {
-  spanning_tree(par, weight, L, k, context_len, start, s);
-  root_tree(par, L, k, s, parent, order);
-  plan_phases(par, parent, order, L, flags, ckpt_offset, sizes, s.plan_work);
+void build_trees(Par& par, const BuildRows<acc_t>& rows, int distance) {
+  spanning_tree(par, rows, distance);
+  root_tree(par, rows);
 }
 
 }  // namespace grootl

@@ -268,9 +268,12 @@ BYTES_MISSES = (
     "(build and scan), the float32 copies of u, B and C are saved for the backward, y, gy, du, dB and dC are cast "
     "between dtypes in separate passes. Threads: a channel's N states over a group of lanes and each thread walks "
     "all L positions, so the scans offer batch * D * lanes threads whatever L is (24,576 at batch 1, D=1536, N=16); "
-    "the build runs one block per row."
+    "the build's features run a block per 32 positions (8 warps over the channels), its Borůvka and Euler-tour phases "
+    "one launch each over all rows' elements (batch * L * k threads; about 250 launches at L=2048: a GPU must show "
+    "whether launch latency then dominates), its plan a block per row."
 )
-FORWARD_THREADS, BACKWARD_THREADS, BUILD_THREADS, FEATURE_THREADS, CHUNK = 128, 512, 512, 128, 32  # cuda.cu, kChunk
+FORWARD_THREADS, BACKWARD_THREADS, BUILD_THREADS, CHUNK = 128, 512, 512, 32  # cuda.cu, kChunk
+TILE, SLICES, PAIRS, ROWS_THREADS, ROWS_MAX_BLOCKS = 32, 8, 4, 256, 8192  # cuda.cu: the build's launches
 K = 3  # neighbours per position (the mixer's default)
 F32, I32, I64 = 4, 4, 8
 # bytes per element of u, delta, B, C as the mixer passes them: under bf16 autocast u, B, C come from bf16
@@ -282,8 +285,9 @@ TARGET_THREADS_FACTOR = 8
 
 
 class Launch(NamedTuple):
-    """One kernel launch ("kernel") or torch tensor op ("torch") of a call: device-memory bytes it reads and
-    writes and the threads it offers (a torch element-wise op: one per element)."""
+    """One kernel launch ("kernel") or torch tensor op ("torch") of a call, or ``count`` alike launches (the build's
+    phases): device-memory bytes they read and write in all and the threads each offers (a torch element-wise op:
+    one per element)."""
 
     call: str
     name: str
@@ -291,6 +295,7 @@ class Launch(NamedTuple):
     read: int
     written: int
     threads: int
+    count: int = 1
 
 
 def lane_shape(n: int) -> tuple[int, int]:
@@ -312,8 +317,42 @@ def kernel_bytes(precision: str) -> int:
 
 def build_scratch_ints(length: int, k: int) -> int:
     """tree_build.h's build_scratch_ints (int32s per row)."""
-    n = 5 * length + 10 * length * k + 3 * length
+    n = 5 * length + 2 + 10 * length * k + 3 * length
     return n + (n & 1)
+
+
+def log2_ceil(n: int) -> int:
+    """tree_build.h's log2_ceil: the build's Borůvka rounds and pointer-jumping steps for n nodes."""
+    return max(n - 1, 0).bit_length()
+
+
+def build_launches(add, batch: int, length: int, E: int, S: int, ks: int, tree: int, plan_out: int) -> None:
+    """cuda.cu's launch_build: feature_kernel (blocks of TILE positions x SLICES channel slices; E, S elements of u and
+    B read in ks bytes), then tree_build.h's phases, each one launch of a thread per element of all rows (GridRows, at
+    most ROWS_MAX_BLOCKS blocks), fixed counts of rounds, then plan_kernel (a block per row). A phase's bytes: the
+    scratch words its body reads and writes per element (an atomic counted both ways)."""
+    T, rounds, steps = batch * length, log2_ceil(length), log2_ceil(2 * (length - 1))
+
+    def phase(name, per, read, written, count=1):  # per: elements per row; read, written: bytes per element
+        threads = min(batch * per, ROWS_THREADS * ROWS_MAX_BLOCKS)
+        add("build", name, count * batch * per * read, count * batch * per * written, threads, count=count)
+
+    passes = -(-(K + 1) // PAIRS)  # each pass over the pairs reads its positions' channels once (t - j: same lines)
+    add("build", "feature_kernel", passes * (2 * E + S) * ks, T * (1 + K) * F32,
+        batch * -(-length // TILE) * TILE * SLICES)
+    phase("weights, in_tree = 0", length * K, 3 * F32, F32 + 1)
+    phase("comp = self", length, 0, I32)
+    phase("Borůvka: reset", length, 0, I64 + I32, rounds)
+    phase("Borůvka: cheapest weight", length * K, 2 * I32 + F32 + 2 * I64, 2 * I64, rounds)
+    phase("Borůvka: smallest id", length * K, 4 * I32 + F32 + 2 * I64, 2 * I32, rounds)
+    phase("Borůvka: hook", length, 6 * I32, I32 + 1, rounds)
+    phase("Borůvka: pointer jumping", length, 3 * I32, I32, 2 * sum(log2_ceil(length >> r) for r in range(rounds)))
+    phase("Borůvka: relabel", length, 2 * I32, I32, rounds)
+    phase("tours: successors", 2 * length * K, 2 * K, 2 * I32, 2)
+    phase("tours: rank (pointer jumping)", 2 * length * K, 4 * I32, 2 * I32, 2 * (1 + 2 * steps))
+    phase("rooting: parent, size", length, 2 * K * (1 + 2 * I32), I64 + I32)
+    phase("rooting: order", 2 * length * K, 2 * K + I64 + I32, I64 / (2 * K))
+    add("build", "plan_kernel", tree - T + 3 * T * I32, plan_out - 2 * T * I64 + 3 * T * I32, batch * BUILD_THREADS)
 
 
 def launches(batch: int, d: int, n: int, length: int, precision: str, ckpt_entries: float) -> list[Launch]:
@@ -327,8 +366,8 @@ def launches(batch: int, d: int, n: int, length: int, precision: str, ckpt_entri
     plan_out = tree + batch * (chunks + 1 + 3) * I32
     out: list[Launch] = []
 
-    def add(call, name, read, written, threads, kind="kernel"):
-        out.append(Launch(call, name, kind, int(read), int(written), int(threads)))
+    def add(call, name, read, written, threads, kind="kernel", count=1):
+        out.append(Launch(call, name, kind, int(read), int(written), int(threads), int(count)))
 
     def cast(call, name, numel, src, dst, copy=False):  # x.to(dst) (+ .contiguous()): free when nothing changes
         if src != dst or copy:
@@ -338,11 +377,7 @@ def launches(batch: int, d: int, n: int, length: int, precision: str, ckpt_entri
     cast("build", "u.to(dtype)", E, dt["u"], ks)
     cast("build", "delta.to(dtype)", E, dt["delta"], ks)
     cast("build", "B.to(dtype).contiguous()", S, dt["B"], ks, copy=True)
-    feature_threads = batch * -(-length // FEATURE_THREADS) * FEATURE_THREADS
-    add("build", "feature_kernel", 2 * E * ks + S * ks, T * (1 + K) * F32, feature_threads)  # |X|^2, K dots
-    scratch = batch * build_scratch_ints(length, K) * I32 + T * K  # counted once each way (Borůvka loops more)
-    add("build", "build_kernel", T * (1 + K) * F32 + T * K * F32 + scratch,
-        T * K * F32 + scratch + plan_out, batch * BUILD_THREADS)
+    build_launches(add, batch, length, E, S, ks, tree, plan_out)
     # plan: a tree from elsewhere is checked (a thread per row), then planned (a block per row); one host sync
     add("plan", "check_kernel", 2 * T * I64 + 3 * T * I32, 3 * T * I32 + batch * I32, -(-batch // 64) * 64)
     add("plan", "plan_kernel", tree + 3 * T * I32, plan_out - 2 * T * I64 + 3 * T * I32, batch * BUILD_THREADS)
@@ -435,7 +470,7 @@ def bytes_model(d: int, n: int, batches: list[int], lengths: list[int]) -> list[
                     mine = [x for x in ls if x.call == call]
                     moved = sum(x.read + x.written for x in mine)
                     row["calls"][call] = {
-                        "bytes": moved, "minimum": least[call], "ratio": moved / least[call], "launches": len(mine),
+                        "bytes": moved, "minimum": least[call], "ratio": moved / least[call], "launches": sum(x.count for x in mine),
                         "kernel_threads": max((x.threads for x in mine if x.kind == "kernel"), default=0),
                         "detail": [x._asdict() for x in mine]}
                 calls = row["calls"]

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 import pytest
 import torch
 
-from grootl.tree import native
+from grootl.tree import Tree, build_tree, graph, native
 from native_checks import (
     CUDA, SHAPES, bench_kernels, check_deep_stack, check_grouped_tree, check_half_precision, check_plans,
     check_runs_identical, check_scan_matches_reference, check_ties_give_one_tree, check_tree_equals_cpu_tree,
-    plan_cases,
+    plan_cases, torch_path,
 )
 
 pytestmark = pytest.mark.usefixtures("poison_native_outputs")
@@ -86,6 +87,47 @@ def test_emulated_cuda_serves_the_model(emulated_cuda_build, monkeypatch, autoca
     for a, b in zip(loss_and_grads(), on_cpu_kernels, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert served, "the model never reached the native kernels"
+
+
+# The build's phases run as launches over all rows' elements (the emulation: 2 blocks of 32 threads, so every row
+# below spans several blocks and a block several rows), its features by tiles of 32 positions x 8 channel slices
+# and passes of 4 (t, t - j) pairs: lengths across tiles, channel counts below and above the slices, k above 3.
+SPANNING = [((3, 5, 3, 80), 5, "cosine", 1, torch.float64), ((2, 9, 40, 70), 4, "manhattan", 2, torch.float32),
+            ((2, 20, 7, 45), 3, "euclidean", 1, torch.float32)]
+
+
+@pytest.mark.parametrize("shape,k,distance,groups,dtype", SPANNING, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_emulated_cuda_build_over_blocks_equals_torch(emulated_cuda, shape, k, distance, groups, dtype):
+    """Rows that span many blocks give the PyTorch path's tree, ties (a row of one repeated position) and prompts
+    with left padding included; grouped features (Mamba-2) too."""
+    batch, c, n, length = shape
+    context, start = torch.tensor([length, length // 2, length])[:batch], torch.tensor([0, 0, 7])[:batch]
+    g = torch.Generator().manual_seed(length)
+    a, b = torch.randn(batch, groups, c, length, generator=g), torch.randn(batch, groups, n, length, generator=g)
+    a[1], b[1] = a[1, ..., :1], b[1, ..., :1]  # row 1: every position alike
+    a, b = a.to(dtype), b.to(dtype)
+    if groups == 1:  # Mamba-1's build: u = a, delta = 1, B = b
+        build = partial(build_tree, a[:, 0], torch.ones_like(a[:, 0]), b[:, 0])
+    else:
+        build = partial(graph.build_grouped_tree, a, b)
+    ours = build(context, k=k, distance=distance, start=start)
+    assert isinstance(ours.plan().payload, native._Plan), "the tree did not come from the kernel"
+    theirs = torch_path(build, context, k=k, distance=distance, start=start)
+    assert torch.equal(ours.parent, theirs.parent) and torch.equal(ours.order, theirs.order)
+
+
+def test_emulated_cuda_build_needs_all_its_rounds(emulated_cuda, length=128):
+    """The worst cases of the fixed round counts (ceil(log2 L) = 7 each): chain weights |X[t] - X[t-1]| = 1 + the
+    trailing zeros of t pair the components up in every Borůvka round, weights rising along the chain make one
+    pointer chain through all 128 nodes. Both trees are the chain."""
+    t = torch.arange(1, length, dtype=torch.float64)
+    ruler = (t.long() & -t.long()).log2() + 1
+    X = torch.stack([torch.cat([t.new_zeros(1), ruler.cumsum(0)]), torch.cat([t.new_zeros(1), t.cumsum(0)])])
+    u = X[:, None].float()
+    tree = build_tree(u, torch.ones_like(u), torch.ones_like(u), torch.zeros(2, dtype=torch.long),
+                      distance="manhattan")
+    assert torch.equal(tree.parent, Tree.chain(2, length).parent)
+    assert torch.equal(tree.order, Tree.chain(2, length).order)
 
 
 def test_gpu_benchmark_runs_on_the_emulated_extension(emulated_cuda, monkeypatch):

@@ -379,3 +379,15 @@ def test_training_log(tmp_path, monkeypatch, capsys):
         assert postfix["loss"] == f"{metrics[n - 1]['loss']:.4f}" and postfix["lr"] == f"{metrics[n - 1]['lr']:.2e}"
     assert any("step 2: eval loss" in message for message in Bar.written)
     assert "(100 training records)" in Bar.written[-1]  # 104 kept, 4 held out for eval
+
+
+def test_a_misspelt_recipe_key_names_the_key_it_means():
+    from grootl.train.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"unknown recipe key\(s\) \['train.max_stepz'\]; valid keys: .*; "
+                                          r"did you mean train.max_steps for train.max_stepz\?$"):
+        load_recipe(values={"output_dir": "x", "model": {"init": "random", "tokenizer": "t"}, "train": {"max_stepz": 2}})
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'train.lrate'; valid keys: .*; did you mean train.lr "):
+        load_recipe(DEMO, ["train.lrate=1e-3"])
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'zzz'; valid keys: [^;]*$"):  # nothing close: no guess
+        load_recipe(DEMO, ["zzz=1"])

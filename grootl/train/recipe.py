@@ -12,6 +12,7 @@ and ``output_dir`` resolve against the current directory. A value that is not a 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,6 +133,15 @@ def valid_keys(cls=Recipe, prefix: str = "") -> list[str]:
     return keys
 
 
+def unknown_keys_error(keys: list[str], single: bool = False) -> RecipeError:
+    """The error for recipe keys the schema lacks: all valid keys, then the one each key most likely meant."""
+    valid = valid_keys()
+    named = f"key {keys[0]!r}" if single else f"key(s) {keys}"
+    meant = [f"{close[0]} for {key}" for key in keys if (close := difflib.get_close_matches(key, valid, n=1, cutoff=0.75))]
+    hint = f"; did you mean {', '.join(meant)}?" if meant else ""
+    return RecipeError(f"unknown recipe {named}; valid keys: {', '.join(valid)}{hint}")
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -166,7 +176,7 @@ def _build(cls, values: Any, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise RecipeError(f"unknown recipe key(s) {[prefix + k for k in unknown]}; valid keys: {', '.join(valid_keys())}")
+        raise unknown_keys_error([prefix + k for k in unknown])
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
@@ -206,7 +216,7 @@ FREE_SECTIONS = ("model.config.",)  # dicts passed on as they are (MambaConfig f
 
 def apply_override(values: dict, key: str, value: Any) -> None:
     if key not in valid_keys() and not key.startswith(FREE_SECTIONS):
-        raise RecipeError(f"unknown recipe key {key!r}; valid keys: {', '.join(valid_keys())}")
+        raise unknown_keys_error([key], single=True)
     *sections, name = key.split(".")
     node = values
     for section in sections:

@@ -105,8 +105,9 @@ def _compile(kind: str, verbose: bool = False) -> ModuleType:
             sources=[str(KERNELS / s) for s in CUDA_SOURCES],
             extra_cflags=["-O3", *_CXX20],
             # IEEE sqrt and division (nvcc's default) and unfused products in the build (grootl::mul): edge
-            # weights round as on the CPU, so the device tree equals the CPU tree
-            extra_cuda_cflags=["-O3", "-lineinfo", "-std=c++20"],
+            # weights round as on the CPU, so the device tree equals the CPU tree; the build's phases are
+            # __host__ __device__ lambdas launched over the grid (--extended-lambda)
+            extra_cuda_cflags=["-O3", "-lineinfo", "-std=c++20", "--extended-lambda"],
             extra_include_paths=[str(KERNELS), *_cuda_include_paths()],
             build_directory=str(build),
             with_cuda=True,

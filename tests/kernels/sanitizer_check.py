@@ -54,6 +54,11 @@ def run(device: str) -> None:
         torch_tree = build_tree(u, delta, B, context)  # no plan: the check and plan kernels make it
         del os.environ["GROOTL_NATIVE"]
         assert torch.equal(device_tree.parent, torch_tree.parent), "device tree != torch tree"
+        if n == 5:  # manhattan sums in the features kernel, two passes over its (t, t - j) pairs (k = 5)
+            wide = native.build_tree(u, delta, B, context, k=5, distance="manhattan")
+            os.environ["GROOTL_NATIVE"] = "0"
+            assert torch.equal(wide.parent, build_tree(u, delta, B, context, k=5, distance="manhattan").parent), "k=5"
+            del os.environ["GROOTL_NATIVE"]
         a, b = torch.stack([u, delta], 1), torch.stack([B, B.flip(-1)], 1)  # two groups
         grouped = graph.build_grouped_tree(a, b, context)
         os.environ["GROOTL_NATIVE"] = "0"

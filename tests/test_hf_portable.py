@@ -61,6 +61,22 @@ print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__module__)
     assert run_python(code, str(tmp_path / "model"), cwd=tmp_path) == "grootl.model.modeling"
 
 
+@pytest.mark.parametrize("first_import", ["import peft", "from transformers import MambaForCausalLM"])
+def test_auto_classes_register_when_a_library_reaches_them_mid_import(tmp_path, first_import):
+    """``import peft`` or a stock model class after ``import grootl`` import transformers' Auto classes half-way
+    through their own imports: the registration waits for them to finish, with no warning."""
+    tiny_model().save_pretrained(tmp_path / "model")
+    code = f"""
+import sys, warnings
+warnings.simplefilter("error")
+import grootl
+{first_import}
+from transformers import AutoModelForCausalLM
+print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__module__)
+"""
+    assert run_python(code, str(tmp_path / "model"), cwd=tmp_path) == "grootl.model.modeling"
+
+
 def test_saved_models_of_every_kind_load_without_grootl_and_give_the_same_outputs(tmp_path):
     """grootl_mamba, Mamba-2, a Mamba-1 family (Falcon-Mamba) and a hybrid with attention, MoE and renamed
     checkpoint weights (Granite-4.0-H), with λ > 0; one subprocess loads them all."""

@@ -21,6 +21,24 @@ ASSETS = REPO / "tests" / "assets"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# Files that take minutes, started first so that xdist's ``--dist loadfile`` does not leave them for last on one
+# worker while the other idles (the rest follow in collection order).
+SLOW_FILES = ("test_native_tsan.py", "test_native_asan.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist would otherwise start the files with most tests first
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: the order inside each file stays
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """``../shared/data`` (real tokenizer, offline benchmark splits); skips the test where absent."""

@@ -1,5 +1,6 @@
-"""The emulated CUDA kernels (tests/kernels/cuda_emulation.h) built with ThreadSanitizer and AddressSanitizer: no
-data race between the emulated GPU threads, no access outside a tensor, a shared array or the scratch."""
+"""The emulated CUDA kernels (tests/kernels/cuda_emulation.h) built with a sanitizer and run by
+tests/kernels/sanitizer_check.py. One test file per sanitizer, so that xdist's ``--dist loadfile`` runs them on
+different workers (each build and run takes minutes); conftest.py schedules them first."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ from pathlib import Path
 
 import pytest
 
-
 REPO = Path(__file__).resolve().parents[1]
+
+# per sanitizer: its name in reports, the runtimes to preload (libstdc++ too for ASan, so that it can intercept
+# C++ throws), its options variable and options
+SANITIZERS = {
+    "thread": ("ThreadSanitizer", ["libtsan.so"], "TSAN_OPTIONS",
+               "ignore_noninstrumented_modules=1 report_signal_unsafe=0 halt_on_error=0"),
+    "address": ("AddressSanitizer", ["libasan.so", "libstdc++.so"], "ASAN_OPTIONS", "detect_leaks=0"),
+}
 
 
 def gcc_file(name: str) -> str | None:
@@ -23,26 +31,16 @@ def gcc_file(name: str) -> str | None:
     return found if Path(found).is_absolute() and Path(found).is_file() else None
 
 
-# per sanitizer: its name in reports, the runtimes to preload (libstdc++ too for ASan, so that it can intercept
-# C++ throws), its options variable and options
-SANITIZERS = {
-    "thread": ("ThreadSanitizer", ["libtsan.so"], "TSAN_OPTIONS",
-               "ignore_noninstrumented_modules=1 report_signal_unsafe=0 halt_on_error=0"),
-    "address": ("AddressSanitizer", ["libasan.so", "libstdc++.so"], "ASAN_OPTIONS", "detect_leaks=0"),
-}
-
-
-@pytest.mark.parametrize("sanitizer", SANITIZERS)
-def test_emulated_cuda_kernels_under_sanitizer(tmp_path, sanitizer):
-    """Every kernel (build, plan, scan forward and backward) instrumented. thread: no two threads touch one
-    word in the same phase unless both only read or both use atomics. address: no access outside a tensor,
-    a shared array or the scratch."""
+def check_kernels_under(sanitizer: str, build_dir: Path) -> None:
+    """Builds the emulated kernels with ``sanitizer`` in ``build_dir``, runs every kernel (build, plan, scan
+    forward and backward) and fails on any report; skips where the sanitizer's runtime is missing or cannot
+    start on this machine."""
     tag, libraries, options_variable, options = SANITIZERS[sanitizer]
     preload = [gcc_file(name) for name in libraries]
     if None in preload:
         pytest.skip(f"no {tag} runtime ({', '.join(libraries)}) for this gcc")
     env = {**os.environ, "LD_PRELOAD": " ".join(preload), options_variable: options}
-    script = [sys.executable, str(REPO / "tests/kernels/sanitizer_check.py"), sanitizer, str(tmp_path)]
+    script = [sys.executable, str(REPO / "tests/kernels/sanitizer_check.py"), sanitizer, str(build_dir)]
     done = subprocess.run(script, capture_output=True, text=True, env=env)
     output = done.stdout + done.stderr
     if f"FATAL: {tag}" in output or f"{tag}: CHECK failed" in output:

@@ -14,10 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from grootl.tree.validation import (
-    _check_device, _check_finite, _check_floating, _require, _shape, check_prompt, check_tree_inputs,
-    check_tree_settings,
-)
+from grootl.tree.validation import check_grouped_tree_inputs, check_tree_inputs
 
 DISTANCES = ("cosine", "euclidean", "manhattan")
 
@@ -343,7 +340,7 @@ def build_grouped_tree(a: Tensor, b: Tensor, context_lens: Tensor, k: int = 3, d
     for g < G)`` (Mamba-2: one block per group of heads): a (batch, G, C, L), b (batch, G, N, L), floating (computed
     in their work dtype). The weights are :func:`grouped_edge_weights`; with G = 1 the tree is :func:`build_tree`'s
     of ``u = a[:, 0]``, ``delta = 1``, ``B = b[:, 0]``. Native kernels where they serve the device, as build_tree."""
-    context_lens, start = _check_grouped_inputs(a, b, context_lens, k, distance, start, check_values)
+    context_lens, start = check_grouped_tree_inputs(a, b, context_lens, k, distance, start, check_values)
     # >>> native dispatch hook: route to grootl.tree.native when a compiled kernel serves a.device
     from grootl.tree import native
 
@@ -353,24 +350,6 @@ def build_grouped_tree(a: Tensor, b: Tensor, context_lens: Tensor, k: int = 3, d
     with torch.no_grad():
         f = work_dtype(a)
         return spanning_tree(grouped_edge_weights(a.to(f), b.to(f), k, distance), context_lens, start)
-
-
-def _check_grouped_inputs(a, b, context_lens, k, distance, start, check_values: bool) -> tuple[Tensor, Tensor | None]:
-    """:func:`build_grouped_tree`'s arguments, as check_tree_inputs checks build_tree's."""
-    for name, x in (("a", a), ("b", b)):
-        _require(isinstance(x, Tensor) and x.dim() == 4, lambda: f"{name} must be a 4-D tensor, got shape {_shape(x)}")
-        _check_floating(name, x)
-        _check_device(name, x, a, "a")
-    batch, groups, _, length = a.shape
-    _require(b.shape[:2] == (batch, groups) and b.shape[3] == length,
-             lambda: f"b must be (batch, G, N, L) = ({batch}, {groups}, N, {length}) to match a {_shape(a)}; "
-                     f"got {_shape(b)}")
-    _require(length >= 1 and groups >= 1, lambda: f"a must have at least one group and one position; got {_shape(a)}")
-    check_tree_settings(k, distance)
-    check_values = check_values and not torch.compiler.is_compiling()
-    if check_values:
-        _check_finite(a=a, b=b)
-    return check_prompt(context_lens, start, batch, length, a.device, check_values)
 
 
 def spanning_tree(weights: Tensor, context_lens: Tensor, start: Tensor | None = None) -> Tree:

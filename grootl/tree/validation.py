@@ -39,12 +39,18 @@ def _check_device(name: str, x: Tensor, u: Tensor, u_name: str = "u") -> None:
              lambda: f"{name} is on {x.device} but {u_name} is on {u.device}; put all inputs on one device")
 
 
+def check_tensors(dims: int, ref_name: str, **tensors) -> None:
+    """Each of ``tensors`` a floating ``dims``-D tensor on the device of the one named ``ref_name``."""
+    ref = tensors[ref_name]
+    for name, x in tensors.items():
+        _require(isinstance(x, Tensor) and x.dim() == dims, lambda: f"{name} must be a {dims}-D tensor, got shape {_shape(x)}")
+        _check_floating(name, x)
+        _check_device(name, x, ref, ref_name)
+
+
 def check_features(u: Tensor, delta: Tensor, B: Tensor) -> tuple[int, int, int, int]:
     """u, delta (batch, D, L) and B (batch, N, L), floating, on one device; returns (batch, D, N, L)."""
-    for name, x in (("u", u), ("delta", delta), ("B", B)):
-        _require(isinstance(x, Tensor) and x.dim() == 3, lambda: f"{name} must be a 3-D tensor, got shape {_shape(x)}")
-        _check_floating(name, x)
-        _check_device(name, x, u)
+    check_tensors(3, "u", u=u, delta=delta, B=B)
     _require(u.shape == delta.shape,
              lambda: f"u and delta must have the same shape (batch, D, L); got u {_shape(u)}, delta {_shape(delta)}")
     batch, d, length = u.shape
@@ -54,6 +60,17 @@ def check_features(u: Tensor, delta: Tensor, B: Tensor) -> tuple[int, int, int, 
     )
     _require(length >= 1, lambda: f"sequences must have at least one position; got u {_shape(u)}")
     return batch, d, B.shape[1], length
+
+
+def check_grouped_features(a: Tensor, b: Tensor) -> tuple[int, int, int, int]:
+    """a (batch, G, C, L) and b (batch, G, N, L), floating, on one device; returns (batch, G, N, L)."""
+    check_tensors(4, "a", a=a, b=b)
+    batch, groups, _, length = a.shape
+    _require(b.shape[:2] == (batch, groups) and b.shape[3] == length,
+             lambda: f"b must be (batch, G, N, L) = ({batch}, {groups}, N, {length}) to match a {_shape(a)}; "
+                     f"got {_shape(b)}")
+    _require(length >= 1 and groups >= 1, lambda: f"a must have at least one group and one position; got {_shape(a)}")
+    return batch, groups, b.shape[2], length
 
 
 def _check_lengths(name: str, x, batch: int, length: int, device, check_range: bool) -> Tensor:
@@ -77,15 +94,32 @@ def _check_lengths(name: str, x, batch: int, length: int, device, check_range: b
 def check_tree_inputs(
     u, delta, B, context_lens, k, distance, start, check_values: bool = True
 ) -> tuple[Tensor, Tensor | None]:
-    """Shapes, types and settings always; with ``check_values`` also what needs the values (finite inputs,
-    lengths in [0, L], start <= context_lens): a pass over the inputs and, on CUDA, a host sync (skipped while
-    torch.compile traces: a graph holds no host syncs)."""
-    check_values = check_values and not torch.compiler.is_compiling()
+    """:func:`grootl.tree.build_tree`'s arguments. Shapes, types and settings always; with ``check_values`` also
+    what needs the values (finite inputs, lengths in [0, L], start <= context_lens): a pass over the inputs and, on
+    CUDA, a host sync (skipped while torch.compile traces: a graph holds no host syncs). Returns context_lens and
+    start as (batch,) long tensors."""
     batch, _, _, length = check_features(u, delta, B)
+    return _check_build(k, distance, context_lens, start, batch, length, check_values, u=u, delta=delta, B=B)
+
+
+def check_grouped_tree_inputs(
+    a, b, context_lens, k, distance, start, check_values: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`grootl.tree.graph.build_grouped_tree`'s arguments, checked as :func:`check_tree_inputs` checks
+    build_tree's."""
+    batch, _, _, length = check_grouped_features(a, b)
+    return _check_build(k, distance, context_lens, start, batch, length, check_values, a=a, b=b)
+
+
+def _check_build(k, distance, context_lens, start, batch: int, length: int, check_values: bool,
+                 **features: Tensor) -> tuple[Tensor, Tensor | None]:
+    """What every tree build checks beyond its features' shapes: settings, finite features, the prompt."""
+    check_values = check_values and not torch.compiler.is_compiling()
     check_tree_settings(k, distance)
     if check_values:
-        _check_finite(u=u, delta=delta, B=B)
-    return check_prompt(context_lens, start, batch, length, u.device, check_values)
+        _check_finite(**features)
+    device = next(iter(features.values())).device
+    return check_prompt(context_lens, start, batch, length, device, check_values)
 
 
 def check_tree_settings(k, distance) -> None:

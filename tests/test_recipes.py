@@ -132,15 +132,50 @@ def test_extends_lays_a_recipe_over_its_base(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("extends: missing.yaml\n", r"recipe file .*missing.yaml does not exist \(extended by .*r.yaml\)"),
-        ("extends: r.yaml\n", r"r.yaml: extends: makes a cycle through .*r.yaml"),
-        ("extends: [a.yaml]\n", r"extends must be the path of another recipe file; got \['a.yaml'\]"),
+        ("extends: base/missing.yaml\n", r"^recipe file base/missing.yaml does not exist \(extended by r.yaml\)$"),
+        ("extends: r.yaml\n", r"^r.yaml: extends: makes a cycle through r.yaml$"),
+        ("extends: base/loop.yaml\n", r"^base/loop.yaml: extends: makes a cycle through r.yaml$"),
+        ("extends: [a.yaml]\n", r"^r.yaml: extends must be the path of another recipe file; got \['a.yaml'\]$"),
+        ("output_dir: x\ntrain: {lr: 1\n  seed: [\n", r"^r.yaml: not valid YAML \(line 3, column 7: expected ',' or '}', but got ':'\)$"),
+        ("extends: base/broken.yaml\n", r"^base/broken.yaml: not valid YAML \(line 2, column 1: .*\)$"),
     ],
 )
-def test_bad_extends_is_named(tmp_path, text, message):
+def test_bad_extends_and_bad_yaml_are_one_line_naming_the_file(tmp_path, monkeypatch, text, message):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base/loop.yaml").write_text("extends: ../r.yaml\n")
+    (tmp_path / "base/broken.yaml").write_text("output_dir: x\n\tmethod: lora\n")
     (tmp_path / "r.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)  # files are named relative to the current directory
     with pytest.raises(RecipeError, match=message):
         load_recipe(tmp_path / "r.yaml")
+
+
+@pytest.mark.parametrize(
+    "base, child, overrides, message",
+    [
+        ("train: {max_stepz: 2}", "", [], r"^base/base.yaml: unknown recipe key\(s\) \['train.max_stepz'\]; valid keys: .*; "
+                                            r"did you mean train.max_steps for train.max_stepz\?$"),
+        ("", "train: {max_stepz: 2}", [], r"^child.yaml: unknown recipe key\(s\) \['train.max_stepz'\]"),
+        ("train: {lr: fast}", "train: {batch_size: 2}", [], r"^base/base.yaml: recipe key train.lr must be float; got 'fast'$"),
+        ("train: {lr: fast}", "train: {lr: 1.0e-3}", ["train.lr=x"], r"^command line: recipe key train.lr must be float; got 'x'$"),
+        ("", "method: qlora", [], r"^child.yaml: recipe key method must be one of \['grootl', 'lora', 'full'\]; got 'qlora'$"),
+        ("", "grootl: {k: 0}", [], r"^child.yaml: recipe section grootl: .*k must be an int >= 1"),
+        ("train: 5", "", ["train.lr=1"], r"^base/base.yaml: recipe section train must be a mapping$"),
+        ("", "", ["train.lrate=1"], r"^command line: unknown recipe key 'train.lrate'; valid keys: .*; did you mean train.lr "),
+        ("", "", ["train.lr.x=1"], r"^command line: unknown recipe key 'train.lr.x'"),
+        ("", "", ["train.lr=["], r"^command line: override 'train.lr=\[': the value is not valid YAML \(line 1, column 2: "),
+        ("", "", ["model.init=random"], r"^command line: recipe key model.tokenizer is required when model.init is random$"),
+        ("", "output_dir: null", [], r"^child.yaml: recipe key output_dir must not be empty \(null\)$"),
+    ],
+)
+def test_errors_name_the_file_or_command_line_that_set_the_key(tmp_path, monkeypatch, base, child, overrides, message):
+    """Through extends:, an unknown key, a wrong type or a bad value is reported against the file that set it."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base/base.yaml").write_text(f"output_dir: runs/x\nmodel: {{name_or_path: org/model}}\n{base}\n")
+    (tmp_path / "child.yaml").write_text(f"extends: base/base.yaml\n{child}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("child.yaml", overrides)
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
@@ -337,7 +372,7 @@ def test_valid_keys_cover_every_field():
 def test_cli_reports_recipe_errors_without_traceback(capsys):
     assert cli_main(["train", str(PAPER_130M["lora"]), "train.nope=1"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("grootl train: error: unknown recipe key 'train.nope'") and "Traceback" not in err
+    assert err.startswith("grootl train: error: command line: unknown recipe key 'train.nope'") and "Traceback" not in err
 
 
 def test_cli_prints_the_resolved_recipe(capsys):

@@ -6,23 +6,51 @@ Each subcommand module exposes ``main(argv: list[str]) -> int`` that parses its 
 
 from __future__ import annotations
 
+import ast
 import importlib
+import re
 import sys
+from pathlib import Path
 
+# subcommand -> the module whose ``main(argv)`` runs it; its help is that main's docstring, else the module's
 COMMANDS = {
-    "train": ("grootl.train", "Fine-tune a Mamba model from a YAML recipe (GrootL, LoRA or full)."),
-    "eval": ("grootl.evaluation.run", "Zero-shot lm-eval suites on a model, adapter or run directory."),
-    "generate": ("grootl.evaluation.generate", "A model's response to an instruction, printed as it is generated."),
-    "compare": ("grootl.evaluation.compare", "Side-by-side table and chart of saved eval results."),
-    "reproduce": ("grootl.reproduce", "The paper's Mamba-130M table: train both arms, evaluate, compare (--smoke: tiny, CPU)."),
-    "build-kernels": ("grootl.tree.native", "Compile the native tree-scan kernels now (CPU, and CUDA if present)."),
+    "train": "grootl.train",
+    "eval": "grootl.evaluation.run",
+    "generate": "grootl.evaluation.generate",
+    "compare": "grootl.evaluation.compare",
+    "reproduce": "grootl.reproduce",
+    "build-kernels": "grootl.tree.native",
 }
+_RST = (
+    (re.compile(r"^``grootl [\w-]+``:\s*"), ""),  # the "``grootl x``: " a command's docstring opens with
+    (re.compile(r"(?::\w+)+:`~?([^`]+)`"), r"\1"),  # :func:`name`, :mod:`~a.b`
+    (re.compile(r"``([^`]+)``"), r"\1"),
+    (re.compile(r"`([^`]+)`"), r"\1"),
+)
+
+
+def help_text(doc: str | None) -> str:
+    """A docstring's first paragraph as plain help text: no reST markup, no leading ``grootl x:``, a capital first
+    letter (``description=help_text(__doc__)`` in a subcommand's parser; the usage table shows the same)."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    for pattern, plain in _RST:
+        text = pattern.sub(plain, text)
+    return text[:1].upper() + text[1:]
+
+
+def command_doc(name: str) -> str | None:
+    """The docstring a subcommand's help comes from, read from its source without importing it (importing
+    would load torch for ``grootl --help``)."""
+    path = Path(__file__).resolve().parent.joinpath(*COMMANDS[name].split(".")[1:])  # grootl.a.b: grootl/a/b
+    module = ast.parse((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text())
+    main = next((node for node in module.body if isinstance(node, ast.FunctionDef) and node.name == "main"), None)
+    return (main and ast.get_docstring(main)) or ast.get_docstring(module)
 
 
 def _usage() -> str:
     lines = ["usage: grootl <command> [args...] | grootl --version", "", "commands:"]
-    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `grootl <command> --help` for a command's options."]
+    lines += [f"  {name:<14} {help_text(command_doc(name))}" for name in COMMANDS]
+    lines += ["", "Run grootl <command> --help for a command's options."]
     return "\n".join(lines)
 
 
@@ -40,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"grootl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    module = importlib.import_module(COMMANDS[name])
     return int(module.main(rest) or 0)
 
 

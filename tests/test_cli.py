@@ -1,28 +1,49 @@
-"""The ``grootl`` command: its usage lists every subcommand, each answers --help, bad names are clear."""
+"""The ``grootl`` command: its usage lists every subcommand, each answers --help in plain text, bad names are clear."""
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import version
 
 import pytest
 
 import grootl
-from grootl.cli import COMMANDS, main
+from grootl.cli import COMMANDS, command_doc, help_text, main
+
+RST = re.compile(r"``|:\w+:`|`\w")  # literals, roles, interpreted text
+# subcommands whose parser does not yet take its description from help_text (the lead wires them up)
+UNWIRED = {"train", "eval", "generate", "compare", "reproduce", "build-kernels"}
+
+
+def test_help_text_is_a_docstrings_plain_first_paragraph():
+    doc = """``grootl thing``: run :func:`grootl.tree.tree_scan` on ``x``
+    and :mod:`~grootl.tree` over `y`.
+
+    Details that stay out of the help."""
+    assert help_text(doc) == "Run grootl.tree.tree_scan on x and grootl.tree over y."
+    assert help_text(None) == ""
 
 
 def test_usage_lists_every_command(capsys):
     assert main([]) == 0
     usage = capsys.readouterr().out
-    for name, (_, help_) in COMMANDS.items():
-        assert f"  {name}" in usage and help_ in usage
+    assert not RST.search(usage), usage
+    for name in COMMANDS:
+        summary = help_text(command_doc(name))
+        assert summary[:1].isupper() and not RST.search(summary), summary
+        assert f"  {name:<14} {summary}\n" in usage
 
 
-@pytest.mark.parametrize("name", COMMANDS)
-def test_every_command_answers_help(name, capsys):
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(
+    name in UNWIRED, reason="the parser's description is not help_text(...) yet", strict=True)) for name in COMMANDS])
+def test_every_command_help_is_plain_and_matches_the_usage(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([name, "--help"])
     assert exit_.value.code == 0
-    assert f"grootl {name}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: grootl {name}") and not RST.search(out), out
+    description = out.split("\n\n")[1]  # argparse: usage, blank line, description
+    assert " ".join(description.split()) == help_text(command_doc(name))
 
 
 def test_unknown_command_is_named(capsys):

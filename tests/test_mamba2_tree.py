@@ -287,18 +287,31 @@ def test_grouped_route_equals_build_tree(distance):
     assert torch.equal(shared.parent, want.parent[:4])
 
 
-def test_scans_repeat_a_built_tree_over_groups_once(monkeypatch):
-    """A built tree is repeated over the groups once, with its scan order: later scans check nothing again."""
-    x, dt, A, B, C = random_inputs(2, 10, 4, 2, 2, 3, seed=4)
-    tree = m2.build_tree(x, dt, B, torch.tensor([10, 6]))
-    checks = []
-    monkeypatch.setattr(graph, "check_tree", lambda t: checks.append(t))
-    first = m2.tree_scan(x, dt, A, B, C, tree)
-    folded = graph.repeat_rows(tree, 2)
-    plan = folded.plan()
-    assert folded.parent.shape == (4, 10) and torch.equal(folded.parent[1::2], tree.parent)
-    assert torch.equal(m2.tree_scan(x, dt, A, B, C, tree), first)
-    assert graph.repeat_rows(tree, 2) is folded and folded.plan() is plan and not checks
+def test_scans_check_and_order_a_tree_once(monkeypatch, implementation):
+    """On either path a tree is checked and its scan order derived once, then kept with it (a built tree's by its
+    build): later scans check nothing again and give the same output. The PyTorch path's copy of the tree for the
+    groups is kept with it too."""
+    length = 10
+    x, dt, A, B, C = random_inputs(2, length, 4, 2, 2, 3, seed=4)
+    built = m2.build_tree(x, dt, B, torch.tensor([length, 6]))
+    g = torch.Generator().manual_seed(4)
+    parent = torch.stack([torch.tensor([int(torch.randint(v + 1, length, (1,), generator=g)) for v in range(length - 1)]
+                                       + [-1]) for _ in range(2)])
+    hand_made = Tree(parent, torch.stack([torch.tensor(preorder(p.tolist(), random.Random(4))) for p in parent]))
+    calls = []
+    for name in ("check_tree", "heavy_last_preorder"):
+        monkeypatch.setattr(graph, name, lambda *args, real=getattr(graph, name), name=name: (calls.append(name), real(*args))[1])
+    first = m2.tree_scan(x, dt, A, B, C, built)
+    assert calls == []
+    torch.testing.assert_close(first, m2.tree_scan_ref(x, dt, A, B, C, built), rtol=1e-10, atol=1e-10)
+    assert torch.equal(m2.tree_scan(x, dt, A, B, C, built), first) and calls == []
+    y = m2.tree_scan(x, dt, A, B, C, hand_made)
+    assert calls == ["check_tree", "heavy_last_preorder"]  # the spies see what the scans do
+    assert torch.equal(m2.tree_scan(x, dt, A, B, C, hand_made), y) and len(calls) == 2
+    torch.testing.assert_close(y, brute_force(x, dt, A, B, C, parent), rtol=1e-10, atol=1e-10)
+    if implementation == "torch":
+        folded = graph.repeat_rows(built, 2)
+        assert torch.equal(folded.parent[1::2], built.parent) and graph.repeat_rows(built, 2) is folded
 
 
 def test_edited_and_hand_made_trees_scan_as_their_parents_say():

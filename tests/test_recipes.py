@@ -178,6 +178,20 @@ def test_errors_name_the_file_or_command_line_that_set_the_key(tmp_path, monkeyp
         load_recipe("child.yaml", overrides)
 
 
+def test_every_shipped_eval_task_yaml_is_indexed_by_lm_eval_and_checked(tmp_path):
+    """Each offline task YAML renders to a task lm-eval's TaskManager indexes under the file's name, reading data
+    files that exist; all of them are the paper's suite, whose requests test_eval.py checks against lm-eval's
+    own tasks task by task."""
+    from lm_eval.tasks import TaskManager
+
+    from grootl.evaluation.tasks import PAPER_SUITE, TASK_TEMPLATES, missing_data_files, render_offline_tasks
+
+    names = sorted(path.stem for path in TASK_TEMPLATES.glob("*.yaml"))
+    assert names == sorted(PAPER_SUITE)
+    manager = TaskManager(include_path=str(render_offline_tasks(ASSETS / "eval", tmp_path)), include_defaults=False)
+    assert sorted(manager.all_tasks) == names and missing_data_files(manager, names) == []
+
+
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
 def test_accelerate_configs_load(path):
     config = ClusterConfig.from_yaml_file(str(path))

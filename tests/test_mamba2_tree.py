@@ -37,6 +37,14 @@ def random_inputs(batch, length, heads, head_dim, groups, n, seed=0):
     return x, dt, A, B, C
 
 
+def random_tree(batch, length, seed):
+    """A random tree per row rooted at L-1 (every parent later than its child) and a random DFS preorder of it."""
+    g = torch.Generator().manual_seed(seed)
+    parent = torch.stack([torch.tensor([int(torch.randint(v + 1, length, (1,), generator=g)) for v in range(length - 1)]
+                                       + [-1]) for _ in range(batch)])
+    return parent, torch.stack([torch.tensor(preorder(p.tolist(), random.Random(seed))) for p in parent])
+
+
 def full_X(x, dt, B):
     """X[b, t, h, p, n] = dt·x·B of the head's group, built in full."""
     Bh = B.repeat_interleave(x.shape[2] // B.shape[2], dim=2)
@@ -294,10 +302,8 @@ def test_scans_check_and_order_a_tree_once(monkeypatch, implementation):
     length = 10
     x, dt, A, B, C = random_inputs(2, length, 4, 2, 2, 3, seed=4)
     built = m2.build_tree(x, dt, B, torch.tensor([length, 6]))
-    g = torch.Generator().manual_seed(4)
-    parent = torch.stack([torch.tensor([int(torch.randint(v + 1, length, (1,), generator=g)) for v in range(length - 1)]
-                                       + [-1]) for _ in range(2)])
-    hand_made = Tree(parent, torch.stack([torch.tensor(preorder(p.tolist(), random.Random(4))) for p in parent]))
+    parent, order = random_tree(2, length, seed=4)
+    hand_made = Tree(parent, order)
     calls = []
     for name in ("check_tree", "heavy_last_preorder"):
         monkeypatch.setattr(graph, name, lambda *args, real=getattr(graph, name), name=name: (calls.append(name), real(*args))[1])
@@ -321,10 +327,7 @@ def test_edited_and_hand_made_trees_scan_as_their_parents_say():
     x, dt, A, B, C = random_inputs(2, length, 4, 2, 2, 3, seed=8)
     tree = m2.build_tree(x, dt, B, torch.tensor([length, length]))
     m2.tree_scan(x, dt, A, B, C, tree)
-    g = torch.Generator().manual_seed(0)
-    parent = torch.stack([torch.tensor([int(torch.randint(v + 1, length, (1,), generator=g)) for v in range(length - 1)]
-                                       + [-1]) for _ in range(2)])
-    order = torch.stack([torch.tensor(preorder(p.tolist(), random.Random(1))) for p in parent])
+    parent, order = random_tree(2, length, seed=0)
     assert not torch.equal(order, graph.heavy_last_preorder(parent)), "the test needs an order the scans do not use"
     replaced = dataclasses.replace(tree, parent=parent, order=order)
     hand_made = Tree(parent.clone(), order.clone())

@@ -155,6 +155,36 @@ def test_shipped_recipes_adapt_modules_their_family_has():
     assert covered == set(FAMILIES), "every family ships a recipe for a real checkpoint"
 
 
+@pytest.mark.parametrize("model_type", ["mamba2", "bamba"])  # a causal LM that passes no kwargs on, one that does
+def test_the_backbone_called_directly_gets_its_own_prompt_never_an_earlier_ones(model_type):
+    """TRL's fused LM head (SFTTrainer's default loss) runs ``model.base_model(**batch)`` itself: its
+    ``context_lens`` must reach the mixers, and a call without one reads an empty prompt, not the last forward's."""
+    _, model = stock_and_grootl(model_type)
+    x, prompt = ids(2, 12, seed=10), torch.tensor([8, 5])
+    seen = []
+    model.base_model.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state))
+    with torch.no_grad():
+        model(x, context_lens=prompt)
+        model(x)
+        told, empty = seen
+        torch.testing.assert_close(model.base_model(input_ids=x, context_lens=prompt).last_hidden_state, told)
+        model(x, context_lens=prompt)
+        torch.testing.assert_close(model.base_model(input_ids=x).last_hidden_state, empty)
+    assert not torch.allclose(told, empty)
+    with pytest.raises(ValueError, match=r"context_lens\[0\] = 8 is outside \[0, 6\]"):
+        model.base_model(input_ids=x[:, :6], context_lens=prompt)
+
+
+def test_loading_an_adapter_as_a_model_says_what_it_is_and_names_its_base(tmp_path):
+    _, model = stock_and_grootl("mamba2")
+    model.save_pretrained(tmp_path / "base")
+    base = grootl.load_model(str(tmp_path / "base"))
+    get_peft_model(base, LoraConfig(r=2, target_modules=["in_proj"])).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"is a PEFT adapter of '.*base', not a model: .*PeftModel.from_pretrained") as err:
+        grootl.load_model(str(tmp_path / "adapter"))
+    assert "\n" not in str(err.value)
+
+
 def test_bad_context_lens_are_named():
     _, model = stock_and_grootl("mamba2")
     with pytest.raises(ValueError, match=r"context_lens\[1\] = 20 is outside \[0, 9\]"):

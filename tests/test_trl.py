@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from grootl.data import SFTCollator
 from grootl.integrations import PromptLengthCollator, give_prompts
-from grootl.model import GrootLMambaForCausalLM, tiny_model
+from grootl.model import GrootLMambaForCausalLM, families, tiny_model
 
 trl = pytest.importorskip("trl")
 
@@ -32,26 +32,44 @@ def prompt_lens(tokenizer) -> torch.Tensor:
     return torch.tensor([len(tokenizer(p)["input_ids"]) for p in PROMPTS])
 
 
-class BackboneSpy:
-    """Records what each forward of the backbone received and returned (the forward the trainer makes)."""
+def tiny(tokenizer, model_type: str):
+    """A tiny GrootL model of ``model_type`` (``mamba``, or a family of grootl.model.families) for the tokenizer."""
+    if model_type == "mamba":
+        return tiny_model(vocab_size=len(tokenizer))
+    return families.from_config(families.tiny_config(model_type, vocab_size=len(tokenizer)))
 
-    def __init__(self, model: GrootLMambaForCausalLM):
+
+def lora_targets(model) -> list[str]:
+    family = families.family_of(model.config.model_type)
+    return ["x_proj", "in_proj", "out_proj"] if family is None else list(family.lora_targets)
+
+
+class BackboneSpy:
+    """Records the prompt lengths the mixers were given and the output of each forward of the backbone (the forward
+    the trainer makes; TRL's fused LM head calls the backbone itself)."""
+
+    def __init__(self, model):
         self.calls = []
-        model.backbone.register_forward_hook(self.hook, with_kwargs=True)
+        self.model = model
+        model.base_model.register_forward_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs, output):
-        self.calls.append((kwargs.get("context_lens"), output.last_hidden_state.detach()))
+        if isinstance(self.model, GrootLMambaForCausalLM):  # its backbone takes context_lens
+            context_lens = kwargs.get("context_lens")
+        else:  # a family's mixers are given them before the stock backbone runs
+            context_lens = self.model.grootl_mixers()[0].tree_inputs[0]
+        self.calls.append((context_lens, output.last_hidden_state.detach()))
 
 
-def sft_trainer(tokenizer, tmp_path, **config):
-    model = tiny_model(vocab_size=len(tokenizer))
+def sft_trainer(tokenizer, tmp_path, model_type="mamba", **config):
+    model = tiny(tokenizer, model_type)
     args = trl.SFTConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
         save_strategy="no", logging_steps=1, use_cpu=True, completion_only_loss=True, dataloader_num_workers=0,
         **config,
     )
     data = Dataset.from_dict({"prompt": PROMPTS, "completion": COMPLETIONS})
-    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["x_proj", "in_proj", "out_proj"])
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(model))
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft)
     return give_prompts(trainer), model
 
@@ -93,8 +111,9 @@ def check_route(trainer, model, batch, tokenizer):
         assert (hidden[:, : int(lens.min())] - other[:, : int(lens.min())]).abs().max() > 1e-5
 
 
-def test_trl_sft_trainer_gives_the_tree_each_rows_prompt(tokenizer, tmp_path):
-    trainer, model = sft_trainer(tokenizer, tmp_path)
+@pytest.mark.parametrize("model_type", ["mamba", "mamba2"])  # Mamba-1, and a family (its mixers take no arguments)
+def test_trl_sft_trainer_gives_the_tree_each_rows_prompt(tokenizer, tmp_path, model_type):
+    trainer, model = sft_trainer(tokenizer, tmp_path, model_type)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     assert batch["labels"][0, : prompt_lens(tokenizer)[0]].eq(-100).all()  # TRL left the prompt out of the loss
     check_route(trainer, model, batch, tokenizer)

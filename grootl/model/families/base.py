@@ -74,6 +74,10 @@ class GrootLCausalLMMixin:
         for module in self.modules():
             if isinstance(getattr(module, "_no_split_modules", None), set):
                 module._no_split_modules = module._no_split_modules - shared
+        # the mixers get their prompt when the backbone runs, also when a caller runs it directly (TRL's fused LM
+        # head does), never the stale one of an earlier forward
+        self._labels_context_lens = None
+        self.base_model.register_forward_pre_hook(self._give_mixers_the_prompt, with_kwargs=True)
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -113,23 +117,39 @@ class GrootLCausalLMMixin:
         return super().generate(inputs, *args, **generation_prompt(inputs, kwargs))
 
     def forward(self, *args, context_lens: Tensor | None = None, **kwargs):
-        """The stock forward; ``context_lens`` and left padding (from ``attention_mask``) go to the mixers."""
-        named = inspect.signature(super().forward).bind_partial(*args, **kwargs).arguments
+        """The stock forward; ``context_lens`` (else the leading ``-100`` run of ``labels``) and left padding (from
+        ``attention_mask``) go to the mixers."""
+        labels = inspect.signature(super().forward).bind_partial(*args, **kwargs).arguments.get("labels")
+        if context_lens is None and labels is not None:
+            context_lens = context_lens_from_labels(labels)
+        self._labels_context_lens = context_lens  # for the backbone's pre-hook: not every stock forward passes it on
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._labels_context_lens = None
+
+    def _give_mixers_the_prompt(self, backbone, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook of the backbone: set every mixer's ``tree_inputs`` from this call's ``context_lens`` (a
+        keyword of a direct backbone call, else the enclosing :meth:`forward`'s) and ``attention_mask``; no
+        prompt when neither gives one. Decoding past a cached state leaves them (every position is on the chain)."""
+        kwargs = dict(kwargs)
+        context_lens = kwargs.pop("context_lens", None)
+        if context_lens is None:
+            context_lens = self._labels_context_lens
+        named = inspect.signature(backbone.forward).bind_partial(*args, **kwargs).arguments
         embeds = named.get("input_ids", named.get("inputs_embeds"))
-        labels, mask = named.get("labels"), named.get("attention_mask")
+        mask = named.get("attention_mask")
         mixers = self.grootl_mixers()
         if embeds is not None and mixers and not _continues(named, mixers[0].layer_idx):
             batch, length = embeds.shape[:2]
-            if context_lens is None and labels is not None:
-                context_lens = context_lens_from_labels(labels)
             if context_lens is not None:
                 context_lens = check_context_lens(context_lens, batch, length, embeds.device)
             elif self.training and not torch.compiler.is_compiling() and self.grootl.active:
-                warnings.warn(NO_PROMPT_WARNING, stacklevel=2)
+                warnings.warn(NO_PROMPT_WARNING, stacklevel=3)
             start = left_padding(mask[:, -length:]) if mask is not None and mask.dim() == 2 else None
             for mixer in mixers:
                 mixer.tree_inputs = (context_lens, start)
-        return super().forward(*args, **kwargs)
+        return args, kwargs
 
 
 def _layer_classes_sharing_weights(model) -> set[str]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, MambaConfig
 
@@ -51,7 +54,16 @@ def load_model(
 def checkpoint_config(name_or_path: str, **kwargs):
     """The config of the checkpoint at ``name_or_path`` (a folder or hub id) and the keyword arguments it
     did not take, read without loading weights. Raises a one-line ValueError when nothing loads from
-    there (a missing hub id, no network) or when it is no Mamba checkpoint (stock, GrootL or a family's)."""
+    there (a missing hub id, no network), when it is a PEFT adapter, or when it is no Mamba checkpoint (stock,
+    GrootL or a family's)."""
+    adapter = Path(name_or_path).expanduser() / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        raise ValueError(
+            f"{name_or_path!r} is a PEFT adapter{f' of {base!r}' if base else ''}, not a model: load its base with "
+            f"load_model and apply it with peft.PeftModel.from_pretrained(model, {name_or_path!r}) (a `grootl train` "
+            "run's merged model is <run>/final)"
+        )
     try:
         config, unused = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
     except (OSError, ValueError) as err:

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from grootl.cli import help_text
 from grootl.evaluation.tasks import PAPER_SUITE, offline_data_files
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ class Plan:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grootl reproduce", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="grootl reproduce", description=help_text(__doc__))
     parser.add_argument("--smoke", action="store_true", help="the same stages on the tiny CPU demo (minutes, offline)")
     parser.add_argument("--out", type=Path, help="where runs, results, table and chart go "
                                                  "(default: runs/paper, runs/paper-smoke with --smoke)")

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from grootl.cli import help_text
 from grootl.evaluation.tasks import PAPER_SUITE
 
 TASK_LABELS = {
@@ -228,7 +229,7 @@ def bar_chart(runs: dict[str, dict[str, Score]], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grootl compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="grootl compare", description=help_text(__doc__))
     parser.add_argument("results", nargs="+", type=Path, help="lm-eval results JSON files, one per run")
     parser.add_argument("--labels", help="comma-separated run names (default: the file names)")
     parser.add_argument("--output", type=Path, help="also write the markdown table here")

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from grootl.cli import help_text
 from grootl.data.templates import TEMPLATES, get_template
 from grootl.evaluation.run import modulation_arg
 from grootl.paths import PathError, resolve_model
@@ -21,9 +22,9 @@ DEFAULT_TEMPLATE = "grootl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grootl generate", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="grootl generate", description=help_text(__doc__))
     parser.add_argument(
-        "model", help="GrootL model dir, `grootl train` run dir (its final/) or stock Mamba checkpoint (dir or hub id)"
+        "model", help="GrootL model dir, grootl train run dir (its final/) or stock Mamba checkpoint (dir or hub id)"
     )
     parser.add_argument("instruction", help="the instruction (or, with --raw, the whole prompt)")
     parser.add_argument("--input", default="", help="the record's optional input field")

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
+from grootl.cli import help_text
 from grootl.evaluation.tasks import DATA_DIR_TOKEN, PAPER_SUITE, missing_data_files, render_offline_tasks
 from grootl.paths import PathError, missing_path_error, resolve_model
 
@@ -40,10 +41,10 @@ def _batch_size(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="grootl eval", description="Zero-shot lm-eval tasks on a GrootL model, a stock model or a PEFT adapter."
+        prog="grootl eval", description=help_text(__doc__)
     )
     parser.add_argument(
-        "model", help="GrootL model dir, `grootl train` run dir (its final/), stock Mamba checkpoint (dir or hub id), or PEFT adapter dir"
+        "model", help="GrootL model dir, grootl train run dir (its final/), stock Mamba checkpoint (dir or hub id), or PEFT adapter dir"
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. piqa,arc_easy")

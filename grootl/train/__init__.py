@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from grootl.cli import help_text
 from grootl.train.recipe import Recipe, RecipeError, load_recipe, valid_keys
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "main", "train", "valid_keys"]
@@ -24,7 +25,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grootl train",
-        description="Fine-tune a Mamba model (GrootL, LoRA or full) from a YAML recipe.",
+        description=help_text(__doc__),
         epilog="Override any recipe key as key=value (dotted for nested keys), e.g. train.lr=1e-4 "
         "output_dir=runs/x. Relative paths in a recipe file resolve against the recipe's folder.",
     )

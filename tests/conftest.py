@@ -23,7 +23,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Files that take minutes, started first so that xdist's ``--dist loadfile`` does not leave them for last on one
 # worker while the other idles (the rest follow in collection order).
-SLOW_FILES = ("test_native_tsan.py", "test_native_asan.py")
+SLOW_FILES = ("test_native_tsan.py", "test_cuda_build.py", "test_native_asan.py", "test_native_cuda.py",
+              "test_native_ssd.py")
 
 
 def pytest_configure(config):
@@ -88,12 +89,16 @@ def emulated_cuda_build(cpu_kernels, tmp_path_factory):
     from grootl.tree import native
 
     here = REPO / "tests" / "kernels"
+    # one build for all xdist workers: torch locks the directory while one of them compiles
+    root = tmp_path_factory.getbasetemp()
+    build = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "cuda_emulated"
+    build.mkdir(exist_ok=True)
     return cpp_extension.load(
         name="grootl_cuda_emulated",
         sources=[str(here / "cuda_emulated.cpp")],
         extra_cflags=["-O1", "-std=c++20"],
         extra_include_paths=[str(native.KERNELS), str(here)],
-        build_directory=str(tmp_path_factory.mktemp("cuda_emulated")),
+        build_directory=str(build),
     )
 
 

@@ -227,8 +227,12 @@ def chunked_calls(ext, monkeypatch) -> list[str]:
 CHUNKED_SHAPES = [(5, 3, 5, 29), (1, 2, 1, 1), (2, 3, 16, 8), (3, 2, 128, 9), (2, 17, 4, 5)]
 
 
-@pytest.mark.parametrize("shape", CHUNKED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
+# every shape in float64; float32 and bf16 (the kernels' float accumulation, bf16 inputs) on the short rows
+CHUNKED_CASES = [(shape, F64) for shape in CHUNKED_SHAPES] + [
+    (shape, dtype) for dtype in (torch.float32, torch.bfloat16) for shape in CHUNKED_SHAPES[1:]]
+
+
+@pytest.mark.parametrize("shape,dtype", CHUNKED_CASES, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_emulated_cuda_chunked_scan_matches_reference(emulated_cuda, emulated_cuda_build, monkeypatch, shape, dtype):
     """Trees with edges of at most 3 positions run on the chunked kernels, forward and backward, against the float64
     reference: hand-made trees that cross chunk boundaries every way, and random minimum spanning trees."""
@@ -250,7 +254,7 @@ def test_emulated_cuda_chunked_scan_matches_reference(emulated_cuda, emulated_cu
 
 
 # (batch, L, H, P, G, N): two groups, padding channels, N = 128, L around the chunk
-CHUNKED_MAMBA2_SHAPES = [(3, 21, 4, 3, 2, 5), (1, 8, 2, 2, 1, 128), (2, 1, 2, 3, 1, 4)]
+CHUNKED_MAMBA2_SHAPES = [(2, 17, 4, 3, 2, 5), (1, 8, 2, 2, 1, 128), (2, 1, 2, 3, 1, 4)]
 
 
 @pytest.mark.parametrize("shape", CHUNKED_MAMBA2_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -270,7 +274,7 @@ def test_emulated_cuda_chunked_mamba2_scan_matches_reference(emulated_cuda, emul
         leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C)]
         y, root = scan(*leaves, tree, return_root_state=True)
         (y.square().sum() + (root * gr).sum()).backward()
-        results.append([y.detach(), root.detach()] + [t.grad for t in leaves])
+        results.append([y.detach(), root.detach()] + [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves])
     for name, a, b in zip(("y", "root", "dx", "ddt", "dA", "dB", "dC"), *results):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)

@@ -34,6 +34,7 @@
 #include "scan_layouts.h"
 #include "tree_build.h"
 #include "tree_scan.h"
+#include "chunk_scan.h"
 
 namespace {
 
@@ -350,6 +351,97 @@ __global__ void __launch_bounds__(kBuildThreads)
                       ckpt_offset + (int64_t)b * (grootl::num_chunks(L) + 1), sizes + b * 3, work + b * work_stride);
 }
 
+// The chunked scan (chunk_scan.h): a block per row makes the chunk plan; passes 1 and 3 run on a grid of (channel
+// blocks, chunks, rows), a channel's N states over a group of lanes as above, a chunk's nodes in a per-thread
+// buffer (2 * kScanChunk * kPer accumulators: local memory, sized by the threads resident, not launched); pass 2
+// runs a thread per (row, channel, state) over the row's local roots.
+__global__ void __launch_bounds__(kBuildThreads)
+    chunk_plan_kernel(const int64_t* parent, const int64_t* order, int L, int32_t* plans, int32_t* work) {
+  const int b = blockIdx.x;
+  BlockPar par;
+  grootl::chunk_plan_phases(par, parent + (int64_t)b * L, order + (int64_t)b * L, L,
+                            plans + b * grootl::chunk_plan_ints(L), work + (int64_t)b * 2 * L);
+}
+
+// The slots of (row b, channel d) in a buffer of (batch, D, chunks * kSlots, N).
+template <typename acc_t>
+__device__ grootl::SlotStates<acc_t> slot_states(acc_t* buf, int b, int d, int D, int L, int N) {
+  return {buf + ((int64_t)b * D + d) * grootl::scan_chunks(L) * grootl::kSlots * N, N};
+}
+
+// Pass 1 (gy null: the forward's, without Q) or pass 3 of the forward (forward_out: y, root).
+template <typename scalar_t, typename acc_t, typename Layout, int kLanes, int kPer, bool kPass3>
+__global__ void __launch_bounds__(kForwardThreads)
+    chunk_forward_kernel(Layout lay, const int32_t* plans, const scalar_t* gy, acc_t* Hr, acc_t* T, acc_t* Q,
+                         scalar_t* y, acc_t* root) {
+  const int D = lay.groups() * lay.group_channels(), L = lay.L, N = lay.N;
+  const int d = blockIdx.x * (kForwardThreads / kLanes) + threadIdx.x / kLanes, c = blockIdx.y, b = blockIdx.z;
+  if (d >= D) return;  // whole lane groups leave; the group shuffles name only their own lanes
+  const auto plan = grootl::ChunkPlan::of(plans + b * grootl::chunk_plan_ints(L), L);
+  acc_t scratch[2 * grootl::kScanChunk * kPer];
+  const auto ch = lay.channel(b, d);
+  if constexpr (kPass3) {
+    grootl::chunk_forward(ch, warp_lanes<kLanes, kPer>(), plan, c, slot_states(Hr, b, d, D, L, N), scratch,
+                          y + lay.u_offset(b, d), root ? root + ((int64_t)b * D + d) * N : nullptr);
+  } else {
+    grootl::chunk_pass1(ch, warp_lanes<kLanes, kPer>(), plan, c, gy ? gy + lay.u_offset(b, d) : nullptr,
+                        slot_states(Hr, b, d, D, L, N), slot_states(T, b, d, D, L, N),
+                        slot_states(Q ? Q : T, b, d, D, L, N), scratch);
+  }
+}
+
+// Pass 2, a thread per (row, channel, state); Q null: the forward's.
+template <typename acc_t>
+__global__ void __launch_bounds__(kRowsThreads)
+    chunk_reduced_kernel(const int32_t* plans, int batch, int D, int N, int L, acc_t* Hr, acc_t* T, acc_t* Q,
+                         const acc_t* g_root) {
+  const int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (q >= (int64_t)batch * D * N) return;
+  const int n = q % N, d = q / N % D, b = q / N / D;
+  const auto plan = grootl::ChunkPlan::of(plans + b * grootl::chunk_plan_ints(L), L);
+  const auto Qs = slot_states(Q ? Q : T, b, d, D, L, N);
+  grootl::reduced_pass(plan, n, slot_states(Hr, b, d, D, L, N), slot_states(T, b, d, D, L, N), Q ? &Qs : nullptr,
+                       g_root ? g_root + ((int64_t)b * D + d) * N : nullptr);
+}
+
+// Pass 3 of the backward: blocks of kBackwardThreads / kLanes channels of one group as backward_kernel, one chunk
+// each (grid: groups * blocks per group, chunks, rows). dA_chunks: (chunks, dA's size); tails: (batch, D, chunks).
+template <typename scalar_t, typename acc_t, typename Layout, int kLanes, int kPer>
+__global__ void __launch_bounds__(kBackwardThreads)
+    chunk_backward_kernel(Layout lay, const int32_t* plans, const scalar_t* gy, acc_t* Hr, acc_t* Ginc,
+                          int64_t dA_size, scalar_t* du, acc_t* d_delta, acc_t* tails, acc_t* dA_chunks,
+                          acc_t* dB_part, acc_t* dC_part) {
+  using Sink = BlockSink<acc_t, kLanes, kPer>;
+  __shared__ acc_t stage[Sink::kSteps][Sink::kWarps][2][Sink::kN];
+  __shared__ int64_t stage_v[Sink::kSteps];
+  const int per_group = lay.group_channels(), D = lay.groups() * per_group, N = lay.N, L = lay.L;
+  const int channels = kBackwardThreads / kLanes, parts = (per_group + channels - 1) / channels;
+  const int g = blockIdx.x / parts, chunk = blockIdx.y, b = blockIdx.z;
+  const int c = blockIdx.x % parts * channels + threadIdx.x / kLanes, d = g * per_group + (c < per_group ? c : per_group - 1);
+  const int64_t part = ((int64_t)b * gridDim.x + blockIdx.x) * L * N;
+  Sink sink{stage, stage_v, dB_part + part, dC_part + part, N, c < per_group, 0};
+  const auto plan = grootl::ChunkPlan::of(plans + b * grootl::chunk_plan_ints(L), L);
+  acc_t scratch[2 * grootl::kScanChunk * kPer], dA_acc[kPer];
+  grootl::chunk_backward(lay.channel(b, d), warp_lanes<kLanes, kPer>(c < per_group), plan, chunk,
+                         gy + lay.u_offset(b, d), slot_states(Hr, b, d, D, L, N), slot_states(Ginc, b, d, D, L, N),
+                         scratch, dA_acc, du + lay.u_offset(b, d), d_delta + lay.delta_out(b, d),
+                         tails + ((int64_t)b * D + d) * grootl::scan_chunks(L), dA_chunks + chunk * dA_size + lay.dA_out(b, d),
+                         sink);
+  sink.finish();
+}
+
+// d_delta at each chunk's first position gets the term of the edge from the previous chunk's last node.
+template <typename Layout, typename acc_t>
+__global__ void __launch_bounds__(kRowsThreads)
+    chunk_tails_kernel(Layout lay, int batch, const acc_t* tails, acc_t* d_delta) {
+  const int D = lay.groups() * lay.group_channels(), chunks = grootl::scan_chunks(lay.L);
+  const int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (q >= (int64_t)batch * D * (chunks - 1)) return;
+  const int c = 1 + q % (chunks - 1), d = q / (chunks - 1) % D, b = q / (chunks - 1) / D;
+  d_delta[lay.delta_out(b, d) + (int64_t)grootl::chunk_first(c) * lay.channel(b, d).step_delta] +=
+      tails[((int64_t)b * D + d) * chunks + c - 1];
+}
+
 // The trees of a batch's rows from their features (row 0's) and their plans: features by blocks of positions, then
 // tree_build.h's phases over the grid of all rows' elements, then a block per row for the plan.
 template <typename acc_t, typename Features>
@@ -459,6 +551,100 @@ void launch_backward(const Layout& lay, int batch, const at::Tensor& like, const
   });
 }
 
+
+// Each row's chunk plan (chunk_plan_ints(L) ints per row), from a block per row.
+at::Tensor chunk_plans(const at::Tensor& parent, const at::Tensor& order) {
+  const int batch = parent.size(0), L = parent.size(1);
+  auto plans = at::empty({batch, grootl::chunk_plan_ints(L)}, parent.options().dtype(at::kInt));
+  auto work = at::empty({batch, 2 * (int64_t)L}, parent.options().dtype(at::kInt));
+  GROOTL_LAUNCH(batch, kBuildThreads, at::cuda::getCurrentCUDAStream(), chunk_plan_kernel)(
+      parent.data_ptr<int64_t>(), order.data_ptr<int64_t>(), L, plans.data_ptr<int32_t>(), work.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return plans;
+}
+
+// Passes 1 and 2 of the chunked scan into the slot buffers (a (3, batch, D, chunks * kSlots, N) tensor: Hr, T,
+// Q); with gy the backward's (Q, then Ginc, too).
+template <typename scalar_t, typename acc_t, typename Layout>
+void launch_chunk_passes(const Layout& lay, int batch, const at::Tensor& plans, const scalar_t* gy,
+                         const acc_t* g_root, acc_t* slots) {
+  const int D = lay.groups() * lay.group_channels(), L = lay.L, N = lay.N;
+  const int64_t size = (int64_t)batch * D * grootl::scan_chunks(L) * grootl::kSlots * N;
+  acc_t *Hr = slots, *T = slots + size, *Q = gy ? slots + 2 * size : nullptr;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  with_lane_shape(N, [&](auto lanes, auto per) {
+    constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+    const dim3 grid((D + kForwardThreads / kLanes - 1) / (kForwardThreads / kLanes), grootl::scan_chunks(L), batch);
+    GROOTL_LAUNCH(grid, kForwardThreads, stream, chunk_forward_kernel<scalar_t, acc_t, Layout, kLanes, kPer, false>)(
+        lay, plans.data_ptr<int32_t>(), gy, Hr, T, Q, (scalar_t*)nullptr, (acc_t*)nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const int64_t threads = (int64_t)batch * D * N;
+  GROOTL_LAUNCH((int)((threads + kRowsThreads - 1) / kRowsThreads), kRowsThreads, stream, chunk_reduced_kernel<acc_t>)(
+      plans.data_ptr<int32_t>(), batch, D, N, L, Hr, T, Q, g_root);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor chunk_slots(int64_t parts, int batch, int D, int L, int N, const at::Tensor& like, at::ScalarType acc) {
+  return at::empty({parts * batch * D * grootl::scan_chunks(L) * grootl::kSlots * N}, like.options().dtype(acc));
+}
+
+// The chunked forward: y and root.
+template <typename scalar_t, typename acc_t, typename Layout>
+void launch_chunked_forward(const Layout& lay, int batch, const at::Tensor& like, const at::Tensor& parent,
+                            const at::Tensor& order, scalar_t* y, acc_t* root) {
+  const int D = lay.groups() * lay.group_channels(), L = lay.L, N = lay.N;
+  const at::Tensor plans = chunk_plans(parent, order);
+  const at::Tensor slots = chunk_slots(2, batch, D, L, N, like, c10::CppTypeToScalarType<acc_t>::value);
+  acc_t* Hr = slots.data_ptr<acc_t>();
+  launch_chunk_passes<scalar_t, acc_t>(lay, batch, plans, (const scalar_t*)nullptr, (const acc_t*)nullptr, Hr);
+  with_lane_shape(N, [&](auto lanes, auto per) {
+    constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+    const dim3 grid((D + kForwardThreads / kLanes - 1) / (kForwardThreads / kLanes), grootl::scan_chunks(L), batch);
+    GROOTL_LAUNCH(grid, kForwardThreads, at::cuda::getCurrentCUDAStream(),
+                  chunk_forward_kernel<scalar_t, acc_t, Layout, kLanes, kPer, true>)(
+        lay, plans.data_ptr<int32_t>(), (const scalar_t*)nullptr, Hr, (acc_t*)nullptr, (acc_t*)nullptr, y, root);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The chunked backward: du, d_delta (every element written), dA (summed over chunks), dB/dC partials as
+// launch_backward's.
+template <typename scalar_t, typename acc_t, typename Layout>
+void launch_chunked_backward(const Layout& lay, int batch, const at::Tensor& like, const at::Tensor& parent,
+                             const at::Tensor& order, const at::Tensor& gy, c10::optional<at::Tensor> g_root,
+                             at::Tensor du, at::Tensor d_delta, at::Tensor dA, at::Tensor dB_part, at::Tensor dC_part) {
+  const int D = lay.groups() * lay.group_channels(), L = lay.L, N = lay.N, chunks = grootl::scan_chunks(L);
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor plans = chunk_plans(parent, order);
+  const at::Tensor slots = chunk_slots(3, batch, D, L, N, like, acc);
+  const int64_t size = slots.numel() / 3;
+  acc_t* Hr = slots.data_ptr<acc_t>();
+  launch_chunk_passes<scalar_t, acc_t>(lay, batch, plans, gy.data_ptr<scalar_t>(),
+                                       g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, Hr);
+  const at::Tensor tails = at::empty({batch, D, chunks}, like.options().dtype(acc));
+  const at::Tensor dA_chunks = at::empty({chunks, dA.numel()}, like.options().dtype(acc));
+  const int parts = (lay.group_channels() + channel_group_cuda(N) - 1) / channel_group_cuda(N);
+  with_lane_shape(N, [&](auto lanes, auto per) {
+    constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+    const dim3 grid(lay.groups() * parts, chunks, batch);
+    GROOTL_LAUNCH(grid, kBackwardThreads, stream, chunk_backward_kernel<scalar_t, acc_t, Layout, kLanes, kPer>)(
+        lay, plans.data_ptr<int32_t>(), gy.data_ptr<scalar_t>(), Hr, Hr + 2 * size, dA.numel(),
+        du.data_ptr<scalar_t>(), d_delta.data_ptr<acc_t>(), tails.data_ptr<acc_t>(), dA_chunks.data_ptr<acc_t>(),
+        dB_part.data_ptr<acc_t>(), dC_part.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const int64_t fix = (int64_t)batch * D * (chunks - 1);
+  if (fix > 0) {
+    GROOTL_LAUNCH((int)((fix + kRowsThreads - 1) / kRowsThreads), kRowsThreads, stream, chunk_tails_kernel<Layout, acc_t>)(
+        lay, batch, tails.data_ptr<acc_t>(), d_delta.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor dA_flat = dA.view({-1});
+  at::sum_out(dA_flat, dA_chunks, {0});  // in a fixed order: deterministic
+}
+
 }  // namespace
 
 void forward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -552,5 +738,65 @@ void build_grouped_tree_cuda(const at::Tensor& a, const at::Tensor& b, const at:
     using acc_t = at::opmath_type<scalar_t>;
     const grootl::GroupedFeatures<scalar_t, acc_t> f{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), G, C, N, L};
     launch_build<acc_t>(f, a.size(0), a, context_lens, start, k, distance, parent, order, flags, ckpt_offset, sizes);
+  });
+}
+
+int64_t max_span_cuda() { return grootl::kMaxSpan; }
+
+void forward_chunked_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, at::Tensor y,
+                          c10::optional<at::Tensor> root) {
+  CHECK_CUDA_INPUT(u);
+  const c10::cuda::CUDAGuard guard(u.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_forward_chunked_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto lay = grootl::mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr);
+    launch_chunked_forward(lay, u.size(0), u, parent, order, y.data_ptr<scalar_t>(),
+                           root.has_value() ? root->data_ptr<acc_t>() : nullptr);
+  });
+}
+
+void backward_chunked_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                           const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& gy,
+                           c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta, at::Tensor dA,
+                           at::Tensor dB_part, at::Tensor dC_part) {
+  CHECK_CUDA_INPUT(u);
+  const c10::cuda::CUDAGuard guard(u.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_backward_chunked_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto lay = grootl::mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr);
+    launch_chunked_backward<scalar_t, acc_t>(lay, u.size(0), u, parent, order, gy, g_root, du, d_delta, dA, dB_part,
+                                             dC_part);
+  });
+}
+
+void mamba2_forward_chunked_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, at::Tensor y,
+                                 c10::optional<at::Tensor> root) {
+  CHECK_CUDA_INPUT(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor decay = grootl::mamba2_decay(dt, A);
+  const at::Tensor no_flags = at::empty({0}, parent.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_forward_chunked_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto lay = grootl::mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, no_flags, (int)x.size(3));
+    launch_chunked_forward(lay, x.size(0), x, parent, order, y.data_ptr<scalar_t>(),
+                           root.has_value() ? root->data_ptr<acc_t>() : nullptr);
+  });
+}
+
+void mamba2_backward_chunked_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                                  const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order,
+                                  const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor dx,
+                                  at::Tensor d_dt, at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
+  CHECK_CUDA_INPUT(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor decay = grootl::mamba2_decay(dt, A);
+  const at::Tensor no_flags = at::empty({0}, parent.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_backward_chunked_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto lay = grootl::mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, no_flags, (int)x.size(3));
+    launch_chunked_backward<scalar_t, acc_t>(lay, x.size(0), x, parent, order, gy, g_root, dx, d_dt, dA_part, dB_part,
+                                             dC_part);
   });
 }

@@ -3,6 +3,7 @@
 
 #include <vector>
 
+#include "chunk_scan.h"
 #include "tree_scan.h"
 
 int64_t channel_group_cuda(int64_t N);
@@ -32,6 +33,21 @@ void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Ten
 void build_grouped_tree_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& context_lens,
                              const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
                              at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes);
+int64_t max_span_cuda();
+void forward_chunked_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, at::Tensor y,
+                          c10::optional<at::Tensor> root);
+void backward_chunked_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                           const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& gy,
+                           c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta, at::Tensor dA,
+                           at::Tensor dB_part, at::Tensor dC_part);
+void mamba2_forward_chunked_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, at::Tensor y,
+                                 c10::optional<at::Tensor> root);
+void mamba2_backward_chunked_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                                  const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order,
+                                  const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor dx,
+                                  at::Tensor d_dt, at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "GrootL tree scan, CUDA";
@@ -44,6 +60,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mamba2_forward", &mamba2_forward_cuda, "tree scan forward, Mamba-2 layout (scalar decay per head, grouped B, C)");
   m.def("mamba2_backward", &mamba2_backward_cuda, "its backward (partial sums for d_dt, dA, dB, dC)");
   m.def("mamba2_parts", &mamba2_parts_cuda, "(dB/dC partials per group, d_dt/dA partials) of the Mamba-2 backward");
+  m.def("scan_chunk", [] { return int64_t(grootl::kScanChunk); }, "positions per chunk of the chunked scans");
+  m.def("max_span", &max_span_cuda, "longest edge |v - parent[v]| the chunked (sequence-parallel) scans take");
+  m.def("forward_chunked", &forward_chunked_cuda, "forward, parallel over chunks of the sequence (span <= max_span)");
+  m.def("backward_chunked", &backward_chunked_cuda, "its backward (dA summed; dB, dC as backward's partials)");
+  m.def("mamba2_forward_chunked", &mamba2_forward_chunked_cuda, "mamba2_forward, parallel over chunks");
+  m.def("mamba2_backward_chunked", &mamba2_backward_chunked_cuda, "its backward (d_dt, dA, dB, dC as mamba2_backward's)");
   m.def("build_tree", &build_tree_cuda, "minimum spanning tree of the token graph, rooted at L-1, and its plan");
   m.def("build_grouped_tree", &build_grouped_tree_cuda, "build_tree from grouped (Mamba-2) features a_g (outer) b_g");
 }

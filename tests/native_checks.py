@@ -339,3 +339,38 @@ def bench_kernels():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+# Trees whose edges join positions at most 3 apart (what the chunked CUDA scan takes), made by hand to stress its
+# chunk boundaries, and minimum spanning trees of random weights on the k = 3 graph.
+def short_edge_trees(length: int, seed: int = 0) -> list[list[int]]:
+    """Parent lists of one row each: the chain; a hairpin (down every other position from the root, back up over
+    the others: edges point forward and backward across every boundary, twice); a ladder (three chains v -> v + 3:
+    three crossing edges at every boundary, a reduced tree of many local roots); a comb (a spine v -> v + 3 with
+    leaves hanging forward and backward); a random MST."""
+    last = length - 1
+    chain = [v + 1 for v in range(last)] + [-1]
+    down = list(range(last, -1, -2))  # the root, then every other position going down
+    up = [v for v in range(length) if v not in set(down)]
+    path = down + up  # each node's parent is the one before it on the path
+    hairpin = [-1] * length
+    for child, parent in zip(path[1:], path):
+        hairpin[child] = parent
+    ladder = [v + 3 if v + 3 < length else last for v in range(last)] + [-1]
+    comb = [-1] * length
+    spine = set(range(last, -1, -3))
+    for v in range(last):
+        comb[v] = v + 3 if v in spine else (v + 1 if (v // 3) % 2 else v - 1 if v - 1 >= 0 and v - 1 in spine else v + 1)
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(1, length, 3, generator=g, dtype=F64)
+    mst = graph.spanning_tree(weights, torch.tensor([length])).parent[0].tolist()
+    trees = [chain, hairpin, ladder, comb, mst]
+    for parent in trees:
+        assert parent[last] == -1 and all(0 < abs(p - v) <= 3 for v, p in enumerate(parent[:last])), parent
+    return trees
+
+
+def short_edge_tree(batch: int, length: int, seed: int = 0) -> Tree:
+    """Rows of different short-edge trees (orders derived: the scans plan them)."""
+    trees = short_edge_trees(length, seed)
+    return Tree(torch.tensor([trees[(seed + b) % len(trees)] for b in range(batch)]))

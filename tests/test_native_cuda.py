@@ -11,12 +11,13 @@ from functools import partial
 import pytest
 import torch
 
-from grootl.tree import Tree, build_tree, graph, native
+from grootl.tree import Tree, build_tree, graph, mamba2, native, tree_scan_ref
 from native_checks import (
-    CUDA, SHAPES, bench_kernels, check_deep_stack, check_grouped_tree, check_half_precision, check_plans,
+    CUDA, F64, NAMES, SHAPES, TOL, assert_close, bench_kernels, run_scan, short_edge_tree, check_deep_stack, check_grouped_tree, check_half_precision, check_plans,
     check_runs_identical, check_scan_matches_reference, check_ties_give_one_tree, check_tree_equals_cpu_tree,
     plan_cases, torch_path,
 )
+from scan_inputs import random_inputs
 
 pytestmark = pytest.mark.usefixtures("poison_native_outputs")
 
@@ -210,3 +211,71 @@ def test_cuda_plans_match_stack_simulation():
 @pytest.mark.gpu
 def test_cuda_runs_are_identical():
     check_runs_identical("cuda", (2, 96, 16, 257))
+
+
+def chunked_calls(ext, monkeypatch) -> list[str]:
+    """Names of the chunked (sequence-parallel) kernels ``ext`` serves from now on, as they are called."""
+    calls = []
+    for name in ("forward_chunked", "backward_chunked", "mamba2_forward_chunked", "mamba2_backward_chunked"):
+        kernel = getattr(ext, name)
+        monkeypatch.setattr(ext, name, lambda *args, _k=kernel, _n=name: calls.append(_n) or _k(*args))
+    return calls
+
+
+# (batch, D, N, L) around the emulated chunk of 8 positions: L = 1, L < C, L = C, L = C + 1, L not a multiple of C;
+# N = 1, 5 (idle lanes), 16, 128 (32 lanes x 4); every row a different short-edge tree
+CHUNKED_SHAPES = [(5, 2, 5, 19), (1, 2, 1, 1), (2, 3, 16, 8), (3, 2, 128, 9), (2, 17, 4, 5)]
+
+
+# every shape in float64; float32 and bf16 (the kernels' float accumulation, bf16 inputs) on the small ones
+CHUNKED_CASES = [(shape, F64) for shape in CHUNKED_SHAPES] + [
+    (shape, dtype) for dtype in (torch.float32, torch.bfloat16) for shape in (CHUNKED_SHAPES[1], *CHUNKED_SHAPES[2::2])]
+
+
+@pytest.mark.parametrize("shape,dtype", CHUNKED_CASES, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_emulated_cuda_chunked_scan_matches_reference(emulated_cuda, emulated_cuda_build, monkeypatch, shape, dtype):
+    """Trees with edges of at most 3 positions run on the chunked kernels, forward and backward, against the float64
+    reference: hand-made trees that cross chunk boundaries every way, and random minimum spanning trees."""
+    assert emulated_cuda_build.scan_chunk() == 8 and emulated_cuda_build.max_span() == 3
+    calls = chunked_calls(emulated_cuda_build, monkeypatch)
+    batch, d, n, length = shape
+    inputs = random_inputs(batch, d, n, length, F64, seed=length + n)
+    tree = short_edge_tree(batch, length, seed=n)
+    if dtype == torch.bfloat16:
+        got = run_scan(native.tree_scan, [x.to(dtype) for x in inputs], tree)
+        ref = run_scan(tree_scan_ref, [x.to(dtype).double() for x in inputs], tree)
+        for name, a, b in zip(NAMES, got, ref):
+            assert torch.isfinite(a).all(), name
+            assert (a - b).norm() <= 1e-2 * b.norm() + 1e-6, name
+    else:
+        assert_close(run_scan(native.tree_scan, [x.to(dtype) for x in inputs], tree), run_scan(tree_scan_ref, inputs, tree),
+                     *TOL[dtype])
+    assert calls == ["forward_chunked", "backward_chunked"]
+
+
+# (batch, L, H, P, G, N): two groups, padding channels, N = 128, L around the chunk
+CHUNKED_MAMBA2_SHAPES = [(2, 17, 4, 3, 2, 5), (1, 8, 2, 2, 1, 128), (2, 1, 2, 3, 1, 4)]
+
+
+@pytest.mark.parametrize("shape", CHUNKED_MAMBA2_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_cuda_chunked_mamba2_scan_matches_reference(emulated_cuda, emulated_cuda_build, monkeypatch, shape):
+    """The Mamba-2 layout (a scalar decay per head, grouped B and C) on the chunked kernels, gradients included."""
+    calls = chunked_calls(emulated_cuda_build, monkeypatch)
+    batch, length, heads, head_dim, groups, n = shape
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(batch, length, heads, head_dim, generator=g, dtype=F64)
+    dt = torch.nn.functional.softplus(torch.randn(batch, length, heads, generator=g, dtype=F64))
+    A = -torch.rand(heads, generator=g, dtype=F64) - 0.5
+    B, C = (torch.randn(batch, length, groups, n, generator=g, dtype=F64) for _ in range(2))
+    tree = short_edge_tree(batch, length, seed=length)
+    gr = torch.randn(batch, heads, head_dim, n, generator=g, dtype=F64)
+    results = []
+    for scan in (mamba2.tree_scan, mamba2.tree_scan_ref):
+        leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C)]
+        y, root = scan(*leaves, tree, return_root_state=True)
+        (y.square().sum() + (root * gr).sum()).backward()
+        results.append([y.detach(), root.detach()] + [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves])
+    for name, a, b in zip(("y", "root", "dx", "ddt", "dA", "dB", "dC"), *results):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    assert calls == ["mamba2_forward_chunked", "mamba2_backward_chunked"]

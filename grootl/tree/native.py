@@ -234,6 +234,13 @@ def _bounds(ext: ModuleType, length: int) -> list[int]:
     return [stack_bound(length), stack_bound(length), -(-length // ext.chunk_size()) * stack_bound(length)]
 
 
+def _chunked(ext: ModuleType, span: int) -> bool:
+    """Whether the sequence-parallel (chunked) scan kernels serve a tree whose edges join positions at most ``span``
+    apart (the CUDA extension's, for span <= its max_span(): built trees with k <= 3, the chain); else the kernels
+    that walk a row per channel serve it."""
+    return hasattr(ext, "forward_chunked") and span <= ext.max_span()
+
+
 def _build_shapes(ext: ModuleType, batch: int, length: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """A build's outputs: parent, order (the heavy-last preorder) and the tree's plan (flags, ckpt_offset, sizes)."""
     return [((batch, length), torch.long)] * 2 + _plan_shapes(ext, batch, length)
@@ -296,18 +303,22 @@ def _(parent, order):
 
 @torch.library.custom_op("grootl::tree_scan", mutates_args=())
 def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
-             flags: Tensor, ckpt_offset: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
-    """y (batch, D, L) and the root's state (batch, D, N). B, C as (batch, L, N); A in the accumulation dtype."""
+             flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, span: int) -> tuple[Tensor, Tensor]:
+    """y (batch, D, L) and the root's state (batch, D, N). B, C as (batch, L, N); A in the accumulation dtype;
+    span: the longest edge of the tree (picks the kernel, see _chunked)."""
     ext = _kernel(u.device)
     (batch, dim, length), n = u.shape, A.shape[1]
     y = _alloc(batch, dim, length, dtype=u.dtype, device=u.device)
     root = _alloc(batch, dim, n, dtype=A.dtype, device=u.device)
-    ext.forward(u, delta, A, B, C, parent, order, flags, _bounds(ext, length)[0], y, root)
+    if _chunked(ext, span):
+        ext.forward_chunked(u, delta, A, B, C, parent, order, y, root)
+    else:
+        ext.forward(u, delta, A, B, C, parent, order, flags, _bounds(ext, length)[0], y, root)
     return y, root
 
 
 @_scan_op.register_fake
-def _(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes):
+def _(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, span):
     return torch.empty_like(u), A.new_empty(u.shape[0], u.shape[1], A.shape[1])
 
 
@@ -336,23 +347,27 @@ def _summed_grads(delta: Tensor, B: Tensor, C: Tensor, du, d_delta, dA, dB, dC) 
 
 @torch.library.custom_op("grootl::tree_scan_backward", mutates_args=())
 def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
-                      flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, gy: Tensor, g_root: Tensor | None
+                      flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, span: int, gy: Tensor, g_root: Tensor | None
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """du; d_delta and dA per (row, channel) in the accumulation dtype; dB, dC as partial sums per channel group."""
     ext = _kernel(u.device)
     grads = _backward_outputs(ext, u, A)
-    ext.backward(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, _bounds(ext, u.shape[2]), gy, g_root,
-                 *grads)
+    if _chunked(ext, span):
+        ext.backward_chunked(u, delta, A, B, C, parent, order, gy, g_root, *grads)
+    else:
+        ext.backward(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, _bounds(ext, u.shape[2]), gy,
+                     g_root, *grads)
     return grads
 
 
 @_scan_backward_op.register_fake
-def _(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, gy, g_root):
+def _(u, delta, A, B, C, parent, order, flags, ckpt_offset, sizes, span, gy, g_root):
     return _backward_fakes(u, A)
 
 
 def _scan_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:-1])
+    ctx.span = inputs[-1]
 
 
 def _tree_scan_backward(backward_op, summed_grads):
@@ -363,7 +378,8 @@ def _tree_scan_backward(backward_op, summed_grads):
         u, delta, A, B, C, *plan = ctx.saved_tensors
         gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
         g_root = None if g_root is None else g_root.to(A.dtype).contiguous()
-        return *summed_grads(delta, B, C, *backward_op(u, delta, A, B, C, *plan, gy, g_root)), *([None] * 5)
+        grads = backward_op(u, delta, A, B, C, *plan, ctx.span, gy, g_root)
+        return *summed_grads(delta, B, C, *grads), *([None] * 6)
 
     return backward
 
@@ -378,18 +394,21 @@ torch.library.register_autograd("grootl::tree_scan", _tree_scan_backward(torch.o
 
 @torch.library.custom_op("grootl::mamba2_tree_scan", mutates_args=())
 def _mamba2_scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
-                    flags: Tensor, ckpt_offset: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+                    flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, span: int) -> tuple[Tensor, Tensor]:
     """y (batch, L, H, P) and the root's state (batch, H, P, N)."""
     ext = _kernel(x.device)
     batch, length, heads, head_dim = x.shape
     y = _alloc(batch, length, heads, head_dim, dtype=x.dtype, device=x.device)
     root = _alloc(batch, heads, head_dim, B.shape[3], dtype=A.dtype, device=x.device)
-    ext.mamba2_forward(x, dt, A, B, C, parent, order, flags, _bounds(ext, length)[0], y, root)
+    if _chunked(ext, span):
+        ext.mamba2_forward_chunked(x, dt, A, B, C, parent, order, y, root)
+    else:
+        ext.mamba2_forward(x, dt, A, B, C, parent, order, flags, _bounds(ext, length)[0], y, root)
     return y, root
 
 
 @_mamba2_scan_op.register_fake
-def _(x, dt, A, B, C, parent, order, flags, ckpt_offset, sizes):
+def _(x, dt, A, B, C, parent, order, flags, ckpt_offset, sizes, span):
     return torch.empty_like(x), A.new_empty(x.shape[0], x.shape[2], x.shape[3], B.shape[3])
 
 
@@ -405,20 +424,24 @@ def _mamba2_backward_shapes(ext: ModuleType, x: Tensor, B: Tensor) -> list[tuple
 
 @torch.library.custom_op("grootl::mamba2_tree_scan_backward", mutates_args=())
 def _mamba2_scan_backward_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, parent: Tensor, order: Tensor,
-                             flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, gy: Tensor, g_root: Tensor | None
+                             flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, span: int, gy: Tensor,
+                             g_root: Tensor | None
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx; d_dt, dA, dB, dC as partial sums in the accumulation dtype (see _mamba2_backward_shapes)."""
     ext = _kernel(x.device)
     shapes = _mamba2_backward_shapes(ext, x, B)
     grads = (_alloc(*shapes[0], dtype=x.dtype, device=x.device),
              *(_alloc(*shape, dtype=A.dtype, device=x.device) for shape in shapes[1:]))
+    if _chunked(ext, span):
+        ext.mamba2_backward_chunked(x, dt, A, B, C, parent, order, gy, g_root, *grads)
+        return grads
     ext.mamba2_backward(x, dt, A, B, C, parent, order, flags, ckpt_offset, sizes, _bounds(ext, x.shape[1]), gy,
                         g_root, *grads)
     return grads
 
 
 @_mamba2_scan_backward_op.register_fake
-def _(x, dt, A, B, C, parent, order, flags, ckpt_offset, sizes, gy, g_root):
+def _(x, dt, A, B, C, parent, order, flags, ckpt_offset, sizes, span, gy, g_root):
     parts = _mamba2_backward_shapes(_kernel(x.device), x, B)[1:]
     return torch.empty_like(x), *(A.new_empty(shape) for shape in parts)
 
@@ -487,8 +510,9 @@ class _Plan:
     """A tree's row plans for the scan kernels: its heavy-last order, flags by preorder step, checkpoint offsets
     and stack sizes per row."""
 
-    def __init__(self, parent: Tensor, order: Tensor, flags: Tensor, ckpt_offset: Tensor, sizes: Tensor):
+    def __init__(self, parent: Tensor, order: Tensor, flags: Tensor, ckpt_offset: Tensor, sizes: Tensor, span: int):
         self.parent, self.order, self.flags, self.ckpt_offset, self.sizes = parent, order, flags, ckpt_offset, sizes
+        self.span = span  # longest edge |v - parent[v]| over the rows (an upper bound)
 
     def tensors(self) -> tuple[Tensor, ...]:
         return self.parent, self.order, self.flags, self.ckpt_offset, self.sizes
@@ -496,9 +520,15 @@ class _Plan:
     @classmethod
     def checked(cls, parent: Tensor, order: Tensor) -> "_Plan":
         """The plan of a tree with this order; a tree that is not rooted at L-1 or whose order is no DFS
-        preorder raises ValueError."""
+        preorder raises ValueError. Its span is read back (one sync, as the check's), except while compiling: then
+        the tree may have any span."""
         parent, order = parent.contiguous(), order.contiguous()
-        return cls(parent, order, *torch.ops.grootl.plan(parent, order))
+        plan = torch.ops.grootl.plan(parent, order)
+        length = parent.shape[-1]
+        if torch.compiler.is_compiling() or length < 2:
+            return cls(parent, order, *plan, span=length)
+        edges = (parent[:, :-1] - torch.arange(length - 1, device=parent.device)).abs()
+        return cls(parent, order, *plan, span=int(edges.max()))
 
     @classmethod
     def chain(cls, ext: ModuleType, tree: Tree) -> "_Plan":
@@ -511,7 +541,7 @@ class _Plan:
         ckpt_offset = torch.arange(chunks + 1, device=dev).clamp(max=chunks - 1).to(torch.int32)
         sizes = torch.tensor([int(length > 1), int(length > 1), chunks - 1], dtype=torch.int32, device=dev)
         return cls(tree.parent.contiguous(), tree.order.contiguous(),
-                   *(x.expand(batch, -1).contiguous() for x in (flags, ckpt_offset, sizes)))
+                   *(x.expand(batch, -1).contiguous() for x in (flags, ckpt_offset, sizes)), span=1)
 
     @classmethod
     def of(cls, ext: ModuleType, tree: Tree, device: torch.device) -> "_Plan":
@@ -549,7 +579,7 @@ def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
     plan = _Plan.of(_kernel(u.device), tree, u.device)
     dt, acc = _scan_dtype(u, delta, B, C), work_dtype(u)
     y, root = torch.ops.grootl.tree_scan(u.to(dt).contiguous(), delta.to(dt).contiguous(), A.to(acc).contiguous(),
-                                         _states_last(B, dt), _states_last(C, dt), *plan.tensors())
+                                         _states_last(B, dt), _states_last(C, dt), *plan.tensors(), plan.span)
     y = y.to(u.dtype)
     return (y, root) if return_root_state else y
 
@@ -561,7 +591,7 @@ def _mamba2_tree_scan(x, dt, A, B, C, tree: Tree, return_root_state: bool):
     dtype = _scan_dtype(x, dt, B, C)
     y, root = torch.ops.grootl.mamba2_tree_scan(*(t.to(dtype).contiguous() for t in (x, dt)),
                                                 A.to(work_dtype(x)).contiguous(),
-                                                *(t.to(dtype).contiguous() for t in (B, C)), *plan.tensors())
+                                                *(t.to(dtype).contiguous() for t in (B, C)), *plan.tensors(), plan.span)
     y = y.to(x.dtype)
     return (y, root) if return_root_state else y
 
@@ -610,7 +640,7 @@ def _build_tree(u, delta, B, context_lens: Tensor, k: int, distance: str, start:
     """:func:`build_tree` on checked inputs (the dispatch in grootl.tree.graph lands here)."""
     dt = _scan_dtype(u, delta, B, B)
     return _built(torch.ops.grootl.build_tree(*(x.detach().to(dt).contiguous() for x in (u, delta, B)),
-                                              *_prompt(context_lens, start), k, DISTANCES.index(distance)))
+                                              *_prompt(context_lens, start), k, DISTANCES.index(distance)), k)
 
 
 def _build_grouped_tree(a: Tensor, b: Tensor, context_lens: Tensor, k: int, distance: str, start: Tensor | None
@@ -618,7 +648,7 @@ def _build_grouped_tree(a: Tensor, b: Tensor, context_lens: Tensor, k: int, dist
     """:func:`grootl.tree.graph.build_grouped_tree` on checked inputs, on the native kernel of the tensors' device."""
     dt = a.dtype if b.dtype == a.dtype else work_dtype(a)
     return _built(torch.ops.grootl.build_grouped_tree(*(x.detach().to(dt).contiguous() for x in (a, b)),
-                                                      *_prompt(context_lens, start), k, DISTANCES.index(distance)))
+                                                      *_prompt(context_lens, start), k, DISTANCES.index(distance)), k)
 
 
 def _prompt(context_lens: Tensor, start: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -626,9 +656,9 @@ def _prompt(context_lens: Tensor, start: Tensor | None) -> tuple[Tensor, Tensor]
     return context_lens.contiguous(), (torch.zeros_like(context_lens) if start is None else start).contiguous()
 
 
-def _built(outputs: tuple[Tensor, ...]) -> Tree:
-    """The Tree of a build op's outputs, carrying their plan."""
-    plan = _Plan(*outputs)
+def _built(outputs: tuple[Tensor, ...], k: int) -> Tree:
+    """The Tree of a build op's outputs, carrying their plan (its edges join positions at most k apart)."""
+    plan = _Plan(*outputs, span=k)
     tree = Tree(plan.parent, plan.order)
     if not torch.compiler.is_compiling():
         tree.remember(plan.order, plan)

@@ -136,6 +136,7 @@ struct Launch {
   void operator()(Args... args) const {
     gridDim = grid;
     blockDim = threads;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         Block b((int)threads.x);
@@ -144,7 +145,7 @@ struct Launch {
         for (unsigned tx = 0; tx < threads.x; ++tx)
           pool.emplace_back([&, tx] {
             threadIdx = dim3(tx);
-            blockIdx = dim3(bx, by);
+            blockIdx = dim3(bx, by, bz);
             std::map<unsigned, uint64_t> mine;
             my_calls = &mine;
             kernel(args...);

@@ -45,7 +45,8 @@ def extension(sanitizer: str, build_dir: Path):
 
 def run(device: str) -> None:
     """Build trees on the device (from Mamba-1 and grouped features), plan trees made elsewhere, and scan forward
-    and backward (Mamba-1 and Mamba-2 layouts)."""
+    and backward (Mamba-1 and Mamba-2 layouts; the chunked kernels for short-edge trees, the row-walking ones for a
+    tree with long edges)."""
     for batch, d, n, length in SHAPES:
         u, delta, A, B, C = random_inputs(batch, d, n, length, torch.float32, seed=length, device=device)
         context = torch.tensor([length // 2, length], device=device)[:batch]
@@ -64,7 +65,12 @@ def run(device: str) -> None:
         os.environ["GROOTL_NATIVE"] = "0"
         assert torch.equal(grouped.parent, graph.build_grouped_tree(a, b, context).parent), "grouped: device != torch"
         del os.environ["GROOTL_NATIVE"]
-        for tree in (device_tree, torch_tree):
+        # built trees (edges of at most 3 positions) run on the chunked kernels; a star (every node a child of the
+        # root: long edges) on the row-walking ones
+        star = torch.full((batch, length), length - 1, device=device)
+        star[:, -1] = -1
+        star = graph.Tree(star)
+        for tree in (device_tree, torch_tree) + ((star,) if n == 16 else ()):
             leaves = [x.clone().requires_grad_() for x in (u, delta, A, B, C)]
             native.tree_scan(*leaves, tree).square().sum().backward()
             ref = [x.clone().requires_grad_() for x in (u, delta, A, B, C)]

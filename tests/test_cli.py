@@ -11,8 +11,6 @@ import grootl
 from grootl.cli import COMMANDS, command_doc, help_text, main
 
 RST = re.compile(r"``|:\w+:`|`\w")  # literals, roles, interpreted text
-# subcommands whose parser does not yet take its description from help_text (the lead wires them up)
-UNWIRED = {"build-kernels"}
 
 
 def test_help_text_is_a_docstrings_plain_first_paragraph():
@@ -34,8 +32,7 @@ def test_usage_lists_every_command(capsys):
         assert f"  {name:<14} {summary}\n" in usage
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(
-    name in UNWIRED, reason="the parser's description is not help_text(...) yet", strict=True)) for name in COMMANDS])
+@pytest.mark.parametrize("name", COMMANDS)
 def test_every_command_help_is_plain_and_matches_the_usage(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([name, "--help"])

@@ -231,8 +231,10 @@ def test_first_compile_says_so_once(monkeypatch, tmp_path, capsys):
     assert err.count("compiling the native cpu kernels once") == 1 and str(tmp_path) in err
 
 
-def test_build_cache_is_keyed_by_the_sources_not_the_path(monkeypatch, tmp_path):
-    names = []
+def test_build_cache_is_keyed_by_the_sources_and_the_install(monkeypatch, tmp_path):
+    """The same sources in place keep their build; a changed source gets a new one; a second install (other
+    path, same sources) gets its own, since torch would recompile a build whose command holds other paths."""
+    names = {}
     for where in ("a", "b"):
         copy = tmp_path / where
         copy.mkdir()
@@ -240,10 +242,11 @@ def test_build_cache_is_keyed_by_the_sources_not_the_path(monkeypatch, tmp_path)
             if f.is_file():
                 (copy / f.name).write_bytes(f.read_bytes())
         monkeypatch.setattr(native, "KERNELS", copy)
-        names.append(native._extension_name("cpu"))
-    assert names[0] == names[1]
+        names[where] = native._extension_name("cpu")
+        assert native._extension_name("cpu") == names[where]
+    assert names["a"] != names["b"]
     (tmp_path / "b" / "tree_scan.h").write_text((tmp_path / "b" / "tree_scan.h").read_text() + "\n// changed\n")
-    assert native._extension_name("cpu") != names[0]
+    assert native._extension_name("cpu") not in names.values()
 
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])

@@ -22,6 +22,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from grootl.cli import help_text
 from grootl.tree.graph import CHAIN, DISTANCES, Tree, heavy_last_preorder, scan_order, stack_bound, work_dtype
 from grootl.tree.validation import check_scan_inputs, check_tree_inputs
 
@@ -56,9 +57,10 @@ def _cuda_include_paths() -> list[str]:
 
 
 def _extension_name(kind: str) -> str:
-    """One name (and cache folder) per kind and kernel sources (headers included): installs with the same sources
-    share a build, and a changed source gets a fresh one."""
-    digest = hashlib.sha1()
+    """One name (and cache folder) per kind, kernel sources (headers included) and install (the sources' folder and
+    the interpreter): a changed source gets a fresh build, and two installs never rebuild over each other (torch
+    recompiles when a build's command, which holds their paths, changes)."""
+    digest = hashlib.sha1(f"{KERNELS.resolve()}\0{sys.executable}\0".encode())
     for path in sorted(KERNELS.iterdir()):
         if path.suffix in (".h", ".cpp", ".cu"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -667,7 +669,7 @@ def _built(outputs: tuple[Tensor, ...], k: int) -> Tree:
 
 def main(argv: list[str] | None = None) -> int:
     """``grootl build-kernels``: compile the native kernels now and report where they are cached."""
-    parser = argparse.ArgumentParser(prog="grootl build-kernels", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="grootl build-kernels", description=help_text(main.__doc__))
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--cpu-only", action="store_true", help="build only the C++ CPU kernels")
     which.add_argument("--cuda-only", action="store_true", help="build only the CUDA kernels (needs nvcc)")

@@ -1,7 +1,7 @@
 """The emulated CUDA extension's kernels under a sanitizer, reported even where the numbers come out right:
 ``thread`` (a block's threads are OS threads there: a missing barrier, or two threads writing one word in the
 same phase) or ``address`` (a read or write past a tensor, a shared array or the scratch). Run by
-tests/test_native_sanitizers.py with the sanitizer's runtime preloaded:
+tests/sanitizers.py (tests/test_native_tsan.py, tests/test_native_asan.py) with the sanitizer's runtime preloaded:
 
     LD_PRELOAD=$(gcc -print-file-name=libtsan.so) python sanitizer_check.py thread BUILD_DIR
 

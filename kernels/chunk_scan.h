@@ -102,12 +102,16 @@ GROOTL_HD void for_ends(int s, int e, F&& f) {
   for (int r = (e - kMaxSpan + 1 > s + kMaxSpan ? e - kMaxSpan + 1 : s + kMaxSpan); r <= e; ++r) f(r);
 }
 
-// Calls f(r) for each position of another chunk within kMaxSpan of chunk [s, e]'s ends (where crossing edges
-// into it start).
-template <typename F>
-GROOTL_HD void for_outside(int s, int e, int L, F&& f) {
-  for (int r = s - kMaxSpan < 0 ? 0 : s - kMaxSpan; r < s; ++r) f(r);
-  for (int r = e + 1; r <= e + kMaxSpan && r < L; ++r) f(r);
+// Calls f(q, a, slot) for each edge crossing into chunk [s, e] (a local root r of another chunk, within kMaxSpan of
+// its ends, whose parent is here): q = parent(r) - s, a = the decay a(r + 1) on the edge, slot = r's slot.
+template <typename Ch, typename F>
+GROOTL_HD void for_edges_into(const Ch& ch, int s, int e, F&& f) {
+  const auto edge = [&](int r) {
+    const int64_t p = ch.parent[r];
+    if (p >= s && p <= e) f((int)(p - s), ch.decay_at(r + 1), root_slot(r, ch.L));
+  };
+  for (int r = s - kMaxSpan < 0 ? 0 : s - kMaxSpan; r < s; ++r) edge(r);
+  for (int r = e + 1; r <= e + kMaxSpan && r < ch.L; ++r) edge(r);
 }
 
 // A channel's per-state slots: kSlots per chunk, N states each (nullptr-free: every pass owns one).
@@ -142,15 +146,11 @@ GROOTL_HD void chunk_states(const Ch& ch, const Lanes& ln, const ChunkPlan& plan
     }
   }
   if (inject)
-    for_outside(s, e, L, [&](int r) {
-      const int64_t p = ch.parent[r];
-      if (p < s || p > e) return;
-      const auto a = ch.decay_at(r + 1);
-      const int slot = root_slot(r, L);
+    for_edges_into(ch, s, e, [&](int q, const auto& a, int slot) {
       for (int j = 0; j < ln.per; ++j) {
         const int n = state_of(ln, j);
         if (n >= N) break;
-        buf(p - s, j) += a.value(n) * Hr(slot, n);
+        buf(q, j) += a.value(n) * Hr(slot, n);
       }
     });
   for (int q = 0; q <= e - s; ++q) {
@@ -231,16 +231,12 @@ GROOTL_HD void chunk_pass1(const Ch& ch, const Lanes& ln, const ChunkPlan& plan,
   chunk_paths(ch, ln, plan, c, one);
   if (gy != nullptr) chunk_grads(ch, ln, plan, c, gy, (const acc_t*)nullptr, two);
   if (ln.writes())
-    for_outside(s, e, L, [&](int r) {
-      const int64_t p = ch.parent[r];
-      if (p < s || p > e) return;
-      const auto a = ch.decay_at(r + 1);
-      const int slot = root_slot(r, L);
+    for_edges_into(ch, s, e, [&](int q, const auto& a, int slot) {
       for (int j = 0; j < ln.per; ++j) {
         const int n = state_of(ln, j);
         if (n >= N) break;
-        T(slot, n) = a.value(n) * one(p - s, j);
-        if (gy != nullptr) Q(slot, n) = a.value(n) * two(p - s, j);
+        T(slot, n) = a.value(n) * one(q, j);
+        if (gy != nullptr) Q(slot, n) = a.value(n) * two(q, j);
       }
     });
 }

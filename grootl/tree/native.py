@@ -522,8 +522,8 @@ class _Plan:
     @classmethod
     def checked(cls, parent: Tensor, order: Tensor) -> "_Plan":
         """The plan of a tree with this order; a tree that is not rooted at L-1 or whose order is no DFS
-        preorder raises ValueError. Its span is read back (one sync, as the check's), except while compiling: then
-        the tree may have any span."""
+        preorder raises ValueError. Its span is read back (a second sync after the check's, once per tree: the tree
+        remembers its plan), except while compiling: then the tree may have any span."""
         parent, order = parent.contiguous(), order.contiguous()
         plan = torch.ops.grootl.plan(parent, order)
         length = parent.shape[-1]

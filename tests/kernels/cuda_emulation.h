@@ -1,6 +1,6 @@
 // Test harness: just enough of CUDA to run kernels/cuda.cu, host code and kernels alike, on CPU tensors and CPU
 // threads (included by cuda.cu when GROOTL_CUDA_EMULATION is defined; tests/kernels/cuda_emulated.cpp builds
-// it). A launch runs its blocks one after another, each block's threads as std::threads: __syncthreads is a
+// it). A launch runs its blocks one after another, each block's threads on a pool of OS threads: __syncthreads is a
 // barrier, a warp shuffle a rendezvous of exactly the lanes its mask names, __shared__ memory a static (one
 // block at a time), atomics std::atomic_ref. What this cannot show is what only hardware does (timing,
 // memory ordering beyond these barriers, the compiled device code).
@@ -13,6 +13,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -37,8 +38,9 @@ constexpr int kWarp = 32;
 
 struct Warp {  // rendezvous of the lanes a shuffle's mask names, separately per mask
   struct Round {
-    uint64_t posted[kWarp] = {};  // per lane: how many shuffles with this mask it has posted
-    uint64_t data[2][kWarp] = {};  // by parity of that count
+    uint64_t data[2][kWarp] = {};  // by parity of the shuffle's count
+    int arrived[2] = {};           // lanes that posted the shuffle in progress, by parity
+    uint64_t done = 0;             // the last shuffle every lane of the mask posted
   };
   std::mutex m;
   std::condition_variable cv;
@@ -82,13 +84,13 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   std::unique_lock<std::mutex> lock(warp.m);
   auto& round = warp.rounds[mask];
   std::memcpy(&round.data[n & 1][lane], &value, sizeof(T));
-  round.posted[lane] = n;
-  warp.cv.notify_all();
-  warp.cv.wait(lock, [&] {
-    for (int l = 0; l < grootl_emu::kWarp; ++l)
-      if ((mask >> l & 1u) && round.posted[l] < n) return false;
-    return true;
-  });
+  if (++round.arrived[n & 1] == __builtin_popcount(mask)) {  // the last lane in wakes the others, once
+    round.arrived[n & 1] = 0;
+    round.done = n;
+    warp.cv.notify_all();
+  } else {
+    warp.cv.wait(lock, [&] { return round.done >= n; });
+  }
   T out;
   std::memcpy(&out, &round.data[n & 1][lane ^ lane_mask], sizeof(T));
   return out;
@@ -127,6 +129,69 @@ namespace grootl_emu {
 inline dim3 as_dim3(dim3 d) { return d; }
 inline dim3 as_dim3(int x) { return dim3((unsigned)x); }
 
+// The OS threads that play a block's threads, started once and reused by every block of every launch (starting
+// a thread per emulated thread per block made the emulated tests, and the sanitizer runs most of all, slow).
+// Blocks run one at a time: run(n, job) has workers 0..n-1 each call job(i) once and returns when all are done.
+class Workers {
+ public:
+  ~Workers() {
+    for (auto& w : workers_) {
+      {
+        std::lock_guard<std::mutex> lock(w->m);
+        w->stop = true;
+      }
+      w->cv.notify_one();
+      w->thread.join();
+    }
+  }
+  void run(unsigned n, const std::function<void(unsigned)>& job) {
+    while (workers_.size() < n) workers_.push_back(std::make_unique<Worker>(this, (unsigned)workers_.size()));
+    job_ = &job;
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      remaining_ = n;
+    }
+    for (unsigned i = 0; i < n; ++i) {
+      {
+        std::lock_guard<std::mutex> lock(workers_[i]->m);
+        workers_[i]->go = true;
+      }
+      workers_[i]->cv.notify_one();
+    }
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [&] { return remaining_ == 0; });
+  }
+
+ private:
+  struct Worker {
+    Worker(Workers* pool, unsigned i) : thread([this, pool, i] { pool->serve(*this, i); }) {}
+    std::mutex m;
+    std::condition_variable cv;
+    bool go = false, stop = false;
+    std::thread thread;  // last: it starts once the fields above exist
+  };
+  void serve(Worker& w, unsigned i) {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(w.m);
+        w.cv.wait(lock, [&] { return w.go || w.stop; });
+        if (w.stop) return;
+        w.go = false;
+      }
+      (*job_)(i);
+      std::lock_guard<std::mutex> lock(m_);
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+  std::vector<std::unique_ptr<Worker>> workers_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  std::mutex m_;
+  std::condition_variable done_;
+  unsigned remaining_ = 0;
+};
+
+inline Workers workers;
+
 // GROOTL_LAUNCH(grid, block, stream, kernel)(args...): every block in turn, its threads concurrently.
 template <typename Kernel>
 struct Launch {
@@ -141,17 +206,14 @@ struct Launch {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         Block b((int)threads.x);
         block = &b;
-        std::vector<std::thread> pool;
-        for (unsigned tx = 0; tx < threads.x; ++tx)
-          pool.emplace_back([&, tx] {
-            threadIdx = dim3(tx);
-            blockIdx = dim3(bx, by, bz);
-            std::map<unsigned, uint64_t> mine;
-            my_calls = &mine;
-            kernel(args...);
-            b.sync.arrive_and_drop();  // a thread that is done (or returned early) no longer holds the others
-          });
-        for (auto& t : pool) t.join();
+        workers.run(threads.x, [&](unsigned tx) {
+          threadIdx = dim3(tx);
+          blockIdx = dim3(bx, by, bz);
+          std::map<unsigned, uint64_t> mine;
+          my_calls = &mine;
+          kernel(args...);
+          b.sync.arrive_and_drop();  // a thread that is done (or returned early) no longer holds the others
+        });
         block = nullptr;
       }
   }

@@ -509,10 +509,18 @@ std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order
 
 namespace {
 
-// A layout's forward on a grid of (channel blocks, rows).
-template <typename scalar_t, typename acc_t, typename Layout>
-void launch_forward(const Layout& lay, int batch, const at::Tensor& like, int64_t h_depth, scalar_t* y, acc_t* root) {
-  const int D = lay.groups() * lay.group_channels();
+template <typename T>
+T* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// A layout's forward on a grid of (channel blocks, rows); like: the input whose size(0) is the batch.
+template <typename Layout>
+void launch_forward(const Layout& lay, const at::Tensor& like, int64_t h_depth, at::Tensor y,
+                    c10::optional<at::Tensor> root) {
+  using scalar_t = typename Layout::scalar_type;
+  using acc_t = typename Layout::acc_type;
+  const int D = lay.groups() * lay.group_channels(), batch = like.size(0);
   const int64_t entries = grootl::forward_scratch_entries(h_depth);
   with_lane_shape(lay.N, [&](auto lanes, auto per) {
     constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
@@ -520,18 +528,22 @@ void launch_forward(const Layout& lay, int batch, const at::Tensor& like, int64_
     const at::Tensor scratch = at::empty({(int64_t)grid.x * grid.y * kForwardThreads * entries * kPer},
                              like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     GROOTL_LAUNCH(grid, kForwardThreads, at::cuda::getCurrentCUDAStream(),
-                  forward_kernel<scalar_t, acc_t, Layout, kLanes, kPer>)(lay, entries, scratch.data_ptr<acc_t>(), y,
-                                                                        root);
+                  forward_kernel<scalar_t, acc_t, Layout, kLanes, kPer>)(lay, entries, scratch.data_ptr<acc_t>(),
+                                                                        y.data_ptr<scalar_t>(),
+                                                                        data_or_null<acc_t>(root));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 // Blocks of a layout's channels per (group, row); d_delta and dA zeroed here, then added to.
-template <typename scalar_t, typename acc_t, typename Layout>
-void launch_backward(const Layout& lay, int batch, const at::Tensor& like, const at::Tensor& ckpt_offset,
+template <typename Layout>
+void launch_backward(const Layout& lay, const at::Tensor& like, const at::Tensor& ckpt_offset,
                      const at::Tensor& sizes, const std::vector<int64_t>& largest, const at::Tensor& gy,
                      c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta, at::Tensor dA,
                      at::Tensor dB_part, at::Tensor dC_part) {
+  using scalar_t = typename Layout::scalar_type;
+  using acc_t = typename Layout::acc_type;
+  const int batch = like.size(0);
   const int parts = (lay.group_channels() + channel_group_cuda(lay.N) - 1) / channel_group_cuda(lay.N);
   const int64_t entries = grootl::backward_scratch_entries(largest[0], largest[1], largest[2]);
   d_delta.zero_();
@@ -544,7 +556,7 @@ void launch_backward(const Layout& lay, int batch, const at::Tensor& like, const
     GROOTL_LAUNCH(grid, kBackwardThreads, at::cuda::getCurrentCUDAStream(),
                   backward_kernel<scalar_t, acc_t, Layout, kLanes, kPer>)(
         lay, ckpt_offset.data_ptr<int32_t>(), sizes.data_ptr<int32_t>(), gy.data_ptr<scalar_t>(),
-        g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, entries, scratch.data_ptr<acc_t>(),
+        data_or_null<acc_t>(g_root), entries, scratch.data_ptr<acc_t>(),
         du.data_ptr<scalar_t>(), d_delta.data_ptr<acc_t>(), dA.data_ptr<acc_t>(), dB_part.data_ptr<acc_t>(),
         dC_part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -590,10 +602,12 @@ at::Tensor chunk_slots(int64_t parts, int batch, int D, int L, int N, const at::
 }
 
 // The chunked forward: y and root.
-template <typename scalar_t, typename acc_t, typename Layout>
-void launch_chunked_forward(const Layout& lay, int batch, const at::Tensor& like, const at::Tensor& parent,
-                            const at::Tensor& order, scalar_t* y, acc_t* root) {
-  const int D = lay.groups() * lay.group_channels(), L = lay.L, N = lay.N;
+template <typename Layout>
+void launch_chunked_forward(const Layout& lay, const at::Tensor& like, const at::Tensor& parent,
+                            const at::Tensor& order, at::Tensor y, c10::optional<at::Tensor> root) {
+  using scalar_t = typename Layout::scalar_type;
+  using acc_t = typename Layout::acc_type;
+  const int D = lay.groups() * lay.group_channels(), L = lay.L, N = lay.N, batch = like.size(0);
   const at::Tensor plans = chunk_plans(parent, order);
   const at::Tensor slots = chunk_slots(2, batch, D, L, N, like, c10::CppTypeToScalarType<acc_t>::value);
   acc_t* Hr = slots.data_ptr<acc_t>();
@@ -603,26 +617,29 @@ void launch_chunked_forward(const Layout& lay, int batch, const at::Tensor& like
     const dim3 grid((D + kForwardThreads / kLanes - 1) / (kForwardThreads / kLanes), grootl::scan_chunks(L), batch);
     GROOTL_LAUNCH(grid, kForwardThreads, at::cuda::getCurrentCUDAStream(),
                   chunk_forward_kernel<scalar_t, acc_t, Layout, kLanes, kPer, true>)(
-        lay, plans.data_ptr<int32_t>(), (const scalar_t*)nullptr, Hr, (acc_t*)nullptr, (acc_t*)nullptr, y, root);
+        lay, plans.data_ptr<int32_t>(), (const scalar_t*)nullptr, Hr, (acc_t*)nullptr, (acc_t*)nullptr,
+        y.data_ptr<scalar_t>(), data_or_null<acc_t>(root));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 // The chunked backward: du, d_delta (every element written), dA (summed over chunks), dB/dC partials as
 // launch_backward's.
-template <typename scalar_t, typename acc_t, typename Layout>
-void launch_chunked_backward(const Layout& lay, int batch, const at::Tensor& like, const at::Tensor& parent,
+template <typename Layout>
+void launch_chunked_backward(const Layout& lay, const at::Tensor& like, const at::Tensor& parent,
                              const at::Tensor& order, const at::Tensor& gy, c10::optional<at::Tensor> g_root,
                              at::Tensor du, at::Tensor d_delta, at::Tensor dA, at::Tensor dB_part, at::Tensor dC_part) {
+  using scalar_t = typename Layout::scalar_type;
+  using acc_t = typename Layout::acc_type;
   const int D = lay.groups() * lay.group_channels(), L = lay.L, N = lay.N, chunks = grootl::scan_chunks(L);
+  const int batch = like.size(0);
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor plans = chunk_plans(parent, order);
   const at::Tensor slots = chunk_slots(3, batch, D, L, N, like, acc);
   const int64_t size = slots.numel() / 3;
   acc_t* Hr = slots.data_ptr<acc_t>();
-  launch_chunk_passes<scalar_t, acc_t>(lay, batch, plans, gy.data_ptr<scalar_t>(),
-                                       g_root.has_value() ? g_root->data_ptr<acc_t>() : nullptr, Hr);
+  launch_chunk_passes<scalar_t, acc_t>(lay, batch, plans, gy.data_ptr<scalar_t>(), data_or_null<acc_t>(g_root), Hr);
   const at::Tensor tails = at::empty({batch, D, chunks}, like.options().dtype(acc));
   const at::Tensor dA_chunks = at::empty({chunks, dA.numel()}, like.options().dtype(acc));
   const int parts = (lay.group_channels() + channel_group_cuda(N) - 1) / channel_group_cuda(N);
@@ -645,19 +662,41 @@ void launch_chunked_backward(const Layout& lay, int batch, const at::Tensor& lik
   at::sum_out(dA_flat, dA_chunks, {0});  // in a fixed order: deterministic
 }
 
+// Runs launch(layout) on u's device, with the Mamba-1 layout of the inputs in u's dtype (flags: null for the
+// chunked kernels).
+template <typename F>
+void on_mamba1(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+               const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const uint8_t* flags,
+               F&& launch) {
+  CHECK_CUDA_INPUT(u);
+  const c10::cuda::CUDAGuard guard(u.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_cuda", [&] {
+    launch(grootl::mamba1_layout<scalar_t, at::opmath_type<scalar_t>>(u, delta, A, B, C, parent, order, flags));
+  });
+}
+
+// Runs launch(layout) on x's device, with the Mamba-2 layout of the inputs in x's dtype, d_dt and dA in one
+// partial sum per head dim (flags: empty for the chunked kernels).
+template <typename F>
+void on_mamba2(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+               const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
+               F&& launch) {
+  CHECK_CUDA_INPUT(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor decay = grootl::mamba2_decay(dt, A);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_tree_scan_cuda", [&] {
+    launch(grootl::mamba2_layout<scalar_t, at::opmath_type<scalar_t>>(x, dt, decay, A, B, C, parent, order, flags,
+                                                                      (int)x.size(3)));
+  });
+}
+
 }  // namespace
 
 void forward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
                   int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {
-  CHECK_CUDA_INPUT(u);
-  const c10::cuda::CUDAGuard guard(u.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto lay = grootl::mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>());
-    launch_forward(lay, u.size(0), u, h_depth,
-                   y.data_ptr<scalar_t>(), root.has_value() ? root->data_ptr<acc_t>() : nullptr);
-  });
+  on_mamba1(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>(),
+            [&](const auto& lay) { launch_forward(lay, u, h_depth, y, root); });
 }
 
 void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -665,14 +704,8 @@ void backward_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                    const at::Tensor& ckpt_offset, const at::Tensor& sizes, const std::vector<int64_t>& largest,
                    const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta,
                    at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
-  CHECK_CUDA_INPUT(u);
-  const c10::cuda::CUDAGuard guard(u.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_tree_scan_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto lay = grootl::mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>());
-    launch_backward<scalar_t, acc_t>(lay,
-                                     u.size(0), u, ckpt_offset, sizes, largest, gy, g_root, du, d_delta, dA_part,
-                                     dB_part, dC_part);
+  on_mamba1(u, delta, A, B, C, parent, order, flags.data_ptr<uint8_t>(), [&](const auto& lay) {
+    launch_backward(lay, u, ckpt_offset, sizes, largest, gy, g_root, du, d_delta, dA_part, dB_part, dC_part);
   });
 }
 
@@ -685,15 +718,8 @@ std::vector<int64_t> mamba2_parts_cuda(int64_t heads_per_group, int64_t P, int64
 void mamba2_forward_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                          const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& flags,
                          int64_t h_depth, at::Tensor y, c10::optional<at::Tensor> root) {
-  CHECK_CUDA_INPUT(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor decay = grootl::mamba2_decay(dt, A);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto lay = grootl::mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags, (int)x.size(3));
-    launch_forward(lay, x.size(0), x,
-                   h_depth, y.data_ptr<scalar_t>(), root.has_value() ? root->data_ptr<acc_t>() : nullptr);
-  });
+  on_mamba2(x, dt, A, B, C, parent, order, flags,
+            [&](const auto& lay) { launch_forward(lay, x, h_depth, y, root); });
 }
 
 void mamba2_backward_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
@@ -701,15 +727,8 @@ void mamba2_backward_cuda(const at::Tensor& x, const at::Tensor& dt, const at::T
                           const at::Tensor& flags, const at::Tensor& ckpt_offset, const at::Tensor& sizes,
                           const std::vector<int64_t>& largest, const at::Tensor& gy, c10::optional<at::Tensor> g_root,
                           at::Tensor dx, at::Tensor d_dt, at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
-  CHECK_CUDA_INPUT(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor decay = grootl::mamba2_decay(dt, A);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto lay = grootl::mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, flags, (int)x.size(3));
-    launch_backward<scalar_t, acc_t>(lay,
-                                     x.size(0), x, ckpt_offset, sizes, largest, gy, g_root, dx, d_dt, dA_part, dB_part,
-                                     dC_part);
+  on_mamba2(x, dt, A, B, C, parent, order, flags, [&](const auto& lay) {
+    launch_backward(lay, x, ckpt_offset, sizes, largest, gy, g_root, dx, d_dt, dA_part, dB_part, dC_part);
   });
 }
 
@@ -746,57 +765,31 @@ int64_t max_span_cuda() { return grootl::kMaxSpan; }
 void forward_chunked_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                           const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, at::Tensor y,
                           c10::optional<at::Tensor> root) {
-  CHECK_CUDA_INPUT(u);
-  const c10::cuda::CUDAGuard guard(u.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_forward_chunked_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto lay = grootl::mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr);
-    launch_chunked_forward(lay, u.size(0), u, parent, order, y.data_ptr<scalar_t>(),
-                           root.has_value() ? root->data_ptr<acc_t>() : nullptr);
-  });
+  on_mamba1(u, delta, A, B, C, parent, order, nullptr,
+            [&](const auto& lay) { launch_chunked_forward(lay, u, parent, order, y, root); });
 }
 
 void backward_chunked_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                            const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, const at::Tensor& gy,
                            c10::optional<at::Tensor> g_root, at::Tensor du, at::Tensor d_delta, at::Tensor dA,
                            at::Tensor dB_part, at::Tensor dC_part) {
-  CHECK_CUDA_INPUT(u);
-  const c10::cuda::CUDAGuard guard(u.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_backward_chunked_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto lay = grootl::mamba1_layout<scalar_t, acc_t>(u, delta, A, B, C, parent, order, nullptr);
-    launch_chunked_backward<scalar_t, acc_t>(lay, u.size(0), u, parent, order, gy, g_root, du, d_delta, dA, dB_part,
-                                             dC_part);
+  on_mamba1(u, delta, A, B, C, parent, order, nullptr, [&](const auto& lay) {
+    launch_chunked_backward(lay, u, parent, order, gy, g_root, du, d_delta, dA, dB_part, dC_part);
   });
 }
 
 void mamba2_forward_chunked_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                                  const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, at::Tensor y,
                                  c10::optional<at::Tensor> root) {
-  CHECK_CUDA_INPUT(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor decay = grootl::mamba2_decay(dt, A);
-  const at::Tensor no_flags = at::empty({0}, parent.options().dtype(at::kByte));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_forward_chunked_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto lay = grootl::mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, no_flags, (int)x.size(3));
-    launch_chunked_forward(lay, x.size(0), x, parent, order, y.data_ptr<scalar_t>(),
-                           root.has_value() ? root->data_ptr<acc_t>() : nullptr);
-  });
+  on_mamba2(x, dt, A, B, C, parent, order, at::empty({0}, parent.options().dtype(at::kByte)),
+            [&](const auto& lay) { launch_chunked_forward(lay, x, parent, order, y, root); });
 }
 
 void mamba2_backward_chunked_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                                   const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order,
                                   const at::Tensor& gy, c10::optional<at::Tensor> g_root, at::Tensor dx,
                                   at::Tensor d_dt, at::Tensor dA_part, at::Tensor dB_part, at::Tensor dC_part) {
-  CHECK_CUDA_INPUT(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor decay = grootl::mamba2_decay(dt, A);
-  const at::Tensor no_flags = at::empty({0}, parent.options().dtype(at::kByte));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grootl_mamba2_backward_chunked_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto lay = grootl::mamba2_layout<scalar_t, acc_t>(x, dt, decay, A, B, C, parent, order, no_flags, (int)x.size(3));
-    launch_chunked_backward<scalar_t, acc_t>(lay, x.size(0), x, parent, order, gy, g_root, dx, d_dt, dA_part, dB_part,
-                                             dC_part);
+  on_mamba2(x, dt, A, B, C, parent, order, at::empty({0}, parent.options().dtype(at::kByte)), [&](const auto& lay) {
+    launch_chunked_backward(lay, x, parent, order, gy, g_root, dx, d_dt, dA_part, dB_part, dC_part);
   });
 }

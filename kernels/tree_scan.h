@@ -290,6 +290,8 @@ struct Channel {
 // dA_out (batch, D, N).
 template <typename scalar_t, typename acc_t>
 struct Mamba1Layout {
+  using scalar_type = scalar_t;
+  using acc_type = acc_t;
   using channel_t = Channel<scalar_t, acc_t>;
   const scalar_t* u;
   const scalar_t* delta;
@@ -318,6 +320,8 @@ struct Mamba1Layout {
 // H), dA (batch, dt_parts, H).
 template <typename scalar_t, typename acc_t>
 struct Mamba2Layout {
+  using scalar_type = scalar_t;
+  using acc_type = acc_t;
   using channel_t = Channel<scalar_t, acc_t, true>;
   const scalar_t* x;
   const scalar_t* dt;

@@ -304,14 +304,14 @@ void build_rows(const Features& features, int64_t batch, const at::Tensor& conte
   });
 }
 
-// Mamba-1 features: u, delta (batch, D, L), B (batch, N, L).
+// Mamba-1 features: u, delta (batch, D, L; delta in the accumulation type), B (batch, N, L).
 void build_tree(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& B, const at::Tensor& context_lens,
                 const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
                 at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes) {
   const int D = u.size(1), L = u.size(2), N = B.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_build_tree", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const grootl::ScaledFeatures<scalar_t, acc_t> f{u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+    const grootl::ScaledFeatures<scalar_t, acc_t> f{u.data_ptr<scalar_t>(), delta.data_ptr<acc_t>(),
                                                     B.data_ptr<scalar_t>(), D, N, L};
     build_rows<acc_t>(f, u.size(0), context_lens, start, k, distance, parent, order, flags, ckpt_offset, sizes);
   });

@@ -740,7 +740,7 @@ void build_tree_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Ten
   const int D = u.size(1), L = u.size(2), N = B.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "grootl_build_tree_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const grootl::ScaledFeatures<scalar_t, acc_t> f{u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+    const grootl::ScaledFeatures<scalar_t, acc_t> f{u.data_ptr<scalar_t>(), delta.data_ptr<acc_t>(),
                                                     B.data_ptr<scalar_t>(), D, N, L};
     launch_build<acc_t>(f, u.size(0), u, context_lens, start, k, distance, parent, order, flags, ckpt_offset, sizes);
   });

@@ -89,7 +89,7 @@ GROOTL_HD acc_t quantize(acc_t w, int distance) {
 template <typename scalar_t, typename acc_t>
 struct ScaledFeatures {
   const scalar_t* u;      // (D, L)
-  const scalar_t* delta;  // (D, L)
+  const acc_t* delta;     // (D, L), in the accumulation type
   const scalar_t* B;      // (N, L)
   int C, N, L;            // C = D
   GROOTL_HD ScaledFeatures row(int64_t b) const { return {u + b * C * L, delta + b * C * L, B + b * N * L, C, N, L}; }

@@ -261,7 +261,7 @@ template <typename scalar_t, typename acc_t, bool kScalarDecay = false>
 struct Channel {
   static constexpr bool scalar_decay = kScalarDecay;
   const scalar_t* u;      // (L)
-  const scalar_t* delta;  // (L)
+  const acc_t* delta;     // (L), in the accumulation type (as dt: Mamba-2)
   const acc_t* A;         // (N), or (1) with kScalarDecay
   const scalar_t* B;      // (L, N)
   const scalar_t* C;      // (L, N)
@@ -294,7 +294,7 @@ struct Mamba1Layout {
   using acc_type = acc_t;
   using channel_t = Channel<scalar_t, acc_t>;
   const scalar_t* u;
-  const scalar_t* delta;
+  const acc_t* delta;
   const acc_t* A;
   const scalar_t* B;
   const scalar_t* C;
@@ -324,7 +324,7 @@ struct Mamba2Layout {
   using acc_type = acc_t;
   using channel_t = Channel<scalar_t, acc_t, true>;
   const scalar_t* x;
-  const scalar_t* dt;
+  const acc_t* dt;
   const acc_t* decay;
   const acc_t* A;
   const scalar_t* B;

@@ -266,7 +266,9 @@ BYTES_MISSES = (
     "passes (6 local-root states per chunk of 64 positions, N each: 1.5x u's size at N=16, counted as if all were "
     "used; a built tree uses about a third) are written and read in each pass. Still to do for item 4: store only "
     "the local roots a tree has, save the forward's final local-root states for the backward (its pass 1 then needs "
-    "no H), larger chunks (the slots shrink with 1/C), and bf16 inputs without float32 copies (the casts above)."
+    "no H), and larger chunks (the slots shrink with 1/C); or one fused kernel per row whose passes share the slots in "
+    "shared memory and a chunk's inputs in registers. (bf16 u, B, C now reach the kernels without float32 copies: "
+    "delta and A always go in float32.)"
 )
 FORWARD_THREADS, BACKWARD_THREADS, BUILD_THREADS, CHUNK = 128, 512, 512, 32  # cuda.cu, kChunk
 TILE, SLICES, PAIRS, ROWS_THREADS, ROWS_MAX_BLOCKS = 32, 8, 4, 256, 8192  # cuda.cu: the build's launches
@@ -307,9 +309,10 @@ def lane_shape(n: int) -> tuple[int, int]:
 
 
 def kernel_bytes(precision: str) -> int:
-    """Bytes per element of the kernels' inputs: native._scan_dtype (the shared dtype, else float32)."""
+    """Bytes per element of the kernels' u, B, C (and y, gy, du): native._scan_dtype (their shared dtype, else
+    float32). delta always reaches the kernels in float32."""
     dt = PRECISIONS[precision]
-    return dt["u"] if len(set(dt.values())) == 1 else F32
+    return dt["u"] if dt["u"] == dt["B"] == dt["C"] else F32
 
 
 def build_scratch_ints(length: int, k: int) -> int:
@@ -325,7 +328,7 @@ def log2_ceil(n: int) -> int:
 
 def build_launches(add, batch: int, length: int, E: int, S: int, ks: int, tree: int, plan_out: int) -> None:
     """cuda.cu's launch_build: feature_kernel (blocks of TILE positions x SLICES channel slices; E, S elements of u and
-    B read in ks bytes), then tree_build.h's phases, each one launch of a thread per element of all rows (GridRows, at
+    B read in ks bytes, delta in float32), then tree_build.h's phases, each one launch of a thread per element of all rows (GridRows, at
     most ROWS_MAX_BLOCKS blocks), fixed counts of rounds, then plan_kernel (a block per row). A phase's bytes: the
     scratch words its body reads and writes per element (an atomic counted both ways)."""
     T, rounds, steps = batch * length, log2_ceil(length), log2_ceil(2 * (length - 1))
@@ -335,7 +338,7 @@ def build_launches(add, batch: int, length: int, E: int, S: int, ks: int, tree: 
         add("build", name, count * batch * per * read, count * batch * per * written, threads, count=count)
 
     passes = -(-(K + 1) // PAIRS)  # each pass over the pairs reads its positions' channels once (t - j: same lines)
-    add("build", "feature_kernel", passes * (2 * E + S) * ks, T * (1 + K) * F32,
+    add("build", "feature_kernel", passes * (E * (ks + F32) + S * ks), T * (1 + K) * F32,
         batch * -(-length // TILE) * TILE * SLICES)
     phase("weights, in_tree = 0", length * K, 3 * F32, F32 + 1)
     phase("comp = self", length, 0, I32)
@@ -370,17 +373,18 @@ def launches(batch: int, d: int, n: int, length: int, precision: str) -> list[La
         if src != dst or copy:
             add(call, name, numel * src, numel * dst, numel, "torch")
 
-    # build: native._build_tree casts u, delta, B to the shared dtype; B is a strided view of x_proj's output
+    # build: native._build_tree casts u, B to the kernels' dtype and delta to float32; B is a strided view of
+    # x_proj's output
     cast("build", "u.to(dtype)", E, dt["u"], ks)
-    cast("build", "delta.to(dtype)", E, dt["delta"], ks)
+    cast("build", "delta.to(float32)", E, dt["delta"], F32)
     cast("build", "B.to(dtype).contiguous()", S, dt["B"], ks, copy=True)
     build_launches(add, batch, length, E, S, ks, tree, plan_out)
     # plan: a tree from elsewhere is checked (a thread per row), then planned (a block per row); one host sync
     add("plan", "check_kernel", 2 * T * I64 + 3 * T * I32, 3 * T * I32 + batch * I32, -(-batch // 64) * 64)
     add("plan", "plan_kernel", tree + 3 * T * I32, plan_out - 2 * T * I64 + 3 * T * I32, batch * BUILD_THREADS)
-    # forward: casts to the kernel's dtype, B and C to (batch, L, N); y back to u's dtype
+    # forward: u to the kernels' dtype, delta to float32, B and C to (batch, L, N); y back to u's dtype
     cast("forward", "u.to(dtype)", E, dt["u"], ks)
-    cast("forward", "delta.to(dtype)", E, dt["delta"], ks)
+    cast("forward", "delta.to(float32)", E, dt["delta"], F32)
     for x in "BC":
         cast("forward", f"_states_last({x})", S, dt[x], ks, copy=True)
     # the chunked scan (kernels/chunk_scan.h, what runs for trees whose edges span <= 3 positions: the build's with
@@ -399,9 +403,10 @@ def launches(batch: int, d: int, n: int, length: int, precision: str) -> list[La
 
     chunk_plan("forward")
     pass_threads = fwd_blocks * sc * FORWARD_THREADS
-    add("forward", "pass 1 (local scans)", 2 * E * ks + S * ks + nodes + d * n * F32, 2 * slots, pass_threads)
+    ud = E * (ks + F32)  # u and delta, read once
+    add("forward", "pass 1 (local scans)", ud + S * ks + nodes + d * n * F32, 2 * slots, pass_threads)
     add("forward", "pass 2 (local roots)", 2 * slots + red, slots, batch * d * n)
-    add("forward", "pass 3 (y)", 2 * E * ks + 2 * S * ks + nodes + slots + d * n * F32,
+    add("forward", "pass 3 (y)", ud + 2 * S * ks + nodes + slots + d * n * F32,
         E * ks + batch * d * n * F32, pass_threads)
     cast("forward", "y.to(u.dtype)", E, ks, dt["u"])
     # backward: gy to the kernel's dtype; passes 1-3 as the forward's (G too), du and d_delta written once, dA per
@@ -409,10 +414,10 @@ def launches(batch: int, d: int, n: int, length: int, precision: str) -> list[La
     cast("backward", "gy.to(dtype)", E, dt["u"], ks)
     groups = -(-d // (BACKWARD_THREADS // lanes))
     chunk_plan("backward")
-    add("backward", "pass 1 (local scans)", 3 * E * ks + 2 * S * ks + nodes + d * n * F32, 3 * slots, pass_threads)
+    add("backward", "pass 1 (local scans)", ud + E * ks + 2 * S * ks + nodes + d * n * F32, 3 * slots, pass_threads)
     add("backward", "pass 2 (local roots)", 3 * slots + red + batch * d * n * F32, 2 * slots, batch * d * n)
     dA_chunks = sc * batch * d * n * F32
-    add("backward", "pass 3 (gradients)", 3 * E * ks + 2 * S * ks + nodes + 2 * slots + d * n * F32,
+    add("backward", "pass 3 (gradients)", ud + E * ks + 2 * S * ks + nodes + 2 * slots + d * n * F32,
         E * ks + E * F32 + batch * d * sc * F32 + dA_chunks + 2 * batch * groups * length * n * F32,
         groups * sc * batch * BACKWARD_THREADS)
     add("backward", "d_delta chunk tails", batch * d * sc * 2 * F32, batch * d * sc * F32, batch * d * sc)

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from grootl.tree import Tree, build_tree, graph, native, tree_scan_ref
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from grootl.tree import Tree, build_tree, graph, native, tree_scan, tree_scan_ref
+from grootl.tree.scan import chain_tree_scan
 from grootl.tree.graph import heavy_last_preorder
 from scan_inputs import random_inputs
 
@@ -183,6 +186,50 @@ def check_half_precision(device, shape, dtype=torch.bfloat16):
     ref = run_scan(tree_scan_ref, [x.to(dtype).float() for x in inputs], tree)  # the same rounded inputs
     for name, a, b in zip(NAMES, low, ref):
         assert torch.isfinite(a).all(), name
+        assert (a - b).norm() / b.norm() < 1e-2, name
+
+
+class DtypeConversions(TorchDispatchMode):
+    """Records the dtype conversions (``aten._to_copy``) of tensors with ``numel`` elements."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].numel() == self.numel and out.dtype != args[0].dtype:
+            self.seen.append(f"{args[0].dtype} -> {out.dtype}")
+        return out
+
+
+def check_autocast_dtypes_make_no_copies(device, shape):
+    """The models' autocast case: u, B, C in bf16 beside delta and A in float32. The native scan (and the CPU's
+    chain + tree scan) converts no (batch, D, L) tensor, forward or backward (no float32 copy of u, y, gy or du),
+    and matches the reference on the same values."""
+    batch, d, n, length = shape
+    assert d != n  # B-sized tensors must not count
+    u, delta, A, B, C = random_inputs(batch, d, n, length, F32, seed=4)
+    u, B, C = (x.to(torch.bfloat16) for x in (u, B, C))
+    tree = torch_path(build_tree, u.float(), delta, B.float(), torch.tensor([length // 2, length])[:batch])
+    tree = Tree(tree.parent.to(device), tree.order.to(device))
+    gy = torch.randn(batch, d, length, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+    scans = [tree_scan] + ([lambda *xs: chain_tree_scan(*xs, 0.5)] if native.serves_chain_tree(device) else [])
+    for scan in scans:
+        leaves = [x.to(device).requires_grad_() for x in (u, delta, A, B, C)]
+        with DtypeConversions(u.numel()) as conversions:
+            y = scan(*leaves, tree)
+            grads = torch.autograd.grad((y * gy).sum(), leaves)
+        assert y.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
+        assert conversions.seen == [], conversions.seen
+    ref = [x.float().requires_grad_() for x in (u, delta, A, B, C)]
+    y_ref = tree_scan_ref(*ref, Tree(tree.parent.cpu(), tree.order.cpu()))
+    ref_grads = torch.autograd.grad((y_ref * gy.cpu().float()).sum(), ref)
+    leaves = [x.to(device).requires_grad_() for x in (u, delta, A, B, C)]
+    y = tree_scan(*leaves, tree)
+    grads = torch.autograd.grad((y * gy).sum(), leaves)
+    for name, a, b in zip(("y",) + NAMES[2:], (y, *grads), (y_ref, *ref_grads)):
+        a, b = a.detach().cpu().double(), b.double()
         assert (a - b).norm() / b.norm() < 1e-2, name
 
 

@@ -53,6 +53,14 @@ def test_minimum_bytes_equal_the_tensors_of_a_real_call(bench, precision):
     assert least["backward"] == nbytes(u, delta, A, B, C, *built) + nbytes(y) + nbytes(*grads)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_model_takes_the_kernels_dtype(bench, precision):
+    """The model's kernel dtype for u, B, C is the one native._scan_dtype picks for the caller's tensors."""
+    dtypes = {4: torch.float32, 2: torch.bfloat16}
+    u, B, C = (torch.zeros(1, dtype=dtypes[bench.PRECISIONS[precision][x]]) for x in "uBC")
+    assert torch.empty(0, dtype=native._scan_dtype(u, B, C)).element_size() == bench.kernel_bytes(precision)
+
+
 def test_bytes_only_run_writes_the_model(bench, tmp_path):
     out = tmp_path / "bytes.json"
     assert bench.main(["--bytes-only", "--bytes-batch", "1", "8", "--bytes-lengths", "64", "--out", str(out)]) == 0
@@ -64,6 +72,6 @@ def test_bytes_only_run_writes_the_model(bench, tmp_path):
             assert call["bytes"] == sum(x["read"] + x["written"] for x in call["detail"])
         assert row["scan_fwd_bwd"]["bytes"] == row["calls"]["forward"]["bytes"] + row["calls"]["backward"]["bytes"]
     rows = {(r["batch"], r["precision"]): r for r in model["rows"]}
-    # bf16 inputs are cast to float32 copies today: more bytes over a smaller minimum
+    # under bf16 the slots and delta stay float32: more bytes over a smaller minimum
     assert rows[8, "bf16"]["scan_fwd_bwd"]["ratio"] > rows[8, "fp32"]["scan_fwd_bwd"]["ratio"]
     assert rows[8, "fp32"]["scan_threads"] == 8 * rows[1, "fp32"]["scan_threads"]

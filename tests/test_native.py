@@ -20,9 +20,9 @@ from grootl.tree import Tree, build_tree, chain_scan, graph, native, tree_scan, 
 from grootl.tree.scan import chain_tree_scan
 from scan_inputs import random_inputs
 from native_checks import (
-    F32, F64, REPO, SHAPES, TOL, assert_close, bench_kernels, caterpillar, check_grouped_tree, check_half_precision,
-    check_plans, check_runs_identical, check_ties_give_one_tree, grouped_inputs, plan_cases, random_tree, run_both,
-    run_scan, torch_path,
+    F32, F64, REPO, SHAPES, TOL, assert_close, bench_kernels, caterpillar, check_autocast_dtypes_make_no_copies,
+    check_grouped_tree, check_half_precision, check_plans, check_runs_identical, check_ties_give_one_tree,
+    grouped_inputs, plan_cases, random_tree, run_both, run_scan, torch_path,
 )
 
 pytestmark = pytest.mark.usefixtures("poison_native_outputs")
@@ -54,6 +54,10 @@ def test_cpu_scan_deep_stack(cpu_kernels):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_cpu_scan_half_precision(cpu_kernels, dtype):
     check_half_precision("cpu", (2, 19, 8, 40), dtype)
+
+
+def test_cpu_autocast_dtypes_make_no_copies(cpu_kernels):
+    check_autocast_dtypes_make_no_copies("cpu", (2, 19, 8, 40))
 
 
 def test_cpu_scan_is_deterministic(cpu_kernels):

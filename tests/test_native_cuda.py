@@ -13,7 +13,8 @@ import torch
 
 from grootl.tree import Tree, build_tree, graph, mamba2, native, tree_scan_ref
 from native_checks import (
-    CUDA, F64, NAMES, SHAPES, TOL, assert_close, bench_kernels, run_scan, short_edge_tree, check_deep_stack, check_grouped_tree, check_half_precision, check_plans,
+    CUDA, F64, NAMES, SHAPES, TOL, assert_close, bench_kernels, run_scan, short_edge_tree,
+    check_autocast_dtypes_make_no_copies, check_deep_stack, check_grouped_tree, check_half_precision, check_plans,
     check_runs_identical, check_scan_matches_reference, check_ties_give_one_tree, check_tree_equals_cpu_tree,
     plan_cases, torch_path,
 )
@@ -37,6 +38,10 @@ def test_emulated_cuda_deep_stack(emulated_cuda):
 
 def test_emulated_cuda_bf16(emulated_cuda):
     check_half_precision(emulated_cuda, (2, 20, 16, 40))
+
+
+def test_emulated_cuda_autocast_dtypes_make_no_copies(emulated_cuda):
+    check_autocast_dtypes_make_no_copies(emulated_cuda, (2, 19, 8, 20))
 
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
@@ -178,6 +183,12 @@ def test_cuda_deep_stack():
 @pytest.mark.gpu
 def test_cuda_scan_bf16():
     check_half_precision("cuda", (2, 70, 16, 300))
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_autocast_dtypes_make_no_copies():
+    check_autocast_dtypes_make_no_copies("cuda", (2, 70, 16, 300))
 
 
 @CUDA

@@ -204,9 +204,11 @@ def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _scan_dtype(u: Tensor, delta: Tensor, B: Tensor, C: Tensor) -> torch.dtype:
-    """One input dtype for the kernel: the shared one, else the accumulation dtype."""
-    return u.dtype if delta.dtype == B.dtype == C.dtype == u.dtype else work_dtype(u)
+def _scan_dtype(u: Tensor, B: Tensor, C: Tensor) -> torch.dtype:
+    """The kernels' dtype for u (x), B and C: their shared one, else the accumulation dtype. delta (dt) and A are
+    always passed in the accumulation dtype, so bf16 activations beside a float32 delta (the models' autocast
+    case) reach the kernels without copies."""
+    return u.dtype if B.dtype == C.dtype == u.dtype else work_dtype(u)
 
 
 _HAS_CHILDREN, _LAST_CHILD = 1, 2  # a plan's flag bits (kHasChildren, kLastChild in kernels/tree_scan.h)
@@ -579,8 +581,8 @@ def tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: T
 def _tree_scan(u, delta, A, B, C, tree: Tree, return_root_state: bool):
     """:func:`tree_scan` on checked inputs (the dispatch in grootl.tree.scan lands here)."""
     plan = _Plan.of(_kernel(u.device), tree, u.device)
-    dt, acc = _scan_dtype(u, delta, B, C), work_dtype(u)
-    y, root = torch.ops.grootl.tree_scan(u.to(dt).contiguous(), delta.to(dt).contiguous(), A.to(acc).contiguous(),
+    dt, acc = _scan_dtype(u, B, C), work_dtype(u)
+    y, root = torch.ops.grootl.tree_scan(u.to(dt).contiguous(), delta.to(acc).contiguous(), A.to(acc).contiguous(),
                                          _states_last(B, dt), _states_last(C, dt), *plan.tensors(), plan.span)
     y = y.to(u.dtype)
     return (y, root) if return_root_state else y
@@ -590,9 +592,9 @@ def _mamba2_tree_scan(x, dt, A, B, C, tree: Tree, return_root_state: bool):
     """:func:`grootl.tree.mamba2.tree_scan` on checked inputs, on the native kernel of the tensors' device (its
     dispatch lands here)."""
     plan = _Plan.of(_kernel(x.device), tree, x.device)
-    dtype = _scan_dtype(x, dt, B, C)
-    y, root = torch.ops.grootl.mamba2_tree_scan(*(t.to(dtype).contiguous() for t in (x, dt)),
-                                                A.to(work_dtype(x)).contiguous(),
+    dtype, acc = _scan_dtype(x, B, C), work_dtype(x)
+    y, root = torch.ops.grootl.mamba2_tree_scan(x.to(dtype).contiguous(), dt.to(acc).contiguous(),
+                                                A.to(acc).contiguous(),
                                                 *(t.to(dtype).contiguous() for t in (B, C)), *plan.tensors(), plan.span)
     y = y.to(x.dtype)
     return (y, root) if return_root_state else y
@@ -613,8 +615,8 @@ def _chain_tree_scan(u, delta, A, B, C, tree: Tree, modulation: float, return_la
         parent, order = plan.parent, plan.order
     else:  # unread by the kernel
         parent, order = tree.parent.contiguous(), tree.order.contiguous()
-    dt, acc = _scan_dtype(u, delta, B, C), work_dtype(u)
-    y, state = torch.ops.grootl.chain_tree_scan(u.to(dt).contiguous(), delta.to(dt).contiguous(),
+    dt, acc = _scan_dtype(u, B, C), work_dtype(u)
+    y, state = torch.ops.grootl.chain_tree_scan(u.to(dt).contiguous(), delta.to(acc).contiguous(),
                                                 A.to(acc).contiguous(), _states_last(B, dt), _states_last(C, dt),
                                                 parent, order, float(modulation))
     y = y.to(u.dtype)
@@ -640,9 +642,10 @@ def build_tree(
 
 def _build_tree(u, delta, B, context_lens: Tensor, k: int, distance: str, start: Tensor | None) -> Tree:
     """:func:`build_tree` on checked inputs (the dispatch in grootl.tree.graph lands here)."""
-    dt = _scan_dtype(u, delta, B, B)
-    return _built(torch.ops.grootl.build_tree(*(x.detach().to(dt).contiguous() for x in (u, delta, B)),
-                                              *_prompt(context_lens, start), k, DISTANCES.index(distance)), k)
+    dt, acc = _scan_dtype(u, B, B), work_dtype(u)
+    return _built(torch.ops.grootl.build_tree(u.detach().to(dt).contiguous(), delta.detach().to(acc).contiguous(),
+                                              B.detach().to(dt).contiguous(), *_prompt(context_lens, start), k,
+                                              DISTANCES.index(distance)), k)
 
 
 def _build_grouped_tree(a: Tensor, b: Tensor, context_lens: Tensor, k: int, distance: str, start: Tensor | None

@@ -45,8 +45,8 @@ def extension(sanitizer: str, build_dir: Path):
 
 def run(device: str) -> None:
     """Build trees on the device (from Mamba-1 and grouped features), plan trees made elsewhere, and scan forward
-    and backward (Mamba-1 and Mamba-2 layouts; the chunked kernels for short-edge trees, the row-walking ones for a
-    tree with long edges)."""
+    and backward (Mamba-1 and Mamba-2 layouts, each on the chunked kernels for built trees and on the row-walking
+    ones for a tree with long edges)."""
     for batch, d, n, length in SHAPES:
         u, delta, A, B, C = random_inputs(batch, d, n, length, torch.float32, seed=length, device=device)
         context = torch.tensor([length // 2, length], device=device)[:batch]
@@ -84,14 +84,17 @@ def run(device: str) -> None:
         A = -torch.rand(heads, generator=g) - 0.5
         B, C = (torch.randn(batch, length, groups, n, generator=g) for _ in range(2))
         inputs = [t.to(device) for t in (x, dt, A, B, C)]
-        tree = mamba2.build_tree(*inputs[:2], inputs[3], torch.tensor([length // 2, length], device=device)[:batch])
-        grads = []
-        for scan in (mamba2.tree_scan, mamba2.tree_scan_ref):
-            leaves = [t.clone().requires_grad_() for t in inputs]
-            scan(*leaves, tree).square().sum().backward()
-            grads.append([t.grad for t in leaves])
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        built = mamba2.build_tree(*inputs[:2], inputs[3], torch.tensor([length // 2, length], device=device)[:batch])
+        star = torch.full((batch, length), length - 1, device=device)  # long edges: the row-walking kernels
+        star[:, -1] = -1
+        for tree in (built,) + ((graph.Tree(star),) if n == 5 else ()):
+            grads = []
+            for scan in (mamba2.tree_scan, mamba2.tree_scan_ref):
+                leaves = [t.clone().requires_grad_() for t in inputs]
+                scan(*leaves, tree).square().sum().backward()
+                grads.append([t.grad for t in leaves])
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     print("sanitizer check: kernels ran", flush=True)
 
 

@@ -36,7 +36,8 @@ def extension(sanitizer: str, build_dir: Path):
     return cpp_extension.load(
         name=f"grootl_cuda_emulated_{sanitizer}_sanitizer",
         sources=[str(HERE / "cuda_emulated.cpp")],
-        extra_cflags=["-O1", "-g", "-std=c++20", f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer"],
+        extra_cflags=["-O1", "-g", "-std=c++20", f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer",
+                      "-DGROOTL_EMULATION_FLOAT32_ONLY"],
         extra_ldflags=[f"-fsanitize={sanitizer}"],
         extra_include_paths=[str(native.KERNELS), str(HERE)],
         build_directory=str(build_dir),

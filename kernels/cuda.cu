@@ -185,9 +185,25 @@ struct BlockSink {
   }
 };
 
-// Blocks of kBackwardThreads / kLanes channels of one group of one row (gridDim.x = groups * blocks per group);
-// channels past the group's last repeat it, inactive (they write nothing and add nothing to dB/dC). dB_part,
-// dC_part: (batch, groups, blocks per group, L, N).
+// A backward thread's channel d in a block of kBackwardThreads / kLanes channels of one group of row b (gridDim.x =
+// groups * blocks per group): channels past the group's last repeat it, inactive (they write nothing and add
+// nothing to dB/dC). part: the block's offset in dB_part, dC_part (batch, groups, blocks per group, L, N).
+struct BackwardChannel {
+  int d;
+  bool active;
+  int64_t part;
+};
+
+template <int kLanes, typename Layout>
+__device__ BackwardChannel backward_channel(const Layout& lay, int b) {
+  const int per_group = lay.group_channels(), channels = kBackwardThreads / kLanes;
+  const int parts = (per_group + channels - 1) / channels, g = blockIdx.x / parts;
+  const int c = blockIdx.x % parts * channels + threadIdx.x / kLanes;
+  return {g * per_group + (c < per_group ? c : per_group - 1), c < per_group,
+          ((int64_t)b * gridDim.x + blockIdx.x) * lay.L * lay.N};
+}
+
+// The row-walking backward on blocks of channels as backward_channel's, a row per gridDim.y.
 template <typename scalar_t, typename acc_t, typename Layout, int kLanes, int kPer>
 __global__ void __launch_bounds__(kBackwardThreads)
     backward_kernel(Layout lay, const int32_t* ckpt_offset, const int32_t* sizes, const scalar_t* gy,
@@ -196,15 +212,14 @@ __global__ void __launch_bounds__(kBackwardThreads)
   using Sink = BlockSink<acc_t, kLanes, kPer>;
   __shared__ acc_t stage[Sink::kSteps][Sink::kWarps][2][Sink::kN];
   __shared__ int64_t stage_v[Sink::kSteps];
-  const int per_group = lay.group_channels(), D = lay.groups() * per_group, N = lay.N, L = lay.L;
-  const int channels = kBackwardThreads / kLanes, parts = (per_group + channels - 1) / channels;
-  const int g = blockIdx.x / parts, b = blockIdx.y;
-  const int c = blockIdx.x % parts * channels + threadIdx.x / kLanes, d = g * per_group + (c < per_group ? c : per_group - 1);
-  const int64_t part = ((int64_t)b * gridDim.x + blockIdx.x) * L * N;
-  Sink sink{stage, stage_v, dB_part + part, dC_part + part, N, c < per_group, 0};
+  const int D = lay.groups() * lay.group_channels(), N = lay.N, L = lay.L, b = blockIdx.y;
+  const BackwardChannel mine = backward_channel<kLanes>(lay, b);
+  const int d = mine.d;
+  const bool active = mine.active;
+  Sink sink{stage, stage_v, dB_part + mine.part, dC_part + mine.part, N, active, 0};
   acc_t cur[kPer], gr[kPer], dA_acc[kPer];
   const int chunks = grootl::num_chunks(L);
-  grootl::tree_scan_backward(lay.channel(b, d), warp_lanes<kLanes, kPer>(c < per_group), gy + lay.u_offset(b, d),
+  grootl::tree_scan_backward(lay.channel(b, d), warp_lanes<kLanes, kPer>(active), gy + lay.u_offset(b, d),
                              g_root ? g_root + ((int64_t)b * D + d) * N : nullptr,
                              ckpt_offset + (int64_t)b * (chunks + 1), sizes[b * 3], sizes[b * 3 + 1],
                              thread_slots<acc_t, kPer>(scratch, entries), grootl::BackwardRegs<acc_t>{cur, gr, dA_acc},
@@ -404,8 +419,8 @@ __global__ void __launch_bounds__(kRowsThreads)
                        g_root ? g_root + ((int64_t)b * D + d) * N : nullptr);
 }
 
-// Pass 3 of the backward: blocks of kBackwardThreads / kLanes channels of one group as backward_kernel, one chunk
-// each (grid: groups * blocks per group, chunks, rows). dA_chunks: (chunks, dA's size); tails: (batch, D, chunks).
+// Pass 3 of the backward: blocks of channels as backward_channel's, one chunk each (grid: groups * blocks per
+// group, chunks, rows). dA_chunks: (chunks, dA's size); tails: (batch, D, chunks).
 template <typename scalar_t, typename acc_t, typename Layout, int kLanes, int kPer>
 __global__ void __launch_bounds__(kBackwardThreads)
     chunk_backward_kernel(Layout lay, const int32_t* plans, const scalar_t* gy, acc_t* Hr, acc_t* Ginc,
@@ -414,15 +429,14 @@ __global__ void __launch_bounds__(kBackwardThreads)
   using Sink = BlockSink<acc_t, kLanes, kPer>;
   __shared__ acc_t stage[Sink::kSteps][Sink::kWarps][2][Sink::kN];
   __shared__ int64_t stage_v[Sink::kSteps];
-  const int per_group = lay.group_channels(), D = lay.groups() * per_group, N = lay.N, L = lay.L;
-  const int channels = kBackwardThreads / kLanes, parts = (per_group + channels - 1) / channels;
-  const int g = blockIdx.x / parts, chunk = blockIdx.y, b = blockIdx.z;
-  const int c = blockIdx.x % parts * channels + threadIdx.x / kLanes, d = g * per_group + (c < per_group ? c : per_group - 1);
-  const int64_t part = ((int64_t)b * gridDim.x + blockIdx.x) * L * N;
-  Sink sink{stage, stage_v, dB_part + part, dC_part + part, N, c < per_group, 0};
+  const int D = lay.groups() * lay.group_channels(), N = lay.N, L = lay.L, chunk = blockIdx.y, b = blockIdx.z;
+  const BackwardChannel mine = backward_channel<kLanes>(lay, b);
+  const int d = mine.d;
+  const bool active = mine.active;
+  Sink sink{stage, stage_v, dB_part + mine.part, dC_part + mine.part, N, active, 0};
   const auto plan = grootl::ChunkPlan::of(plans + b * grootl::chunk_plan_ints(L), L);
   acc_t scratch[2 * grootl::kScanChunk * kPer], dA_acc[kPer];
-  grootl::chunk_backward(lay.channel(b, d), warp_lanes<kLanes, kPer>(c < per_group), plan, chunk,
+  grootl::chunk_backward(lay.channel(b, d), warp_lanes<kLanes, kPer>(active), plan, chunk,
                          gy + lay.u_offset(b, d), slot_states(Hr, b, d, D, L, N), slot_states(Ginc, b, d, D, L, N),
                          scratch, dA_acc, du + lay.u_offset(b, d), d_delta + lay.delta_out(b, d),
                          tails + ((int64_t)b * D + d) * grootl::scan_chunks(L), dA_chunks + chunk * dA_size + lay.dA_out(b, d),

@@ -24,6 +24,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #define GROOTL_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#define GROOTL_LAUNCH_SHARED(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
+#define GROOTL_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #define CHECK_CUDA_INPUT(x) TORCH_CHECK((x).is_cuda() && (x).is_contiguous(), #x " must be a contiguous CUDA tensor")
 #endif
 
@@ -369,7 +371,8 @@ __global__ void __launch_bounds__(kBuildThreads)
 // The chunked scan (chunk_scan.h): a block per row makes the chunk plan; passes 1 and 3 run on a grid of (channel
 // blocks, chunks, rows), a channel's N states over a group of lanes as above, a chunk's nodes in a per-thread
 // buffer (2 * kScanChunk * kPer accumulators: local memory, sized by the threads resident, not launched); pass 2
-// runs a thread per (row, channel, state) over the row's local roots.
+// runs a thread per (row, channel, state) over the row's local roots. Where a row fits a block, fused_passes_kernel
+// runs the forward's three passes (the backward's first two) in one launch instead.
 __global__ void __launch_bounds__(kBuildThreads)
     chunk_plan_kernel(const int64_t* parent, const int64_t* order, int L, int32_t* plans, int32_t* work) {
   const int b = blockIdx.x;
@@ -417,6 +420,75 @@ __global__ void __launch_bounds__(kRowsThreads)
   const auto Qs = slot_states(Q ? Q : T, b, d, D, L, N);
   grootl::reduced_pass(plan, n, slot_states(Hr, b, d, D, L, N), slot_states(T, b, d, D, L, N), Q ? &Qs : nullptr,
                        g_root ? g_root + ((int64_t)b * D + d) * N : nullptr);
+}
+
+// The chunked scan's passes 1 and 2, and for the forward pass 3, in one launch where a row fits a block
+// (fused_fits): a block per (channel, row), a lane group per chunk. The channel's u and delta are staged in shared
+// memory (read from device memory once), the slots live there too, and barriers separate the passes instead of
+// launches. The forward (gy null) writes y and root; the backward the final states and incoming gradients of the
+// row's local roots (the only slots its pass 3 reads) to Hr_out and Ginc_out. Mamba-1's layout (unit steps).
+#ifdef GROOTL_CUDA_EMULATION  // the tests reach the three-launch passes with short rows too
+constexpr int kFusedThreads = 64;
+#else
+constexpr int kFusedThreads = 1024;
+#endif
+constexpr int64_t kFusedShared = 160 * 1024;  // bytes of shared memory a fused block may take
+
+// Shared memory of a fused block: the slots (Hr, T; the backward's Q too), then delta and u.
+template <typename scalar_t, typename acc_t>
+int64_t fused_shared_bytes(int L, int N, bool backward) {
+  return (backward ? 3 : 2) * (int64_t)grootl::scan_chunks(L) * grootl::kSlots * N * sizeof(acc_t) +
+         (int64_t)L * (sizeof(acc_t) + sizeof(scalar_t));
+}
+
+template <typename scalar_t, typename acc_t>
+bool fused_fits(int L, int N, bool backward) {
+  return grootl::scan_chunks(L) * lane_shape(N).lanes <= kFusedThreads &&
+         fused_shared_bytes<scalar_t, acc_t>(L, N, backward) <= kFusedShared;
+}
+
+template <typename scalar_t, typename acc_t, typename Layout, int kLanes, int kPer>
+__global__ void __launch_bounds__(kFusedThreads)
+    fused_passes_kernel(Layout lay, const int32_t* plans, const scalar_t* gy, const acc_t* g_root, scalar_t* y,
+                        acc_t* root, acc_t* Hr_out, acc_t* Ginc_out) {
+  static_assert(!Layout::channel_t::scalar_decay, "the fused passes stage Mamba-1's unit-step channels");
+  GROOTL_DYNAMIC_SHARED(shared);
+  const int D = lay.D, L = lay.L, N = lay.N, d = blockIdx.x, b = blockIdx.y, c = threadIdx.x / kLanes;
+  const int64_t slots = (int64_t)grootl::scan_chunks(L) * grootl::kSlots * N;
+  acc_t* const Hr = reinterpret_cast<acc_t*>(shared);
+  acc_t* const T = Hr + slots;
+  acc_t* const Q = T + slots;  // the backward's
+  acc_t* const delta = gy != nullptr ? Q + slots : Q;
+  scalar_t* const u = reinterpret_cast<scalar_t*>(delta + L);
+  auto ch = lay.channel(b, d);
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    u[t] = ch.u[t];
+    delta[t] = ch.delta[t];
+  }
+  ch.u = u;
+  ch.delta = delta;
+  __syncthreads();
+  const auto plan = grootl::ChunkPlan::of(plans + b * grootl::chunk_plan_ints(L), L);
+  const auto lanes = warp_lanes<kLanes, kPer>();
+  const grootl::SlotStates<acc_t> Hs{Hr, N}, Ts{T, N}, Qs{Q, N};
+  acc_t scratch[2 * grootl::kScanChunk * kPer];
+  grootl::chunk_pass1(ch, lanes, plan, c, gy != nullptr ? gy + lay.u_offset(b, d) : nullptr, Hs, Ts, Qs, scratch);
+  __syncthreads();
+  for (int n = threadIdx.x; n < N; n += blockDim.x)
+    grootl::reduced_pass(plan, n, Hs, Ts, gy != nullptr ? &Qs : nullptr,
+                         g_root != nullptr ? g_root + ((int64_t)b * D + d) * N : nullptr);
+  __syncthreads();
+  if (gy == nullptr) {
+    grootl::chunk_forward(ch, lanes, plan, c, Hs, scratch, y + lay.u_offset(b, d),
+                          root != nullptr ? root + ((int64_t)b * D + d) * N : nullptr);
+    return;
+  }
+  const auto H_out = slot_states(Hr_out, b, d, D, L, N), G_out = slot_states(Ginc_out, b, d, D, L, N);
+  for (int q = threadIdx.x; q < plan.R * N; q += blockDim.x) {
+    const int slot = plan.red[q / N], n = q % N;
+    H_out(slot, n) = Hs(slot, n);
+    G_out(slot, n) = Qs(slot, n);
+  }
 }
 
 // Pass 3 of the backward: blocks of channels as backward_channel's, one chunk each (grid: groups * blocks per
@@ -611,6 +683,44 @@ void launch_chunk_passes(const Layout& lay, int batch, const at::Tensor& plans, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Lets kernel take `bytes` of dynamic shared memory (above 48 KiB a kernel must opt in).
+template <typename Kernel>
+void allow_dynamic_shared(Kernel kernel, int64_t bytes) {
+#ifndef GROOTL_CUDA_EMULATION
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+#else
+  (void)kernel;
+  (void)bytes;
+#endif
+}
+
+// Whether the fused passes serve the layout's rows (Mamba-1's that fit a block).
+template <typename Layout>
+bool fused_serves(const Layout& lay, bool backward) {
+  using scalar_t = typename Layout::scalar_type;
+  using acc_t = typename Layout::acc_type;
+  return !Layout::channel_t::scalar_decay && fused_fits<scalar_t, acc_t>(lay.L, lay.N, backward);
+}
+
+// fused_passes_kernel on a block per (channel, row), where fused_serves(lay, gy != nullptr).
+template <typename scalar_t, typename acc_t, typename Layout>
+void launch_fused_passes(const Layout& lay, int batch, const at::Tensor& plans, const scalar_t* gy,
+                         const acc_t* g_root, scalar_t* y, acc_t* root, acc_t* Hr_out, acc_t* Ginc_out) {
+  if constexpr (!Layout::channel_t::scalar_decay) {
+    const int64_t shared = fused_shared_bytes<scalar_t, acc_t>(lay.L, lay.N, gy != nullptr);
+    with_lane_shape(lay.N, [&](auto lanes, auto per) {
+      constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+      const auto kernel = fused_passes_kernel<scalar_t, acc_t, Layout, kLanes, kPer>;
+      allow_dynamic_shared(kernel, shared);
+      GROOTL_LAUNCH_SHARED(dim3(lay.D, batch), grootl::scan_chunks(lay.L) * kLanes, shared,
+                           at::cuda::getCurrentCUDAStream(), kernel)(
+          lay, plans.data_ptr<int32_t>(), gy, g_root, y, root, Hr_out, Ginc_out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
 at::Tensor chunk_slots(int64_t parts, int batch, int D, int L, int N, const at::Tensor& like, at::ScalarType acc) {
   return at::empty({parts * batch * D * grootl::scan_chunks(L) * grootl::kSlots * N}, like.options().dtype(acc));
 }
@@ -623,6 +733,11 @@ void launch_chunked_forward(const Layout& lay, const at::Tensor& like, const at:
   using acc_t = typename Layout::acc_type;
   const int D = lay.groups() * lay.group_channels(), L = lay.L, N = lay.N, batch = like.size(0);
   const at::Tensor plans = chunk_plans(parent, order);
+  if (fused_serves(lay, false)) {
+    launch_fused_passes<scalar_t, acc_t>(lay, batch, plans, nullptr, nullptr, y.data_ptr<scalar_t>(),
+                                         data_or_null<acc_t>(root), nullptr, nullptr);
+    return;
+  }
   const at::Tensor slots = chunk_slots(2, batch, D, L, N, like, c10::CppTypeToScalarType<acc_t>::value);
   acc_t* Hr = slots.data_ptr<acc_t>();
   launch_chunk_passes<scalar_t, acc_t>(lay, batch, plans, (const scalar_t*)nullptr, (const acc_t*)nullptr, Hr);
@@ -650,10 +765,16 @@ void launch_chunked_backward(const Layout& lay, const at::Tensor& like, const at
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor plans = chunk_plans(parent, order);
-  const at::Tensor slots = chunk_slots(3, batch, D, L, N, like, acc);
-  const int64_t size = slots.numel() / 3;
-  acc_t* Hr = slots.data_ptr<acc_t>();
-  launch_chunk_passes<scalar_t, acc_t>(lay, batch, plans, gy.data_ptr<scalar_t>(), data_or_null<acc_t>(g_root), Hr);
+  // Hr and Ginc for pass 3: from the fused passes (two slot buffers), else from passes 1 and 2 (Hr, T, then Ginc)
+  const bool fused = fused_serves(lay, true);
+  const at::Tensor slots = chunk_slots(fused ? 2 : 3, batch, D, L, N, like, acc);
+  acc_t* const Hr = slots.data_ptr<acc_t>();
+  acc_t* const Ginc = Hr + (fused ? 1 : 2) * (slots.numel() / (fused ? 2 : 3));
+  if (fused)
+    launch_fused_passes<scalar_t, acc_t>(lay, batch, plans, gy.data_ptr<scalar_t>(), data_or_null<acc_t>(g_root),
+                                         nullptr, nullptr, Hr, Ginc);
+  else
+    launch_chunk_passes<scalar_t, acc_t>(lay, batch, plans, gy.data_ptr<scalar_t>(), data_or_null<acc_t>(g_root), Hr);
   const at::Tensor tails = at::empty({batch, D, chunks}, like.options().dtype(acc));
   const at::Tensor dA_chunks = at::empty({chunks, dA.numel()}, like.options().dtype(acc));
   const int parts = (lay.group_channels() + channel_group_cuda(N) - 1) / channel_group_cuda(N);
@@ -661,7 +782,7 @@ void launch_chunked_backward(const Layout& lay, const at::Tensor& like, const at
     constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
     const dim3 grid(lay.groups() * parts, chunks, batch);
     GROOTL_LAUNCH(grid, kBackwardThreads, stream, chunk_backward_kernel<scalar_t, acc_t, Layout, kLanes, kPer>)(
-        lay, plans.data_ptr<int32_t>(), gy.data_ptr<scalar_t>(), Hr, Hr + 2 * size, dA.numel(),
+        lay, plans.data_ptr<int32_t>(), gy.data_ptr<scalar_t>(), Hr, Ginc, dA.numel(),
         du.data_ptr<scalar_t>(), d_delta.data_ptr<acc_t>(), tails.data_ptr<acc_t>(), dA_chunks.data_ptr<acc_t>(),
         dB_part.data_ptr<acc_t>(), dC_part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -775,6 +896,13 @@ void build_grouped_tree_cuda(const at::Tensor& a, const at::Tensor& b, const at:
 }
 
 int64_t max_span_cuda() { return grootl::kMaxSpan; }
+
+bool fused_fits_cuda(int64_t L, int64_t N, int64_t element_size, bool backward) {
+  if (L < 1 || N < 1 || N > kMaxState) return false;
+  if (element_size == 8) return fused_fits<double, double>((int)L, (int)N, backward);
+  if (element_size == 4) return fused_fits<float, float>((int)L, (int)N, backward);
+  return fused_fits<at::Half, float>((int)L, (int)N, backward);
+}
 
 void forward_chunked_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                           const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, at::Tensor y,

@@ -254,25 +254,29 @@ BYTES_RULES = (
     "A model, not a measurement. A kernel's loop over a row's nodes reads each tensor it touches once per loop (a "
     "neighbour read in the same loop, delta[v + 1], shares the line); per-row tensors that every channel block of a "
     "row reads (B, C, the tree) count once per loop (they stay in L2); a chunk pass's per-thread buffer of its chunk's "
-    "nodes (local memory, reused in place) counts nothing; the slots between the chunked scan's passes count every "
-    "slot allocated, written once and read once per pass that touches it; a torch cast or copy reads its source and "
+    "nodes (local memory, reused in place) counts nothing; the slots between the chunked scan's passes count those "
+    "a tree's local roots use (local_roots_per_chunk: measured on trees built from random inputs, about 2 of the 6 "
+    "per chunk), written once and read once per pass that touches it, and nothing where a fused launch keeps them in "
+    "shared memory; a torch cast or copy reads its source and "
     "writes its result once. "
     "Minimum: every input of a call read once and every output written once, in the caller's dtypes."
 )
 BYTES_MISSES = (
     "The chunked scan (kernels/chunk_scan.h) offers batch * D * lanes * L/64 threads (786,432 at batch 1, L=2048, "
-    "D=1536, N=16: 32x the row-walking kernels' 24,576) but moves more bytes than they did: each of the forward's "
-    "and the backward's two chunk passes reads u and delta (the backward gy too) again, and the slots between "
-    "passes (6 local-root states per chunk of 64 positions, N each: 1.5x u's size at N=16, counted as if all were "
-    "used; a built tree uses about a third) are written and read in each pass. Still to do for item 4: store only "
-    "the local roots a tree has, save the forward's final local-root states for the backward (its pass 1 then needs "
-    "no H), and larger chunks (the slots shrink with 1/C); or one fused kernel per row whose passes share the slots in "
-    "shared memory and a chunk's inputs in registers. (bf16 u, B, C now reach the kernels without float32 copies: "
-    "delta and A always go in float32.)"
+    "D=1536, N=16: 32x the row-walking kernels' 24,576). Where a row fits a block (fused_fits: Mamba-1 layout, up "
+    "to L=4096 at N=16) the forward is one launch near the minimum, and the backward's passes 1-2 another; longer "
+    "rows and Mamba-2 take a launch per pass, whose slots go through device memory. The backward is what is left: "
+    "its pass 3 reads u, delta and gy again (the fused passes 1-2 read them first), and dB/dC go through per-block "
+    "partials (a block of 32 channels per chunk) that torch then sums. Reaching the targets needs the whole backward "
+    "in one block per (row, channel block): each lane group owning its chunk's dB/dC entries across the block's "
+    "channels (no partial over blocks of channels), at the cost of fewer blocks at batch 1, and per-thread chunk "
+    "buffers that this model counts as on-chip though a GPU may spill them; both are for a GPU to measure. "
+    "(bf16 u, B, C reach the kernels without float32 copies: delta and A always go in float32.)"
 )
 FORWARD_THREADS, BACKWARD_THREADS, BUILD_THREADS, CHUNK = 128, 512, 512, 32  # cuda.cu, kChunk
 TILE, SLICES, PAIRS, ROWS_THREADS, ROWS_MAX_BLOCKS = 32, 8, 4, 256, 8192  # cuda.cu: the build's launches
 SCAN_CHUNK, SLOTS = 64, 6  # chunk_scan.h: kScanChunk, kSlots (local-root slots per chunk, 2 * kMaxSpan)
+FUSED_THREADS, FUSED_SHARED = 1024, 160 * 1024  # cuda.cu: kFusedThreads, kFusedShared (the one-launch forward)
 K = 3  # neighbours per position (the mixer's default)
 F32, I32, I64 = 4, 4, 8
 # bytes per element of u, delta, B, C as the mixer passes them: under bf16 autocast u, B, C come from bf16
@@ -306,6 +310,24 @@ def lane_shape(n: int) -> tuple[int, int]:
     while lanes * per < n:
         per *= 2
     return lanes, per
+
+
+def fused_fits(length: int, n: int, ks: int, backward: bool) -> bool:
+    """cuda.cu's fused_fits: a row's chunks (a lane group each) fit a block, and its slots (Hr, T; the backward's Q
+    too), u and delta fit the block's shared memory."""
+    sc = -(-length // SCAN_CHUNK)
+    shared = (3 if backward else 2) * sc * SLOTS * n * F32 + length * (F32 + ks)
+    return sc * lane_shape(n)[0] <= FUSED_THREADS and shared <= FUSED_SHARED
+
+
+def local_roots_per_chunk(length: int, d: int = 64, n: int = 16, batch: int = 2) -> float:
+    """Local roots per chunk of SCAN_CHUNK positions (nodes whose parent lies in another chunk, and the root) of trees
+    built from random inputs with the whole row as prompt: the slots per chunk the chunked scan touches (of SLOTS)."""
+    u, delta, _, B, _ = inputs(batch, d, n, length, "cpu", seed=length)
+    parent = build_tree(u, delta, B, torch.full((batch,), length)).parent
+    chunk = torch.arange(length) // SCAN_CHUNK
+    crossing = (parent < 0) | (parent.div(SCAN_CHUNK, rounding_mode="floor") != chunk)
+    return crossing.sum().item() / (batch * -(-length // SCAN_CHUNK))
 
 
 def kernel_bytes(precision: str) -> int:
@@ -355,9 +377,9 @@ def build_launches(add, batch: int, length: int, E: int, S: int, ks: int, tree: 
     add("build", "plan_kernel", tree - T + 3 * T * I32, plan_out - 2 * T * I64 + 3 * T * I32, batch * BUILD_THREADS)
 
 
-def launches(batch: int, d: int, n: int, length: int, precision: str) -> list[Launch]:
+def launches(batch: int, d: int, n: int, length: int, precision: str, roots: float = SLOTS) -> list[Launch]:
     """What the calls build (build_tree), plan (a tree from elsewhere), forward and backward (tree_scan's
-    autograd) launch today."""
+    autograd) launch today; roots: local roots per chunk, the slots a tree's scan touches (at most SLOTS)."""
     dt, ks = PRECISIONS[precision], kernel_bytes(precision)
     E, S, T = batch * d * length, batch * length * n, batch * length  # elements of u, of B, of a row tree
     lanes, per = lane_shape(n)
@@ -393,9 +415,9 @@ def launches(batch: int, d: int, n: int, length: int, precision: str) -> list[La
     # (row, channel, state) over the local roots; between passes only the slots (SLOTS states per chunk)
     fwd_blocks = -(-d // (FORWARD_THREADS // lanes)) * batch
     sc = -(-length // SCAN_CHUNK)
-    slots = batch * d * sc * SLOTS * n * F32
+    slots = int(batch * d * sc * roots * n * F32)  # the slots the tree's local roots use, of SLOTS per chunk
     nodes = T * (I64 + I32)  # parent and the chunk plan's node list
-    red = batch * sc * SLOTS * 2 * I32  # the reduced tree: slots and up slots (at most SLOTS per chunk)
+    red = int(batch * sc * roots * 2 * I32)  # the reduced tree: slots and up slots
 
     def chunk_plan(call):
         add(call, "chunk_plan_kernel", 2 * T * I64 + 2 * T * I32, (3 * T + batch) * I32 + 2 * T * I32,
@@ -404,18 +426,32 @@ def launches(batch: int, d: int, n: int, length: int, precision: str) -> list[La
     chunk_plan("forward")
     pass_threads = fwd_blocks * sc * FORWARD_THREADS
     ud = E * (ks + F32)  # u and delta, read once
-    add("forward", "pass 1 (local scans)", ud + S * ks + nodes + d * n * F32, 2 * slots, pass_threads)
-    add("forward", "pass 2 (local roots)", 2 * slots + red, slots, batch * d * n)
-    add("forward", "pass 3 (y)", ud + 2 * S * ks + nodes + slots + d * n * F32,
-        E * ks + batch * d * n * F32, pass_threads)
+    if fused_fits(length, n, ks, backward=False):
+        # one launch, a block per (channel, row): u and delta staged in shared memory once, the slots there too;
+        # B and the tree read by pass 1 and pass 3, C by pass 3
+        add("forward", "fused passes 1-3 (y)", ud + 3 * S * ks + 2 * nodes + red + 2 * d * n * F32,
+            E * ks + batch * d * n * F32, batch * d * sc * lanes)
+    else:
+        add("forward", "pass 1 (local scans)", ud + S * ks + nodes + d * n * F32, 2 * slots, pass_threads)
+        add("forward", "pass 2 (local roots)", 2 * slots + red, slots, batch * d * n)
+        add("forward", "pass 3 (y)", ud + 2 * S * ks + nodes + slots + d * n * F32,
+            E * ks + batch * d * n * F32, pass_threads)
     cast("forward", "y.to(u.dtype)", E, ks, dt["u"])
     # backward: gy to the kernel's dtype; passes 1-3 as the forward's (G too), du and d_delta written once, dA per
     # chunk then summed, dB/dC summed over a block's channels per chunk into per-group partials
     cast("backward", "gy.to(dtype)", E, dt["u"], ks)
     groups = -(-d // (BACKWARD_THREADS // lanes))
     chunk_plan("backward")
-    add("backward", "pass 1 (local scans)", ud + E * ks + 2 * S * ks + nodes + d * n * F32, 3 * slots, pass_threads)
-    add("backward", "pass 2 (local roots)", 3 * slots + red + batch * d * n * F32, 2 * slots, batch * d * n)
+    if fused_fits(length, n, ks, backward=True):
+        # one launch, a block per (channel, row): the slots in shared memory; out go the local roots' final states
+        # and incoming gradients (Hr, Ginc) for pass 3
+        add("backward", "fused passes 1-2 (local roots)",
+            ud + E * ks + 2 * S * ks + nodes + red + d * n * F32 + batch * d * n * F32, 2 * slots,
+            batch * d * sc * lanes)
+    else:
+        add("backward", "pass 1 (local scans)", ud + E * ks + 2 * S * ks + nodes + d * n * F32, 3 * slots,
+            pass_threads)
+        add("backward", "pass 2 (local roots)", 3 * slots + red + batch * d * n * F32, 2 * slots, batch * d * n)
     dA_chunks = sc * batch * d * n * F32
     add("backward", "pass 3 (gradients)", ud + E * ks + 2 * S * ks + nodes + 2 * slots + d * n * F32,
         E * ks + E * F32 + batch * d * sc * F32 + dA_chunks + 2 * batch * groups * length * n * F32,
@@ -466,11 +502,12 @@ def bytes_model(d: int, n: int, batches: list[int], lengths: list[int]) -> list[
     """One row per (batch, L, precision): per call and for a scan's forward + backward (and with the build)."""
     rows = []
     for length in lengths:
+        roots = local_roots_per_chunk(length)
         for batch in batches:
             for precision in PRECISIONS:
-                ls = launches(batch, d, n, length, precision)
+                ls = launches(batch, d, n, length, precision, roots)
                 least = minimum_bytes(batch, d, n, length, precision)
-                row = {"batch": batch, "L": length, "D": d, "N": n, "precision": precision,
+                row = {"batch": batch, "L": length, "D": d, "N": n, "precision": precision, "local_roots_per_chunk": roots,
                        "calls": {}}
                 for call in ("build", "plan", "forward", "backward"):
                     mine = [x for x in ls if x.call == call]

@@ -234,8 +234,15 @@ def chunked_calls(ext, monkeypatch) -> list[str]:
 
 
 # (batch, D, N, L) around the emulated chunk of 8 positions: L = 1, L < C, L = C, L = C + 1, L not a multiple of C;
-# N = 1, 5 (idle lanes), 16, 128 (32 lanes x 4); every row a different short-edge tree
-CHUNKED_SHAPES = [(5, 2, 5, 19), (1, 2, 1, 1), (2, 3, 16, 8), (3, 2, 128, 9), (2, 17, 4, 5)]
+# N = 1, 5 (idle lanes), 16, 128 (32 lanes x 4); every row a different short-edge tree. The last row is too long for
+# the emulated fused passes (a block per row and channel): it takes the launch per pass.
+CHUNKED_SHAPES = [(5, 2, 5, 19), (1, 2, 1, 1), (2, 3, 16, 8), (3, 2, 128, 9), (2, 17, 4, 5), (2, 3, 16, 40)]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_emulated_cuda_chunked_shapes_reach_fused_and_separate_passes(emulated_cuda_build, backward):
+    fits = [emulated_cuda_build.fused_fits(length, n, 8, backward) for _, _, n, length in CHUNKED_SHAPES]
+    assert fits == [True] * 5 + [False]
 
 
 # every shape in float64; float32 and bf16 (the kernels' float accumulation, bf16 inputs) on the small ones

@@ -2,7 +2,7 @@
 // threads (included by cuda.cu when GROOTL_CUDA_EMULATION is defined; tests/kernels/cuda_emulated.cpp builds
 // it). A launch runs its blocks one after another, each block's threads on a pool of OS threads: __syncthreads is a
 // barrier, a warp shuffle a rendezvous of exactly the lanes its mask names, __shared__ memory a static (one
-// block at a time), atomics std::atomic_ref. What this cannot show is what only hardware does (timing,
+// block at a time; the dynamic part a buffer of the launch's size per block), atomics std::atomic_ref. What this cannot show is what only hardware does (timing,
 // memory ordering beyond these barriers, the compiled device code).
 #pragma once
 
@@ -11,6 +11,7 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstddef>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -48,10 +49,12 @@ struct Warp {  // rendezvous of the lanes a shuffle's mask names, separately per
 };
 
 struct Block {
-  explicit Block(int threads) : sync(threads), warps((threads + kWarp - 1) / kWarp) {}
+  Block(int threads, size_t shared_bytes)
+      : sync(threads), warps((threads + kWarp - 1) / kWarp), shared((shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t)) {}
   std::barrier<> sync;
   std::atomic<bool> flag{false};
   std::vector<Warp> warps;
+  std::vector<std::max_align_t> shared;  // the launch's dynamic shared memory, poisoned (NaN bytes)
 };
 
 inline Block* block = nullptr;
@@ -197,6 +200,7 @@ template <typename Kernel>
 struct Launch {
   Kernel* kernel;
   dim3 grid, threads;
+  size_t shared_bytes;
   template <typename... Args>
   void operator()(Args... args) const {
     gridDim = grid;
@@ -204,7 +208,8 @@ struct Launch {
     for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block b((int)threads.x);
+        Block b((int)threads.x, shared_bytes);
+        std::memset(b.shared.data(), 0xff, b.shared.size() * sizeof(std::max_align_t));
         block = &b;
         workers.run(threads.x, [&](unsigned tx) {
           threadIdx = dim3(tx);
@@ -220,14 +225,17 @@ struct Launch {
 };
 
 template <typename Kernel>
-Launch<Kernel> launch(Kernel* kernel, dim3 grid, dim3 threads) {
-  return {kernel, grid, threads};
+Launch<Kernel> launch(Kernel* kernel, dim3 grid, dim3 threads, size_t shared_bytes = 0) {
+  return {kernel, grid, threads, shared_bytes};
 }
 
 }  // namespace grootl_emu
 
 #define GROOTL_LAUNCH(grid, block, stream, ...) \
   ::grootl_emu::launch(__VA_ARGS__, ::grootl_emu::as_dim3(grid), ::grootl_emu::as_dim3(block))
+#define GROOTL_LAUNCH_SHARED(grid, block, shared_bytes, stream, ...) \
+  ::grootl_emu::launch(__VA_ARGS__, ::grootl_emu::as_dim3(grid), ::grootl_emu::as_dim3(block), (size_t)(shared_bytes))
+#define GROOTL_DYNAMIC_SHARED(name) unsigned char* name = reinterpret_cast<unsigned char*>(::grootl_emu::block->shared.data())
 #define CHECK_CUDA_INPUT(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
 #define C10_CUDA_KERNEL_LAUNCH_CHECK()
 

@@ -371,8 +371,8 @@ __global__ void __launch_bounds__(kBuildThreads)
 // The chunked scan (chunk_scan.h): a block per row makes the chunk plan; passes 1 and 3 run on a grid of (channel
 // blocks, chunks, rows), a channel's N states over a group of lanes as above, a chunk's nodes in a per-thread
 // buffer (2 * kScanChunk * kPer accumulators: local memory, sized by the threads resident, not launched); pass 2
-// runs a thread per (row, channel, state) over the row's local roots. Where a row fits a block, fused_passes_kernel
-// runs the forward's three passes (the backward's first two) in one launch instead.
+// runs a thread per (row, channel, state) over the row's local roots. Where a row fits a block, fused_kernel runs
+// the forward's three passes in one launch instead, and the backward's three (or its first two) in another.
 __global__ void __launch_bounds__(kBuildThreads)
     chunk_plan_kernel(const int64_t* parent, const int64_t* order, int L, int32_t* plans, int32_t* work) {
   const int b = blockIdx.x;
@@ -422,72 +422,144 @@ __global__ void __launch_bounds__(kRowsThreads)
                        g_root ? g_root + ((int64_t)b * D + d) * N : nullptr);
 }
 
-// The chunked scan's passes 1 and 2, and for the forward pass 3, in one launch where a row fits a block
-// (fused_fits): a block per (channel, row), a lane group per chunk. The channel's u and delta are staged in shared
-// memory (read from device memory once), the slots live there too, and barriers separate the passes instead of
-// launches. The forward (gy null) writes y and root; the backward the final states and incoming gradients of the
-// row's local roots (the only slots its pass 3 reads) to Hr_out and Ginc_out. Mamba-1's layout (unit steps).
-#ifdef GROOTL_CUDA_EMULATION  // the tests reach the three-launch passes with short rows too
+// The chunked scan in one launch where a row fits a block (fused_fits): a lane group per chunk, a block per row and
+// `channels` channels in turn (one but for kBackward). A channel's u, delta (and gy) are staged in shared memory, read
+// from device memory once; the slots live there too; barriers separate the passes instead of launches. After passes
+// 1 and 2, kForward runs the forward's pass 3 (y, root); kRoots writes the final states and incoming gradients of
+// the row's local roots (the only slots the backward's pass 3 reads) to out.Hr, out.Ginc for chunk_backward_kernel;
+// kBackward runs that pass 3 in the block: du, d_delta and dA whole, and dB/dC summed over the block's channels
+// in each lane's own buffers (its chunk's positions, its states), written once as the block's partial (the
+// layout of chunk_backward_kernel's). Mamba-1's layout (unit steps).
+#ifdef GROOTL_CUDA_EMULATION  // the tests reach the launch-per-pass kernels with short rows too
 constexpr int kFusedThreads = 64;
 #else
 constexpr int kFusedThreads = 1024;
 #endif
 constexpr int64_t kFusedShared = 160 * 1024;  // bytes of shared memory a fused block may take
 
-// Shared memory of a fused block: the slots (Hr, T; the backward's Q too), then delta and u.
+enum class Fused { kForward, kRoots, kBackward };
+
+// Shared memory of a fused block: slots (Hr, T; Q for the backward), delta, and for kBackward the chunk tails and
+// per-chunk dA; then u (and gy for the backward).
 template <typename scalar_t, typename acc_t>
-int64_t fused_shared_bytes(int L, int N, bool backward) {
-  return (backward ? 3 : 2) * (int64_t)grootl::scan_chunks(L) * grootl::kSlots * N * sizeof(acc_t) +
-         (int64_t)L * (sizeof(acc_t) + sizeof(scalar_t));
+int64_t fused_shared_bytes(Fused mode, int L, int N) {
+  const int64_t chunks = grootl::scan_chunks(L), grads = mode != Fused::kForward;
+  const int64_t acc = (2 + grads) * chunks * grootl::kSlots * N + L + (mode == Fused::kBackward ? chunks * (1 + N) : 0);
+  return acc * sizeof(acc_t) + (1 + grads) * (int64_t)L * sizeof(scalar_t);
 }
 
 template <typename scalar_t, typename acc_t>
-bool fused_fits(int L, int N, bool backward) {
+bool fused_fits(Fused mode, int L, int N) {
   return grootl::scan_chunks(L) * lane_shape(N).lanes <= kFusedThreads &&
-         fused_shared_bytes<scalar_t, acc_t>(L, N, backward) <= kFusedShared;
+         fused_shared_bytes<scalar_t, acc_t>(mode, L, N) <= kFusedShared;
 }
 
-template <typename scalar_t, typename acc_t, typename Layout, int kLanes, int kPer>
+// Where a fused launch writes (the pointers its mode uses).
+template <typename scalar_t, typename acc_t>
+struct FusedOut {
+  scalar_t* y = nullptr;  // kForward
+  acc_t* root = nullptr;
+  acc_t* Hr = nullptr;  // kRoots
+  acc_t* Ginc = nullptr;
+  scalar_t* du = nullptr;  // kBackward
+  acc_t* d_delta = nullptr;
+  acc_t* dA = nullptr;
+  acc_t* dB_part = nullptr;
+  acc_t* dC_part = nullptr;
+};
+
+// A lane group's dB/dC terms (chunk_backward's sink): its chunk's positions and its states, added up over the
+// block's channels in the thread's own buffers.
+template <typename acc_t, int kPer>
+struct ChunkSums {
+  acc_t dB[grootl::kScanChunk * kPer], dC[grootl::kScanChunk * kPer];
+  int s;
+  __device__ void add(int j, int, int64_t v, acc_t b_term, acc_t c_term) {
+    dB[(v - s) * kPer + j] += b_term;
+    dC[(v - s) * kPer + j] += c_term;
+  }
+  __device__ void commit(int64_t) {}
+};
+
+template <Fused kMode, typename scalar_t, typename acc_t, typename Layout, int kLanes, int kPer>
 __global__ void __launch_bounds__(kFusedThreads)
-    fused_passes_kernel(Layout lay, const int32_t* plans, const scalar_t* gy, const acc_t* g_root, scalar_t* y,
-                        acc_t* root, acc_t* Hr_out, acc_t* Ginc_out) {
-  static_assert(!Layout::channel_t::scalar_decay, "the fused passes stage Mamba-1's unit-step channels");
+    fused_kernel(Layout lay, const int32_t* plans, int channels, const scalar_t* gy, const acc_t* g_root,
+                 FusedOut<scalar_t, acc_t> out) {
+  static_assert(!Layout::channel_t::scalar_decay, "the fused kernel stages Mamba-1's unit-step channels");
+  constexpr bool kGrads = kMode != Fused::kForward, kWhole = kMode == Fused::kBackward;
   GROOTL_DYNAMIC_SHARED(shared);
-  const int D = lay.D, L = lay.L, N = lay.N, d = blockIdx.x, b = blockIdx.y, c = threadIdx.x / kLanes;
-  const int64_t slots = (int64_t)grootl::scan_chunks(L) * grootl::kSlots * N;
+  const int D = lay.D, L = lay.L, N = lay.N, b = blockIdx.y, c = threadIdx.x / kLanes;
+  const int chunks = grootl::scan_chunks(L);
+  const int64_t slots = (int64_t)chunks * grootl::kSlots * N;
   acc_t* const Hr = reinterpret_cast<acc_t*>(shared);
   acc_t* const T = Hr + slots;
   acc_t* const Q = T + slots;  // the backward's
-  acc_t* const delta = gy != nullptr ? Q + slots : Q;
-  scalar_t* const u = reinterpret_cast<scalar_t*>(delta + L);
-  auto ch = lay.channel(b, d);
-  for (int t = threadIdx.x; t < L; t += blockDim.x) {
-    u[t] = ch.u[t];
-    delta[t] = ch.delta[t];
-  }
-  ch.u = u;
-  ch.delta = delta;
-  __syncthreads();
+  acc_t* const delta = Q + (kGrads ? slots : 0);
+  acc_t* const tails = delta + L;  // kBackward: (chunks)
+  acc_t* const dA_chunks = tails + (kWhole ? chunks : 0);  // kBackward: (chunks, N)
+  scalar_t* const u = reinterpret_cast<scalar_t*>(dA_chunks + (kWhole ? chunks * N : 0));
+  scalar_t* const g = u + L;  // the backward's gy
   const auto plan = grootl::ChunkPlan::of(plans + b * grootl::chunk_plan_ints(L), L);
   const auto lanes = warp_lanes<kLanes, kPer>();
   const grootl::SlotStates<acc_t> Hs{Hr, N}, Ts{T, N}, Qs{Q, N};
   acc_t scratch[2 * grootl::kScanChunk * kPer];
-  grootl::chunk_pass1(ch, lanes, plan, c, gy != nullptr ? gy + lay.u_offset(b, d) : nullptr, Hs, Ts, Qs, scratch);
-  __syncthreads();
-  for (int n = threadIdx.x; n < N; n += blockDim.x)
-    grootl::reduced_pass(plan, n, Hs, Ts, gy != nullptr ? &Qs : nullptr,
-                         g_root != nullptr ? g_root + ((int64_t)b * D + d) * N : nullptr);
-  __syncthreads();
-  if (gy == nullptr) {
-    grootl::chunk_forward(ch, lanes, plan, c, Hs, scratch, y + lay.u_offset(b, d),
-                          root != nullptr ? root + ((int64_t)b * D + d) * N : nullptr);
-    return;
+  ChunkSums<acc_t, kWhole ? kPer : 1> sums;
+  if constexpr (kWhole) {
+    sums.s = grootl::chunk_first(c);
+    for (int q = 0; q < grootl::kScanChunk * kPer; ++q) sums.dB[q] = sums.dC[q] = 0;
   }
-  const auto H_out = slot_states(Hr_out, b, d, D, L, N), G_out = slot_states(Ginc_out, b, d, D, L, N);
-  for (int q = threadIdx.x; q < plan.R * N; q += blockDim.x) {
-    const int slot = plan.red[q / N], n = q % N;
-    H_out(slot, n) = Hs(slot, n);
-    G_out(slot, n) = Qs(slot, n);
+  const int first = blockIdx.x * channels, last = first + channels < D ? first + channels : D;
+  for (int d = first; d < last; ++d) {
+    auto ch = lay.channel(b, d);
+    __syncthreads();  // the previous channel is done with the shared memory
+    for (int t = threadIdx.x; t < L; t += blockDim.x) {
+      u[t] = ch.u[t];
+      delta[t] = ch.delta[t];
+      if constexpr (kGrads) g[t] = gy[lay.u_offset(b, d) + t];
+    }
+    ch.u = u;
+    ch.delta = delta;
+    __syncthreads();
+    grootl::chunk_pass1(ch, lanes, plan, c, kGrads ? (const scalar_t*)g : nullptr, Hs, Ts, Qs, scratch);
+    __syncthreads();
+    for (int n = threadIdx.x; n < N; n += blockDim.x)
+      grootl::reduced_pass(plan, n, Hs, Ts, kGrads ? &Qs : nullptr,
+                           g_root != nullptr ? g_root + ((int64_t)b * D + d) * N : nullptr);
+    __syncthreads();
+    if constexpr (kMode == Fused::kForward) {
+      grootl::chunk_forward(ch, lanes, plan, c, Hs, scratch, out.y + lay.u_offset(b, d),
+                            out.root != nullptr ? out.root + ((int64_t)b * D + d) * N : nullptr);
+    } else if constexpr (kMode == Fused::kRoots) {
+      const auto H_out = slot_states(out.Hr, b, d, D, L, N), G_out = slot_states(out.Ginc, b, d, D, L, N);
+      for (int q = threadIdx.x; q < plan.R * N; q += blockDim.x) {
+        const int slot = plan.red[q / N], n = q % N;
+        H_out(slot, n) = Hs(slot, n);
+        G_out(slot, n) = Qs(slot, n);
+      }
+    } else {
+      acc_t dA_acc[kPer];
+      acc_t* const d_delta = out.d_delta + lay.delta_out(b, d);
+      grootl::chunk_backward(ch, lanes, plan, c, (const scalar_t*)g, Hs, Qs, scratch, dA_acc,
+                             out.du + lay.u_offset(b, d), d_delta, tails, dA_chunks + (int64_t)c * N, sums);
+      __syncthreads();
+      if (c > 0 && lanes.leader()) d_delta[grootl::chunk_first(c)] += tails[c - 1];
+      for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        acc_t total = 0;
+        for (int k = 0; k < chunks; ++k) total += dA_chunks[(int64_t)k * N + n];
+        out.dA[lay.dA_out(b, d) + n] = total;
+      }
+    }
+  }
+  if constexpr (kWhole) {
+    const int64_t part = ((int64_t)b * gridDim.x + blockIdx.x) * L * N;
+    const int s = grootl::chunk_first(c), e = grootl::chunk_last(c, L);
+    for (int v = s; v <= e; ++v)
+      for (int j = 0; j < kPer; ++j) {
+        const int n = grootl::state_of(lanes, j);
+        if (n >= N) break;
+        out.dB_part[part + (int64_t)v * N + n] = sums.dB[(v - s) * kPer + j];
+        out.dC_part[part + (int64_t)v * N + n] = sums.dC[(v - s) * kPer + j];
+      }
   }
 }
 
@@ -695,28 +767,51 @@ void allow_dynamic_shared(Kernel kernel, int64_t bytes) {
 #endif
 }
 
-// Whether the fused passes serve the layout's rows (Mamba-1's that fit a block).
-template <typename Layout>
-bool fused_serves(const Layout& lay, bool backward) {
-  using scalar_t = typename Layout::scalar_type;
-  using acc_t = typename Layout::acc_type;
-  return !Layout::channel_t::scalar_decay && fused_fits<scalar_t, acc_t>(lay.L, lay.N, backward);
+// Blocks the whole fused backward needs to fill the device: two per SM.
+int whole_backward_blocks() {
+#ifdef GROOTL_CUDA_EMULATION
+  return 3;  // the tests reach both fused backwards
+#else
+  return 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
 }
 
-// fused_passes_kernel on a block per (channel, row), where fused_serves(lay, gy != nullptr).
+// The fused kernel's mode for a Mamba-1 layout's rows that fit a block, or none. The backward runs whole
+// (kBackward) where its blocks (a row and a channel group's channels each) fill the device, else kRoots.
+template <typename Layout>
+c10::optional<Fused> fused_mode(const Layout& lay, int batch, bool backward) {
+  using scalar_t = typename Layout::scalar_type;
+  using acc_t = typename Layout::acc_type;
+  if constexpr (Layout::channel_t::scalar_decay) {
+    return c10::nullopt;
+  } else {
+    const auto fits = [&](Fused mode) { return fused_fits<scalar_t, acc_t>(mode, lay.L, lay.N); };
+    if (!backward) return fits(Fused::kForward) ? c10::optional<Fused>(Fused::kForward) : c10::nullopt;
+    const int64_t blocks = (int64_t)batch * ((lay.D + channel_group_cuda(lay.N) - 1) / channel_group_cuda(lay.N));
+    if (blocks >= whole_backward_blocks() && fits(Fused::kBackward)) return Fused::kBackward;
+    return fits(Fused::kRoots) ? c10::optional<Fused>(Fused::kRoots) : c10::nullopt;
+  }
+}
+
+// fused_kernel in `mode` (from fused_mode) over the rows: a block per channel (kBackward: per channel group).
 template <typename scalar_t, typename acc_t, typename Layout>
-void launch_fused_passes(const Layout& lay, int batch, const at::Tensor& plans, const scalar_t* gy,
-                         const acc_t* g_root, scalar_t* y, acc_t* root, acc_t* Hr_out, acc_t* Ginc_out) {
+void launch_fused(Fused mode, const Layout& lay, int batch, const at::Tensor& plans, const scalar_t* gy,
+                  const acc_t* g_root, const FusedOut<scalar_t, acc_t>& out) {
   if constexpr (!Layout::channel_t::scalar_decay) {
-    const int64_t shared = fused_shared_bytes<scalar_t, acc_t>(lay.L, lay.N, gy != nullptr);
+    const int64_t shared = fused_shared_bytes<scalar_t, acc_t>(mode, lay.L, lay.N);
+    const int channels = mode == Fused::kBackward ? (int)channel_group_cuda(lay.N) : 1;
+    const dim3 grid((lay.D + channels - 1) / channels, batch);
     with_lane_shape(lay.N, [&](auto lanes, auto per) {
       constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
-      const auto kernel = fused_passes_kernel<scalar_t, acc_t, Layout, kLanes, kPer>;
-      allow_dynamic_shared(kernel, shared);
-      GROOTL_LAUNCH_SHARED(dim3(lay.D, batch), grootl::scan_chunks(lay.L) * kLanes, shared,
-                           at::cuda::getCurrentCUDAStream(), kernel)(
-          lay, plans.data_ptr<int32_t>(), gy, g_root, y, root, Hr_out, Ginc_out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto run = [&](auto kernel) {
+        allow_dynamic_shared(kernel, shared);
+        GROOTL_LAUNCH_SHARED(grid, grootl::scan_chunks(lay.L) * kLanes, shared, at::cuda::getCurrentCUDAStream(),
+                             kernel)(lay, plans.data_ptr<int32_t>(), channels, gy, g_root, out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (mode == Fused::kForward) run(fused_kernel<Fused::kForward, scalar_t, acc_t, Layout, kLanes, kPer>);
+      if (mode == Fused::kRoots) run(fused_kernel<Fused::kRoots, scalar_t, acc_t, Layout, kLanes, kPer>);
+      if (mode == Fused::kBackward) run(fused_kernel<Fused::kBackward, scalar_t, acc_t, Layout, kLanes, kPer>);
     });
   }
 }
@@ -733,9 +828,11 @@ void launch_chunked_forward(const Layout& lay, const at::Tensor& like, const at:
   using acc_t = typename Layout::acc_type;
   const int D = lay.groups() * lay.group_channels(), L = lay.L, N = lay.N, batch = like.size(0);
   const at::Tensor plans = chunk_plans(parent, order);
-  if (fused_serves(lay, false)) {
-    launch_fused_passes<scalar_t, acc_t>(lay, batch, plans, nullptr, nullptr, y.data_ptr<scalar_t>(),
-                                         data_or_null<acc_t>(root), nullptr, nullptr);
+  if (fused_mode(lay, batch, false)) {
+    FusedOut<scalar_t, acc_t> out;
+    out.y = y.data_ptr<scalar_t>();
+    out.root = data_or_null<acc_t>(root);
+    launch_fused<scalar_t, acc_t>(Fused::kForward, lay, batch, plans, nullptr, nullptr, out);
     return;
   }
   const at::Tensor slots = chunk_slots(2, batch, D, L, N, like, c10::CppTypeToScalarType<acc_t>::value);
@@ -765,16 +862,31 @@ void launch_chunked_backward(const Layout& lay, const at::Tensor& like, const at
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor plans = chunk_plans(parent, order);
-  // Hr and Ginc for pass 3: from the fused passes (two slot buffers), else from passes 1 and 2 (Hr, T, then Ginc)
-  const bool fused = fused_serves(lay, true);
-  const at::Tensor slots = chunk_slots(fused ? 2 : 3, batch, D, L, N, like, acc);
+  const auto mode = fused_mode(lay, batch, true);
+  FusedOut<scalar_t, acc_t> out;
+  if (mode == Fused::kBackward) {
+    out.du = du.data_ptr<scalar_t>();
+    out.d_delta = d_delta.data_ptr<acc_t>();
+    out.dA = dA.data_ptr<acc_t>();
+    out.dB_part = dB_part.data_ptr<acc_t>();
+    out.dC_part = dC_part.data_ptr<acc_t>();
+    launch_fused<scalar_t, acc_t>(Fused::kBackward, lay, batch, plans, gy.data_ptr<scalar_t>(),
+                                  data_or_null<acc_t>(g_root), out);
+    return;
+  }
+  // Hr and Ginc for pass 3: from the fused kernel (two slot buffers), else from passes 1 and 2 (Hr, T, then Ginc)
+  const bool roots = mode == Fused::kRoots;
+  const at::Tensor slots = chunk_slots(roots ? 2 : 3, batch, D, L, N, like, acc);
   acc_t* const Hr = slots.data_ptr<acc_t>();
-  acc_t* const Ginc = Hr + (fused ? 1 : 2) * (slots.numel() / (fused ? 2 : 3));
-  if (fused)
-    launch_fused_passes<scalar_t, acc_t>(lay, batch, plans, gy.data_ptr<scalar_t>(), data_or_null<acc_t>(g_root),
-                                         nullptr, nullptr, Hr, Ginc);
-  else
+  acc_t* const Ginc = Hr + (roots ? 1 : 2) * (slots.numel() / (roots ? 2 : 3));
+  if (roots) {
+    out.Hr = Hr;
+    out.Ginc = Ginc;
+    launch_fused<scalar_t, acc_t>(Fused::kRoots, lay, batch, plans, gy.data_ptr<scalar_t>(),
+                                  data_or_null<acc_t>(g_root), out);
+  } else {
     launch_chunk_passes<scalar_t, acc_t>(lay, batch, plans, gy.data_ptr<scalar_t>(), data_or_null<acc_t>(g_root), Hr);
+  }
   const at::Tensor tails = at::empty({batch, D, chunks}, like.options().dtype(acc));
   const at::Tensor dA_chunks = at::empty({chunks, dA.numel()}, like.options().dtype(acc));
   const int parts = (lay.group_channels() + channel_group_cuda(N) - 1) / channel_group_cuda(N);
@@ -897,11 +1009,26 @@ void build_grouped_tree_cuda(const at::Tensor& a, const at::Tensor& b, const at:
 
 int64_t max_span_cuda() { return grootl::kMaxSpan; }
 
-bool fused_fits_cuda(int64_t L, int64_t N, int64_t element_size, bool backward) {
-  if (L < 1 || N < 1 || N > kMaxState) return false;
-  if (element_size == 8) return fused_fits<double, double>((int)L, (int)N, backward);
-  if (element_size == 4) return fused_fits<float, float>((int)L, (int)N, backward);
-  return fused_fits<at::Half, float>((int)L, (int)N, backward);
+std::vector<std::string> chunked_kernels_cuda(int64_t batch, int64_t D, int64_t L, int64_t N, int64_t element_size) {
+  TORCH_CHECK(batch >= 1 && D >= 1 && L >= 1, "chunked_kernels takes batch, D, L >= 1");
+  std::vector<std::string> kinds;
+  const auto name = [](c10::optional<Fused> mode) {
+    return !mode ? "per pass" : *mode == Fused::kForward ? "fused" : *mode == Fused::kRoots ? "fused passes 1-2" : "fused";
+  };
+  const auto ask = [&](auto zero, auto acc_zero) {
+    using scalar_t = decltype(zero);
+    using acc_t = decltype(acc_zero);
+    const grootl::Mamba1Layout<scalar_t, acc_t> lay{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                    nullptr, (int)D, (int)N, (int)L};
+    kinds = {name(fused_mode(lay, (int)batch, false)), name(fused_mode(lay, (int)batch, true))};
+  };
+  if (element_size == 8)
+    ask(double(), double());
+  else if (element_size == 4)
+    ask(float(), float());
+  else
+    ask(at::Half(), float());
+  return kinds;
 }
 
 void forward_chunked_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,

@@ -1,6 +1,7 @@
 // Python bindings of the CUDA extension (kernels in cuda.cu); same interface as cpu.cpp.
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
 
 #include "chunk_scan.h"
@@ -34,7 +35,7 @@ void build_grouped_tree_cuda(const at::Tensor& a, const at::Tensor& b, const at:
                              const at::Tensor& start, int64_t k, int64_t distance, at::Tensor parent, at::Tensor order,
                              at::Tensor flags, at::Tensor ckpt_offset, at::Tensor sizes);
 int64_t max_span_cuda();
-bool fused_fits_cuda(int64_t L, int64_t N, int64_t element_size, bool backward);
+std::vector<std::string> chunked_kernels_cuda(int64_t batch, int64_t D, int64_t L, int64_t N, int64_t element_size);
 void forward_chunked_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                           const at::Tensor& C, const at::Tensor& parent, const at::Tensor& order, at::Tensor y,
                           c10::optional<at::Tensor> root);
@@ -64,9 +65,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_chunk", [] { return int64_t(grootl::kScanChunk); }, "positions per chunk of the chunked scans");
   m.def("max_span", &max_span_cuda, "longest edge |v - parent[v]| the chunked (sequence-parallel) scans take");
   m.def("forward_chunked", &forward_chunked_cuda, "forward, parallel over chunks of the sequence (span <= max_span)");
-  m.def("fused_fits", &fused_fits_cuda,
-        "whether the chunked scan (Mamba-1 layout) for L, N and u's element size runs its passes 1-2 (the forward: "
-        "and 3) in one launch, a block per row and channel; backward: the backward's, else the forward's");
+  m.def("chunked_kernels", &chunked_kernels_cuda,
+        "how forward_chunked and backward_chunked run a Mamba-1 call of (batch, D, L, N, u's element size): "
+        "'fused' (one launch), 'fused passes 1-2' (then pass 3) or 'per pass'");
   m.def("backward_chunked", &backward_chunked_cuda, "its backward (dA summed; dB, dC as backward's partials)");
   m.def("mamba2_forward_chunked", &mamba2_forward_chunked_cuda, "mamba2_forward, parallel over chunks");
   m.def("mamba2_backward_chunked", &mamba2_backward_chunked_cuda, "its backward (d_dt, dA, dB, dC as mamba2_backward's)");

@@ -263,20 +263,21 @@ BYTES_RULES = (
 )
 BYTES_MISSES = (
     "The chunked scan (kernels/chunk_scan.h) offers batch * D * lanes * L/64 threads (786,432 at batch 1, L=2048, "
-    "D=1536, N=16: 32x the row-walking kernels' 24,576). Where a row fits a block (fused_fits: Mamba-1 layout, up "
-    "to L=4096 at N=16) the forward is one launch near the minimum, and the backward's passes 1-2 another; longer "
-    "rows and Mamba-2 take a launch per pass, whose slots go through device memory. The backward is what is left: "
-    "its pass 3 reads u, delta and gy again (the fused passes 1-2 read them first), and dB/dC go through per-block "
-    "partials (a block of 32 channels per chunk) that torch then sums. Reaching the targets needs the whole backward "
-    "in one block per (row, channel block): each lane group owning its chunk's dB/dC entries across the block's "
-    "channels (no partial over blocks of channels), at the cost of fewer blocks at batch 1, and per-thread chunk "
-    "buffers that this model counts as on-chip though a GPU may spill them; both are for a GPU to measure. "
-    "(bf16 u, B, C reach the kernels without float32 copies: delta and A always go in float32.)"
+    "D=1536, N=16: 32x the row-walking kernels' 24,576). Where a row fits a block (fused_mode: Mamba-1 layout, up "
+    "to L=4096 at N=16) the forward is one launch near the minimum; the backward is one launch too where its blocks "
+    "(a row and 32 channels each) fill the device (at least two per SM: batch 8 here), else its passes 1-2 are one "
+    "launch and pass 3 another, which reads u, delta and gy again. Longer rows and Mamba-2 take a launch per pass, "
+    "whose slots go through device memory. Not counted, and for a GPU to measure: the per-thread chunk buffers (the "
+    "whole backward's lanes keep H, G and their dB/dC sums for 64 positions: 1 KiB per thread in fp32), which this "
+    "model counts as on-chip though a GPU may spill them to L2; and whether the whole backward's 8x fewer blocks at "
+    "batch 8 cost more time than its bytes save. dB/dC still go through per-group partials (one per 32 channels) that "
+    "torch sums."
 )
 FORWARD_THREADS, BACKWARD_THREADS, BUILD_THREADS, CHUNK = 128, 512, 512, 32  # cuda.cu, kChunk
 TILE, SLICES, PAIRS, ROWS_THREADS, ROWS_MAX_BLOCKS = 32, 8, 4, 256, 8192  # cuda.cu: the build's launches
 SCAN_CHUNK, SLOTS = 64, 6  # chunk_scan.h: kScanChunk, kSlots (local-root slots per chunk, 2 * kMaxSpan)
-FUSED_THREADS, FUSED_SHARED = 1024, 160 * 1024  # cuda.cu: kFusedThreads, kFusedShared (the one-launch forward)
+FUSED_THREADS, FUSED_SHARED = 1024, 160 * 1024  # cuda.cu: kFusedThreads, kFusedShared (the fused kernel)
+WHOLE_BACKWARD_BLOCKS = 2 * 132  # cuda.cu's whole_backward_blocks on an H200 (132 SMs)
 K = 3  # neighbours per position (the mixer's default)
 F32, I32, I64 = 4, 4, 8
 # bytes per element of u, delta, B, C as the mixer passes them: under bf16 autocast u, B, C come from bf16
@@ -312,12 +313,22 @@ def lane_shape(n: int) -> tuple[int, int]:
     return lanes, per
 
 
-def fused_fits(length: int, n: int, ks: int, backward: bool) -> bool:
-    """cuda.cu's fused_fits: a row's chunks (a lane group each) fit a block, and its slots (Hr, T; the backward's Q
-    too), u and delta fit the block's shared memory."""
-    sc = -(-length // SCAN_CHUNK)
-    shared = (3 if backward else 2) * sc * SLOTS * n * F32 + length * (F32 + ks)
-    return sc * lane_shape(n)[0] <= FUSED_THREADS and shared <= FUSED_SHARED
+def fused_mode(batch: int, d: int, length: int, n: int, ks: int, backward: bool) -> str | None:
+    """cuda.cu's fused_mode (the Mamba-1 layout): "forward", or for the backward "whole" where its blocks (a row and
+    a channel group each) fill the device and "roots" (passes 1-2) otherwise; None where the row does not fit a block
+    (its chunks, a lane group each, over FUSED_THREADS, or its shared memory over FUSED_SHARED)."""
+    sc, lanes = -(-length // SCAN_CHUNK), lane_shape(n)[0]
+
+    def fits(mode):
+        grads, whole = mode != "forward", mode == "whole"
+        shared = ((2 + grads) * sc * SLOTS * n + length + (sc * (1 + n) if whole else 0)) * F32 + (1 + grads) * length * ks
+        return sc * lanes <= FUSED_THREADS and shared <= FUSED_SHARED
+
+    if not backward:
+        return "forward" if fits("forward") else None
+    if batch * -(-d // (BACKWARD_THREADS // lanes)) >= WHOLE_BACKWARD_BLOCKS and fits("whole"):
+        return "whole"
+    return "roots" if fits("roots") else None
 
 
 def local_roots_per_chunk(length: int, d: int = 64, n: int = 16, batch: int = 2) -> float:
@@ -426,7 +437,7 @@ def launches(batch: int, d: int, n: int, length: int, precision: str, roots: flo
     chunk_plan("forward")
     pass_threads = fwd_blocks * sc * FORWARD_THREADS
     ud = E * (ks + F32)  # u and delta, read once
-    if fused_fits(length, n, ks, backward=False):
+    if fused_mode(batch, d, length, n, ks, backward=False):
         # one launch, a block per (channel, row): u and delta staged in shared memory once, the slots there too;
         # B and the tree read by pass 1 and pass 3, C by pass 3
         add("forward", "fused passes 1-3 (y)", ud + 3 * S * ks + 2 * nodes + red + 2 * d * n * F32,
@@ -437,27 +448,37 @@ def launches(batch: int, d: int, n: int, length: int, precision: str, roots: flo
         add("forward", "pass 3 (y)", ud + 2 * S * ks + nodes + slots + d * n * F32,
             E * ks + batch * d * n * F32, pass_threads)
     cast("forward", "y.to(u.dtype)", E, ks, dt["u"])
-    # backward: gy to the kernel's dtype; passes 1-3 as the forward's (G too), du and d_delta written once, dA per
-    # chunk then summed, dB/dC summed over a block's channels per chunk into per-group partials
+    # backward: gy to the kernel's dtype; passes 1-3 as the forward's (G too), du and d_delta written once, dB/dC
+    # summed over a block's channels into per-group partials
     cast("backward", "gy.to(dtype)", E, dt["u"], ks)
     groups = -(-d // (BACKWARD_THREADS // lanes))
     chunk_plan("backward")
-    if fused_fits(length, n, ks, backward=True):
-        # one launch, a block per (channel, row): the slots in shared memory; out go the local roots' final states
-        # and incoming gradients (Hr, Ginc) for pass 3
-        add("backward", "fused passes 1-2 (local roots)",
-            ud + E * ks + 2 * S * ks + nodes + red + d * n * F32 + batch * d * n * F32, 2 * slots,
-            batch * d * sc * lanes)
+    mode = fused_mode(batch, d, length, n, ks, backward=True)
+    if mode == "whole":
+        # one launch, a block per (row, channel group) taking its channels in turn: u, delta, gy staged once per
+        # channel, B, C and the tree read by pass 1 and pass 3; dA whole; each lane's dB/dC sums in its own buffers
+        add("backward", "fused passes 1-3 (gradients)",
+            ud + E * ks + 4 * S * ks + 2 * nodes + red + 2 * d * n * F32 + batch * d * n * F32,
+            E * ks + E * F32 + batch * d * n * F32 + 2 * batch * groups * length * n * F32,
+            batch * groups * sc * lanes)
     else:
-        add("backward", "pass 1 (local scans)", ud + E * ks + 2 * S * ks + nodes + d * n * F32, 3 * slots,
-            pass_threads)
-        add("backward", "pass 2 (local roots)", 3 * slots + red + batch * d * n * F32, 2 * slots, batch * d * n)
-    dA_chunks = sc * batch * d * n * F32
-    add("backward", "pass 3 (gradients)", ud + E * ks + 2 * S * ks + nodes + 2 * slots + d * n * F32,
-        E * ks + E * F32 + batch * d * sc * F32 + dA_chunks + 2 * batch * groups * length * n * F32,
-        groups * sc * batch * BACKWARD_THREADS)
-    add("backward", "d_delta chunk tails", batch * d * sc * 2 * F32, batch * d * sc * F32, batch * d * sc)
-    add("backward", "dA over chunks", dA_chunks, batch * d * n * F32, batch * d * n, "torch")
+        if mode == "roots":
+            # one launch, a block per (channel, row): the slots in shared memory; out go the local roots' final
+            # states and incoming gradients (Hr, Ginc) for pass 3
+            add("backward", "fused passes 1-2 (local roots)",
+                ud + E * ks + 2 * S * ks + nodes + red + d * n * F32 + batch * d * n * F32, 2 * slots,
+                batch * d * sc * lanes)
+        else:
+            add("backward", "pass 1 (local scans)", ud + E * ks + 2 * S * ks + nodes + d * n * F32, 3 * slots,
+                pass_threads)
+            add("backward", "pass 2 (local roots)", 3 * slots + red + batch * d * n * F32, 2 * slots, batch * d * n)
+        # pass 3 on blocks of channels per chunk; dA per chunk, then summed
+        dA_chunks = sc * batch * d * n * F32
+        add("backward", "pass 3 (gradients)", ud + E * ks + 2 * S * ks + nodes + 2 * slots + d * n * F32,
+            E * ks + E * F32 + batch * d * sc * F32 + dA_chunks + 2 * batch * groups * length * n * F32,
+            groups * sc * batch * BACKWARD_THREADS)
+        add("backward", "d_delta chunk tails", batch * d * sc * 2 * F32, batch * d * sc * F32, batch * d * sc)
+        add("backward", "dA over chunks", dA_chunks, batch * d * n * F32, batch * d * n, "torch")
     add("backward", "dA.sum(0)", batch * d * n * F32, d * n * F32, batch * d * n, "torch")
     for x in "BC":
         partials = batch * groups * length * n

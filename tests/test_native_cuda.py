@@ -13,7 +13,7 @@ import torch
 
 from grootl.tree import Tree, build_tree, graph, mamba2, native, tree_scan_ref
 from native_checks import (
-    CUDA, F64, NAMES, SHAPES, TOL, assert_close, bench_kernels, run_scan, short_edge_tree,
+    CUDA, F64, NAMES, SHAPES, TOL, assert_close, bench_kernels, run_both, run_scan, short_edge_tree,
     check_autocast_dtypes_make_no_copies, check_deep_stack, check_grouped_tree, check_half_precision, check_plans,
     check_runs_identical, check_scan_matches_reference, check_ties_give_one_tree, check_tree_equals_cpu_tree,
     plan_cases, torch_path,
@@ -224,6 +224,23 @@ def test_cuda_runs_are_identical():
     check_runs_identical("cuda", (2, 96, 16, 257))
 
 
+@CUDA
+@pytest.mark.gpu
+def test_cuda_chunked_kernels_each_way_match_reference():
+    """Each way the GPU runs the chunked scan against the float64 reference: the whole backward in the fused kernel
+    (at a batch whose blocks fill the device), its passes 1-2 there and pass 3 apart (batch 1), and a launch per pass
+    (a row too long for a block)."""
+    ext = native.load("cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [(8, ext.channel_group(16) * -(-2 * sms // 8), 16, 300), (1, 40, 16, 300), (2, 24, 16, 5000)]
+    backwards = []
+    for batch, d, n, length in cases:
+        backwards.append(ext.chunked_kernels(batch, d, length, n, 8)[1])
+        inputs = random_inputs(batch, d, n, length, F64, seed=length + d)
+        assert_close(*run_both(inputs, short_edge_tree(batch, length, seed=d), device="cuda"), *TOL[F64])
+    assert backwards == ["fused", "fused passes 1-2", "per pass"]
+
+
 def chunked_calls(ext, monkeypatch) -> list[str]:
     """Names of the chunked (sequence-parallel) kernels ``ext`` serves from now on, as they are called."""
     calls = []
@@ -234,15 +251,16 @@ def chunked_calls(ext, monkeypatch) -> list[str]:
 
 
 # (batch, D, N, L) around the emulated chunk of 8 positions: L = 1, L < C, L = C, L = C + 1, L not a multiple of C;
-# N = 1, 5 (idle lanes), 16, 128 (32 lanes x 4); every row a different short-edge tree. The last row is too long for
-# the emulated fused passes (a block per row and channel): it takes the launch per pass.
+# N = 1, 5 (idle lanes), 16, 128 (32 lanes x 4); every row a different short-edge tree. The rows of the last shape
+# are too long for the emulated fused kernel (a block per row): it takes a launch per pass. Of the others, those with
+# 3 blocks or more run the backward whole in the fused kernel, the rest its passes 1-2 there and pass 3 apart.
 CHUNKED_SHAPES = [(5, 2, 5, 19), (1, 2, 1, 1), (2, 3, 16, 8), (3, 2, 128, 9), (2, 17, 4, 5), (2, 3, 16, 40)]
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_emulated_cuda_chunked_shapes_reach_fused_and_separate_passes(emulated_cuda_build, backward):
-    fits = [emulated_cuda_build.fused_fits(length, n, 8, backward) for _, _, n, length in CHUNKED_SHAPES]
-    assert fits == [True] * 5 + [False]
+def test_emulated_cuda_chunked_shapes_reach_every_kernel(emulated_cuda_build):
+    kinds = [tuple(emulated_cuda_build.chunked_kernels(b, d, length, n, 8)) for b, d, n, length in CHUNKED_SHAPES]
+    assert {forward for forward, _ in kinds} == {"fused", "per pass"}
+    assert {backward for _, backward in kinds} == {"fused", "fused passes 1-2", "per pass"}
 
 
 # every shape in float64; float32 and bf16 (the kernels' float accumulation, bf16 inputs) on the small ones

@@ -634,6 +634,12 @@ void launch_build(const Features& features, int batch, const at::Tensor& like, c
 
 int64_t channel_group_cuda(int64_t N) { return kBackwardThreads / lane_shape(N).lanes; }
 
+// Blocks of channel_group_cuda(N) channels per group in a backward: its dB/dC partials per group.
+template <typename Layout>
+int backward_parts(const Layout& lay) {
+  return (lay.group_channels() + channel_group_cuda(lay.N) - 1) / channel_group_cuda(lay.N);
+}
+
 int64_t max_state_cuda() { return kMaxState; }
 
 std::vector<int64_t> plan_cuda(const at::Tensor& parent, const at::Tensor& order, at::Tensor flags,
@@ -702,7 +708,7 @@ void launch_backward(const Layout& lay, const at::Tensor& like, const at::Tensor
   using scalar_t = typename Layout::scalar_type;
   using acc_t = typename Layout::acc_type;
   const int batch = like.size(0);
-  const int parts = (lay.group_channels() + channel_group_cuda(lay.N) - 1) / channel_group_cuda(lay.N);
+  const int parts = backward_parts(lay);
   const int64_t entries = grootl::backward_scratch_entries(largest[0], largest[1], largest[2]);
   d_delta.zero_();
   dA.zero_();
@@ -787,8 +793,8 @@ c10::optional<Fused> fused_mode(const Layout& lay, int batch, bool backward) {
   } else {
     const auto fits = [&](Fused mode) { return fused_fits<scalar_t, acc_t>(mode, lay.L, lay.N); };
     if (!backward) return fits(Fused::kForward) ? c10::optional<Fused>(Fused::kForward) : c10::nullopt;
-    const int64_t blocks = (int64_t)batch * ((lay.D + channel_group_cuda(lay.N) - 1) / channel_group_cuda(lay.N));
-    if (blocks >= whole_backward_blocks() && fits(Fused::kBackward)) return Fused::kBackward;
+    const bool fills = (int64_t)batch * backward_parts(lay) >= whole_backward_blocks();
+    if (fills && fits(Fused::kBackward)) return Fused::kBackward;
     return fits(Fused::kRoots) ? c10::optional<Fused>(Fused::kRoots) : c10::nullopt;
   }
 }
@@ -799,8 +805,9 @@ void launch_fused(Fused mode, const Layout& lay, int batch, const at::Tensor& pl
                   const acc_t* g_root, const FusedOut<scalar_t, acc_t>& out) {
   if constexpr (!Layout::channel_t::scalar_decay) {
     const int64_t shared = fused_shared_bytes<scalar_t, acc_t>(mode, lay.L, lay.N);
-    const int channels = mode == Fused::kBackward ? (int)channel_group_cuda(lay.N) : 1;
-    const dim3 grid((lay.D + channels - 1) / channels, batch);
+    const bool whole = mode == Fused::kBackward;
+    const int channels = whole ? (int)channel_group_cuda(lay.N) : 1;
+    const dim3 grid(whole ? backward_parts(lay) : lay.D, batch);
     with_lane_shape(lay.N, [&](auto lanes, auto per) {
       constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
       const auto run = [&](auto kernel) {
@@ -876,9 +883,10 @@ void launch_chunked_backward(const Layout& lay, const at::Tensor& like, const at
   }
   // Hr and Ginc for pass 3: from the fused kernel (two slot buffers), else from passes 1 and 2 (Hr, T, then Ginc)
   const bool roots = mode == Fused::kRoots;
-  const at::Tensor slots = chunk_slots(roots ? 2 : 3, batch, D, L, N, like, acc);
+  const int buffers = roots ? 2 : 3;
+  const at::Tensor slots = chunk_slots(buffers, batch, D, L, N, like, acc);
   acc_t* const Hr = slots.data_ptr<acc_t>();
-  acc_t* const Ginc = Hr + (roots ? 1 : 2) * (slots.numel() / (roots ? 2 : 3));
+  acc_t* const Ginc = Hr + (buffers - 1) * (slots.numel() / buffers);
   if (roots) {
     out.Hr = Hr;
     out.Ginc = Ginc;
@@ -889,7 +897,7 @@ void launch_chunked_backward(const Layout& lay, const at::Tensor& like, const at
   }
   const at::Tensor tails = at::empty({batch, D, chunks}, like.options().dtype(acc));
   const at::Tensor dA_chunks = at::empty({chunks, dA.numel()}, like.options().dtype(acc));
-  const int parts = (lay.group_channels() + channel_group_cuda(N) - 1) / channel_group_cuda(N);
+  const int parts = backward_parts(lay);
   with_lane_shape(N, [&](auto lanes, auto per) {
     constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
     const dim3 grid(lay.groups() * parts, chunks, batch);
@@ -1013,7 +1021,7 @@ std::vector<std::string> chunked_kernels_cuda(int64_t batch, int64_t D, int64_t 
   TORCH_CHECK(batch >= 1 && D >= 1 && L >= 1, "chunked_kernels takes batch, D, L >= 1");
   std::vector<std::string> kinds;
   const auto name = [](c10::optional<Fused> mode) {
-    return !mode ? "per pass" : *mode == Fused::kForward ? "fused" : *mode == Fused::kRoots ? "fused passes 1-2" : "fused";
+    return !mode ? "per pass" : *mode == Fused::kRoots ? "fused passes 1-2" : "fused";
   };
   const auto ask = [&](auto zero, auto acc_zero) {
     using scalar_t = decltype(zero);

@@ -2,8 +2,8 @@
 // threads (included by cuda.cu when GROOTL_CUDA_EMULATION is defined; tests/kernels/cuda_emulated.cpp builds
 // it). A launch runs its blocks one after another, each block's threads on a pool of OS threads: __syncthreads is a
 // barrier, a warp shuffle a rendezvous of exactly the lanes its mask names, __shared__ memory a static (one
-// block at a time; the dynamic part a buffer of the launch's size per block), atomics std::atomic_ref. What this cannot show is what only hardware does (timing,
-// memory ordering beyond these barriers, the compiled device code).
+// block at a time; the dynamic part a buffer of the launch's size per block), atomics std::atomic_ref. What this
+// cannot show is what only hardware does (timing, memory ordering beyond these barriers, the compiled device code).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -50,7 +50,9 @@ struct Warp {  // rendezvous of the lanes a shuffle's mask names, separately per
 
 struct Block {
   Block(int threads, size_t shared_bytes)
-      : sync(threads), warps((threads + kWarp - 1) / kWarp), shared((shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t)) {}
+      : sync(threads),
+        warps((threads + kWarp - 1) / kWarp),
+        shared((shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t)) {}
   std::barrier<> sync;
   std::atomic<bool> flag{false};
   std::vector<Warp> warps;
@@ -235,7 +237,8 @@ Launch<Kernel> launch(Kernel* kernel, dim3 grid, dim3 threads, size_t shared_byt
   ::grootl_emu::launch(__VA_ARGS__, ::grootl_emu::as_dim3(grid), ::grootl_emu::as_dim3(block))
 #define GROOTL_LAUNCH_SHARED(grid, block, shared_bytes, stream, ...) \
   ::grootl_emu::launch(__VA_ARGS__, ::grootl_emu::as_dim3(grid), ::grootl_emu::as_dim3(block), (size_t)(shared_bytes))
-#define GROOTL_DYNAMIC_SHARED(name) unsigned char* name = reinterpret_cast<unsigned char*>(::grootl_emu::block->shared.data())
+#define GROOTL_DYNAMIC_SHARED(name) \
+  unsigned char* name = reinterpret_cast<unsigned char*>(::grootl_emu::block->shared.data())
 #define CHECK_CUDA_INPUT(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
 #define C10_CUDA_KERNEL_LAUNCH_CHECK()
 
